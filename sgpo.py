@@ -1,0 +1,929 @@
+"""
+SGPO: Strategy-Guided Policy Optimization (arXiv:2606.24064), a single-file reference implementation.
+
+The policy samples G1 autonomous rollouts per problem (prompt: the problem) and G2 strategy-guided
+rollouts (prompt: the problem + a strategy text). It is trained with
+    L = L_GRPO(autonomous rollouts) + mean_q alpha(q) * L_KD(q)
+where L_KD is a per-token full-vocabulary forward KL from the model *with* the strategy in its prompt
+(teacher, stop-gradient) to the model *without* it (student), on the guided rollout that the unguided
+policy finds most likely among the correct ones. See ../shared/SGPO_METHOD.md and README.md.
+
+One process (CPU or one GPU):
+    python sgpo.py                                   # embedded toy default, no download
+    python sgpo.py --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl --output_dir out/sgpo
+Eight GPUs on one node (DDP):
+    torchrun --standalone --nproc_per_node=8 sgpo.py --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl
+Two nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 sgpo.py ...
+Resume the latest checkpoint of a run: add --resume (or --resume out/sgpo/checkpoint-100).
+"""
+import ast
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+AUTO_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+GUIDED_TEMPLATE = ("{problem}\n\nA strategy that solves this kind of problem:\n{strategy}\n\n"
+                   "Please reason step by step following the strategy, and put your final answer within \\boxed{}.")
+
+
+@dataclass
+class Config:
+    # ---- model, data, run ----
+    model: str = "toy/model"
+    """HF model directory or hub id (the policy; also the initial weights of the optional reference)."""
+    data: str = "toy/train.jsonl"
+    """Training JSONL: problem, answer, strategy (str), optional id and solution."""
+    output_dir: str = "out/sgpo"
+    """Where checkpoints and metrics.jsonl go."""
+    overwrite_output_dir: bool = False
+    """Allow starting a fresh run in an output_dir that already holds one (its files are replaced)."""
+    resume: str = ""
+    """Checkpoint directory to resume from; `--resume` alone takes the latest one in output_dir."""
+    seed: int = 0
+    """Seed of data order and sampling (offset by rank for sampling)."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bf16 on a GPU that supports it, else fp32), bf16, fp32."""
+    # ---- prompts ----
+    system_prompt: str = ""
+    """Optional system message for both prompts."""
+    prompt_template: str = AUTO_TEMPLATE
+    """Autonomous (unguided) user message; {problem} is replaced."""
+    guided_prompt_template: str = GUIDED_TEMPLATE
+    """Strategy-guided user message; {problem} and {strategy} are replaced."""
+    # ---- rollouts ----
+    batch_size: int = 4
+    """Problems per rank per step (global batch = batch_size x world size)."""
+    num_generations: int = 8
+    """G1: autonomous rollouts per problem (the GRPO group)."""
+    num_guided_generations: int = 4
+    """G2: strategy-guided rollouts per problem (KD target candidates)."""
+    max_completion_length: int = 256
+    """Maximum new tokens per rollout; a rollout that hits it is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer divides logits by it too (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    mask_truncated_completions: bool = False
+    """Exclude truncated autonomous rollouts from the loss (their reward still counts in the group)."""
+    reward_timeout: int = 5
+    """Seconds math-verify may spend parsing and again verifying one answer (SIGALRM; main thread)."""
+    # ---- optimisation ----
+    max_steps: int = 20
+    """RL steps (one rollout batch each)."""
+    learning_rate: float = 1e-6
+    """AdamW learning rate of the RL phase."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup (optimizer steps), constant after."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward (gradient accumulation inside a step)."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout batch (GRPO's mu); > 1 makes the clipping and trust region bite."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (off while generating)."""
+    # ---- GRPO (sheet step 2) ----
+    use_grpo: bool = True
+    """Autonomous GRPO term; false = the 'w/o autonomous GRPO' ablation."""
+    epsilon: float = 0.2
+    """Lower clip of the ratio: 1 - epsilon."""
+    epsilon_high: float = 0.28
+    """Upper clip of the ratio: 1 + epsilon_high (clip-higher)."""
+    beta: float = 0.0
+    """k3 KL to a frozen reference model; 0 loads no reference."""
+    # ---- strategy distillation (sheet steps 3-6) ----
+    use_kd: bool = True
+    """Strategy distillation term; false = the 'w/o strategy distillation' ablation (GRPO only)."""
+    kd_loss: str = "fkl"
+    """fkl (paper), rkl (reverse-KL ablation), sft (NLL of the selected target: 'direct SFT' ablation)."""
+    kl_clip: float = 1.0
+    """delta: tokens with D_t > delta give no gradient (loss min(D_t, delta)); inf = no KL clipping."""
+    target_selection: bool = True
+    """Pick the correct guided rollout most likely under the unguided prompt; false = a random correct one."""
+    kd_trust_region: bool = True
+    """(R) No KD gradient on tokens whose unguided ratio left [1-epsilon, 1+epsilon_high]."""
+    adaptive_alpha: bool = True
+    """(R) Per-problem alpha updated from the pass gap; false = fixed alpha_0."""
+    alpha_0: float = 0.5
+    """Initial (or fixed) alpha."""
+    alpha_gamma: float = 0.1
+    """Alpha step per visit."""
+    alpha_max: float = 0.8
+    """Alpha ceiling."""
+    kd_chunk_size: int = 512
+    """Positions per chunk of the LM head in the loss: memory O(chunk x vocab), flat in length."""
+    # ---- SFT warm-up ----
+    sft_epochs: int = 0
+    """Epochs of NLL on the `solution` field before RL (paper: warm-up; with max_steps 0: the SFT baseline)."""
+    sft_data: str = ""
+    """JSONL for the warm-up (default: --data); every row needs a solution."""
+    sft_learning_rate: float = 1e-5
+    """AdamW learning rate of the warm-up."""
+    # ---- checkpoints ----
+    save_steps: int = 50
+    """Checkpoint every N RL steps (and always at the end)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: every Config field is a flag, its docstring the help text.
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def _field_docs(cls) -> dict:
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv=None) -> Config:
+    docs = _field_docs(Config)
+    parser = argparse.ArgumentParser(description="SGPO training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        kw = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
+        if f.type is bool:
+            kw.update(type=_bool, nargs="?", const=True)
+        elif f.name == "resume":
+            kw.update(type=str, nargs="?", const="latest")
+        else:
+            kw.update(type=f.type)
+        parser.add_argument(f"--{f.name}", **kw)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [(cfg.kd_loss in ("fkl", "rkl", "sft"), "kd_loss", "must be fkl, rkl or sft"),
+              (cfg.temperature > 0, "temperature", "must be > 0"),
+              (cfg.dtype in ("auto", "bf16", "fp32"), "dtype", "must be auto, bf16 or fp32"),
+              (cfg.kl_clip > 0, "kl_clip", "must be > 0 (inf disables clipping)")]
+    checks += [(getattr(cfg, k) >= 1, k, "must be >= 1") for k in
+               ("batch_size", "num_generations", "max_completion_length", "micro_batch_size", "num_iterations",
+                "kd_chunk_size", "save_steps")]
+    checks += [(getattr(cfg, k) >= 0, k, "must be >= 0") for k in ("num_guided_generations", "max_steps", "sft_epochs")]
+    checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
+               ("{problem}" in cfg.guided_prompt_template and "{strategy}" in cfg.guided_prompt_template,
+                "guided_prompt_template", "must contain {problem} and {strategy}")]
+    for ok, name, what in checks:
+        if not ok:
+            raise UsageError(f"--{name}: {what}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: validated whole before anything runs.
+
+
+def load_problems(path: str, need_solution: bool = False) -> list:
+    """Read and validate a JSONL file; raise UsageError('path:line: field: what is wrong') on the first bad line."""
+    required = ["problem", "answer", "strategy"] + (["solution"] if need_solution else [])
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: file not found")
+    rows, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: line: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{lineno}: line: expected a JSON object")
+            for key in required + [k for k in ("solution",) if k in row and k not in required]:
+                if key not in row:
+                    raise UsageError(f"{path}:{lineno}: {key}: missing")
+                if not isinstance(row[key], str):
+                    raise UsageError(f"{path}:{lineno}: {key}: expected a string, got {type(row[key]).__name__}")
+                if not row[key].strip():
+                    raise UsageError(f"{path}:{lineno}: {key}: empty")
+            if "id" in row:
+                if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+                    raise UsageError(f"{path}:{lineno}: id: expected a string or an integer")
+                if str(row["id"]) in seen:
+                    raise UsageError(f"{path}:{lineno}: id: duplicate of line {seen[str(row['id'])]}")
+            key = str(row.get("id", f"#{len(rows)}"))
+            seen[key] = lineno
+            rows.append({"id": key, **{k: row[k] for k in ("problem", "answer", "strategy", "solution") if k in row}})
+    if not rows:
+        raise UsageError(f"{path}: no problems (empty file)")
+    return rows
+
+
+def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
+    """Token ids of the chat-templated autonomous or guided prompt, ending with the assistant header."""
+    template = cfg.guided_prompt_template if guided else cfg.prompt_template
+    user = template.replace("{problem}", problem["problem"]).replace("{strategy}", problem["strategy"])
+    messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+    messages.append({"role": "user", "content": user})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward: math-verify, bounded and crash-proof. Shared with evaluate.py.
+
+
+@lru_cache(maxsize=65536)
+def _parse_gold(answer: str, timeout: int):
+    from math_verify import parse
+    return parse(f"${answer}$", parsing_timeout=timeout)
+
+
+def math_reward(response: str, answer: str, timeout: int = 5) -> float:
+    """1.0 if the response's final answer (boxed first, then any LaTeX/expression) equals the gold answer.
+
+    Never raises and never hangs past ~2 x timeout seconds: math-verify bounds parse and verify with
+    SIGALRM (so call it from the main thread), and any exception means reward 0. A parsed value of an
+    untrusted answer is never str()-ed (sympy can take unbounded time printing it).
+    """
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+        gold = _parse_gold(answer, timeout)
+        pred = parse(response, extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
+                                                  ExprExtractionConfig()], parsing_timeout=timeout)
+        if not gold or not pred:
+            return 0.0
+        return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
+    except BaseException as e:  # math-verify's timeout and sympy errors alike; never the user's Ctrl-C
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure loss functions (no model; unit-tested against hand-computed values).
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """[N, G] rewards -> [N, G] group-normalised advantages (r - mean) / (std + eps)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_token_loss(logp, old_logp, advantages, epsilon=0.2, epsilon_high=0.28):
+    """Clipped surrogate per token: -min(rho A, clip(rho, 1-eps, 1+eps_high) A). All [M]; returns (loss, clipped)."""
+    ratio = torch.exp(logp - old_logp)
+    loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages)
+    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    return loss, clipped
+
+
+def per_token_kl(student_logits, teacher_logits, kind: str = "fkl"):
+    """[..., T, V] x2 -> [..., T] fp32 divergence per position.
+
+    fkl: KL(teacher || student) = sum_v p_t (log p_t - log p_s), teacher detached (the sheet's D_t);
+    rkl: KL(student || teacher) = sum_v p_s (log p_s - log p_t).
+    """
+    log_s = student_logits.float().log_softmax(-1)
+    log_t = teacher_logits.detach().float().log_softmax(-1)
+    if kind == "fkl":
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+    if kind == "rkl":
+        return (log_s.exp() * (log_s - log_t)).sum(-1)
+    raise ValueError(f"kind must be fkl or rkl, got {kind!r}")
+
+
+def kd_token_loss(div, logp, old_logp, kind="fkl", kl_clip=1.0, trust_region=True, epsilon=0.2, epsilon_high=0.28):
+    """Per-token distillation loss with the proximal constraints. All [M]; returns (loss, kl_clipped, ratio_out).
+
+    fkl/rkl: min(D_t, kl_clip) (sheet 5b: tokens over the threshold give no gradient); sft: -log p(y_t).
+    Trust region (sheet 5c, R): tokens whose unguided ratio p/p_old left [1-eps, 1+eps_high] give no gradient.
+    """
+    loss = -logp if kind == "sft" else div.clamp(max=kl_clip)
+    kl_clipped = (div.detach() > kl_clip) if kind != "sft" else torch.zeros_like(div, dtype=torch.bool)
+    ratio = torch.exp(logp.detach() - old_logp)
+    ratio_out = (ratio < 1 - epsilon) | (ratio > 1 + epsilon_high)
+    if trust_region:
+        loss = torch.where(ratio_out, loss.detach(), loss)
+    return loss, kl_clipped, ratio_out
+
+
+def select_target(correct: torch.Tensor, mean_logp: torch.Tensor, by_likelihood: bool = True, generator=None) -> int:
+    """[G2] correctness and [G2] mean token log-prob under the unguided prompt -> index of the KD target, -1 if none.
+
+    by_likelihood=False (the 'w/o target selection' ablation, R): a uniformly random correct rollout.
+    """
+    idx = torch.nonzero(correct > 0).flatten()
+    if idx.numel() == 0:
+        return -1
+    if not by_likelihood:
+        return int(idx[torch.randint(idx.numel(), (1,), generator=generator)])
+    return int(idx[mean_logp[idx].argmax()])
+
+
+def update_alpha(alpha, p_guided, p_auto, gamma=0.1, alpha_max=0.8):
+    """(R) Pass gap g = p_guided - p_auto; g > 0 -> alpha + gamma (capped at alpha_max), else alpha - gamma (floor 0)."""
+    gap = p_guided - p_auto
+    if isinstance(gap, torch.Tensor):
+        return torch.where(gap > 0, (alpha + gamma).clamp(max=alpha_max), (alpha - gamma).clamp(min=0.0))
+    return min(alpha_max, alpha + gamma) if gap > 0 else max(0.0, alpha - gamma)
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || ref): exp(r - l) - (r - l) - 1."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
+
+
+def _head_logp_entropy(hidden, targets, head, temperature):
+    logits = head(hidden).float() / temperature  # [c, V]
+    logp_all = logits.log_softmax(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy.detach()
+
+
+def _head_kd(s_hidden, t_hidden, targets, head, temperature, kind):
+    s_logits = head(s_hidden).float() / temperature  # [c, V]
+    with torch.no_grad():
+        t_logits = head(t_hidden).float() / temperature
+    logp = s_logits.gather(-1, targets[:, None]).squeeze(-1) - s_logits.logsumexp(-1)
+    div = torch.zeros_like(logp) if kind == "sft" else per_token_kl(s_logits, t_logits, kind)
+    return div, logp
+
+
+def _chunked(fn, chunk_size, *tensors, extra=()):
+    """Apply fn to row chunks of the tensors, checkpointed when grad is on; concatenate each output."""
+    outs = []
+    for i in range(0, tensors[0].shape[0], chunk_size):
+        args = [t[i:i + chunk_size] for t in tensors] + list(extra)
+        grad = torch.is_grad_enabled() and tensors[0].requires_grad
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return [torch.cat(o) for o in zip(*outs)]
+
+
+def token_logps(hidden, targets, head, temperature, chunk_size=512):
+    """[M, H] hidden states predicting [M] tokens -> ([M] log-probs, [M] entropies), temperature-scaled, fp32."""
+    return _chunked(_head_logp_entropy, chunk_size, hidden, targets, extra=(head, temperature))
+
+
+def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", chunk_size=512):
+    """[M, H] student and teacher hidden states on the same target tokens -> ([M] D_t, [M] student log-probs)."""
+    return _chunked(_head_kd, chunk_size, s_hidden, t_hidden.detach(), targets, extra=(head, temperature, kind))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model plumbing.
+
+
+class Backbone(torch.nn.Module):
+    """The causal LM minus its head: returns final hidden states [B, L, H]. DDP wraps this so that the loss
+    can apply the head chunk by chunk; the head's parameters are inside, so DDP syncs them too."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # correct under left and right padding
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
+        return out.last_hidden_state
+
+
+def collate(rows: list, pad_id: int, device):
+    """rows of (prompt ids, response ids) -> right-padded input_ids, attention_mask [B, L] and the flat indices
+    (into B*L) of the positions whose logits predict each response token, with those tokens [M]."""
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    pred_idx, targets = [], []
+    for b, (p, r) in enumerate(rows):
+        ids = list(p) + list(r)
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        mask[b, :len(ids)] = 1
+        start = b * width + len(p) - 1
+        pred_idx.extend(range(start, start + len(r)))
+        targets.extend(r)
+    return input_ids.to(device), mask.to(device), torch.tensor(pred_idx, device=device), torch.tensor(targets, device=device)
+
+
+def response_hidden(backbone, rows, pad_id, device):
+    """[M, H] hidden states that predict the response tokens of rows, and those tokens [M]."""
+    input_ids, mask, pred_idx, targets = collate(rows, pad_id, device)
+    hidden = backbone(input_ids, mask)  # [B, L, H]
+    return hidden.reshape(-1, hidden.shape[-1])[pred_idx], targets
+
+
+def eos_ids_of(model, tokenizer) -> list:
+    ids = set()
+    for src in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        ids.update(src if isinstance(src, (list, tuple)) else [src] if src is not None else [])
+    return sorted(ids)
+
+
+def load_model(path: str, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {path}: cannot load ({str(e).splitlines()[0][:200]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Sampling must be exactly what the config says: the model's own generation defaults (e.g. a
+    # repetition penalty) would otherwise leak into generate(). Kept aside and written back in checkpoints.
+    model.original_generation_config = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids_of(model, tokenizer),
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollouts: one batched generate per step for both modes.
+
+
+class SamplerLogprobs:
+    """Logits processor recording log softmax(logits / T) of each sampled token; holds one step's [N, V].
+    It runs before HF's temperature/top-k/top-p warpers, so it sees the raw logits; the token sampled at
+    step t is read from input_ids at step t+1 (and from the output for the last step)."""
+
+    def __init__(self, temperature):
+        self.temperature, self.prev, self.out = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.out.append(self.prev.gather(-1, input_ids[:, -1:]))
+        self.prev = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, completions):  # [N, T] -> [N, T]
+        self.out.append(self.prev.gather(-1, completions[:, -1:]))
+        return torch.cat(self.out, dim=1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list, cfg: Config, pad_id: int, eos_ids: list, device):
+    """Left-pad the prompts, sample, and return per sequence its response ids (up to and including the first
+    EOS, never re-tokenised), whether it was truncated, and the sampler's log-probs of its tokens."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               max_new_tokens=cfg.max_completion_length, eos_token_id=eos_ids, pad_token_id=pad_id,
+                               use_cache=True)
+    recorder = SamplerLogprobs(cfg.temperature)
+    was_training, ckpt = model.training, cfg.gradient_checkpointing
+    model.eval()
+    if ckpt:
+        model.gradient_checkpointing_disable()
+    try:
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                             logits_processor=LogitsProcessorList([recorder]))
+    finally:
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train(was_training)
+    completions = out[:, width:]  # [N, T]
+    sampler_logps = recorder.finish(completions)  # [N, T]
+    is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
+    has_eos = is_eos.any(dim=1)
+    # Length from the FIRST EOS (kept in the response), not from pad ids: with pad == eos a pad-based mask drops it.
+    lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completions.shape[1]).tolist()
+    return [dict(ids=completions[i, :n].tolist(), truncated=not bool(has_eos[i]), sampler_logps=sampler_logps[i, :n].cpu())
+            for i, n in enumerate(lengths)]
+
+
+@torch.no_grad()
+def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
+    """Length-normalised log-prob of each (prompt, response) row; used to rank KD target candidates."""
+    out = []
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        chunk = rows[i:i + cfg.micro_batch_size]
+        hidden, targets = response_hidden(backbone, chunk, pad_id, device)
+        logp, _ = token_logps(hidden, targets, head, cfg.temperature, cfg.kd_chunk_size)
+        out += [x.mean().item() for x in logp.split([len(r) for _, r in chunk])]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in one process).
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def all_gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Stats:
+    """Metrics reduced over ranks at log time: a mean (sum / count), a global sum (count 0) or a maximum."""
+
+    def __init__(self):
+        self.sums, self.counts, self.maxes = {}, {}, {}
+
+    def add(self, name, value, count=1):
+        value = float(value.sum()) if isinstance(value, torch.Tensor) else float(value)
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0.0) + count
+
+    def max(self, name, value):
+        self.maxes[name] = max(self.maxes.get(name, -math.inf), float(value))
+
+    def reduce(self, device) -> dict:
+        keys, mkeys = sorted(self.sums), sorted(self.maxes)
+        sc = all_reduce(torch.tensor([[self.sums[k], self.counts[k]] for k in keys] or [[0.0, 0.0]], device=device, dtype=torch.float64))
+        mx = all_reduce(torch.tensor([self.maxes[k] for k in mkeys] or [0.0], device=device, dtype=torch.float64), dist.ReduceOp.MAX)
+        out = {k: (sc[i, 0] / sc[i, 1] if sc[i, 1] > 0 else sc[i, 0]).item() for i, k in enumerate(keys)}
+        out.update({k: mx[i].item() for i, k in enumerate(mkeys)})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The update: forward/backward over micro-batches of training rows.
+#
+# A row is one sequence to train on: dict(prompt, response, kind) with kind "auto" (GRPO: advantage,
+# sampler_logps), "kd" (teacher_prompt, kd_weight) or "sft" (nll_weight). Per-token loss weights are
+# global (1 / tokens or problems of the WHOLE batch, all ranks), times the world size because DDP
+# averages gradients over ranks: the gradient is independent of micro-batching and world size.
+
+
+def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_id, device, stats, ref=None):
+    """Loss of one micro-batch (autonomous and KD rows share ONE student forward); fills old_logps on first use."""
+    hidden, targets = response_hidden(backbone, [(r["prompt"], r["response"]) for r in rows], pad_id, device)
+    kinds = torch.tensor([r["kind"] == "kd" for r in rows for _ in r["response"]], device=device)
+    scale = world_size()
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    auto = [r for r in rows if r["kind"] != "kd"]
+    if auto:  # GRPO (and SFT warm-up) tokens
+        logp, entropy = token_logps(hidden[~kinds], targets[~kinds], head, cfg.temperature, cfg.kd_chunk_size)
+        if old_logps is not None and "auto" not in old_logps:
+            old_logps["auto"] = logp.detach()
+        weight = torch.tensor([r["weight"] for r in auto for _ in r["response"]], device=device)
+        if auto[0]["kind"] == "sft":
+            loss = loss + (-logp * weight).sum() * scale
+            stats.add("loss/sft", (-logp.detach() * weight).sum(), 0)
+        else:
+            adv = torch.tensor([r["advantage"] for r in auto for _ in r["response"]], device=device)
+            tok_loss, clipped = grpo_token_loss(logp, old_logps["auto"], adv, cfg.epsilon, cfg.epsilon_high)
+            if ref is not None:
+                ref_hidden, _ = response_hidden(ref[0], [(r["prompt"], r["response"]) for r in auto], pad_id, device)
+                ref_logp, _ = token_logps(ref_hidden, targets[~kinds], ref[1], cfg.temperature, cfg.kd_chunk_size)
+                kl = k3_kl(logp, ref_logp)
+                tok_loss = tok_loss + cfg.beta * kl
+                stats.add("kl", kl.detach(), kl.numel())
+            loss = loss + (tok_loss * weight).sum() * scale
+            stats.add("loss/grpo", (tok_loss.detach() * weight).sum(), 0)
+            stats.add("clip_ratio", clipped.float(), clipped.numel())
+            stats.add("entropy", entropy, entropy.numel())
+            sampler = torch.cat([r["sampler_logps"] for r in auto]).to(device)
+            stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
+    kd = [r for r in rows if r["kind"] == "kd"]
+    if kd:  # strategy distillation: teacher = same model on (guided prompt + target), no grad
+        with torch.no_grad():
+            t_hidden, _ = response_hidden(teacher, [(r["teacher_prompt"], r["response"]) for r in kd], pad_id, device)
+        div, logp = kd_divergence(hidden[kinds], t_hidden, targets[kinds], head, cfg.temperature, cfg.kd_loss, cfg.kd_chunk_size)
+        if old_logps is not None and "kd" not in old_logps:
+            old_logps["kd"] = logp.detach()
+        tok_loss, kl_clipped, ratio_out = kd_token_loss(div, logp, old_logps["kd"], cfg.kd_loss, cfg.kl_clip,
+                                                        cfg.kd_trust_region, cfg.epsilon, cfg.epsilon_high)
+        weight = torch.tensor([r["weight"] for r in kd for _ in r["response"]], device=device)
+        loss = loss + (tok_loss * weight).sum() * scale
+        stats.add("loss/kd", (tok_loss.detach() * weight).sum(), 0)
+        stats.add("kd/kl_mean", div.detach(), div.numel())
+        stats.add("kd/kl_clip_frac", kl_clipped.float(), kl_clipped.numel())
+        stats.add("kd/ratio_out_frac", ratio_out.float(), ratio_out.numel())
+    return loss
+
+
+def accumulate_gradients(model, backbone_raw, head, rows, cfg: Config, pad_id, device, stats, old_logps_cache, ref=None):
+    """Forward/backward over micro-batches of rows. Every rank makes the same number of passes (ranks with
+    fewer rows make zero-loss passes) and DDP all-reduces only on the last one (no_sync before)."""
+    batches = [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+    n_passes = int(all_reduce(torch.tensor(len(batches), device=device), dist.ReduceOp.MAX))
+    for i in range(n_passes):
+        sync = nullcontext() if (i == n_passes - 1 or not isinstance(model, DDP)) else model.no_sync()
+        with sync:
+            if i < len(batches):
+                cache = old_logps_cache.setdefault(i, {})
+                loss = micro_batch_loss(model, head, backbone_raw, batches[i], cache, cfg, pad_id, device, stats, ref)
+            else:  # a zero-loss pass that touches every parameter, so DDP's reduction sees all of them
+                hidden = model(torch.full((1, 1), pad_id, device=device), torch.ones((1, 1), dtype=torch.long, device=device))
+                loss = head(hidden).float().sum() * 0.0
+            loss.backward()
+    return n_passes
+
+
+def optimizer_step(raw_model, optimizer, scheduler, cfg: Config):
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
+
+
+def latest_checkpoint(output_dir: str):
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()] \
+        if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state: dict, master: bool):
+    """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it."""
+    rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    if master:
+        final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw_model.save_pretrained(tmp)
+        raw_model.original_generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng, "config": asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a crash above leaves the previous checkpoint intact
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def make_optimizer(raw_model, lr, cfg: Config):
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return optimizer, scheduler
+
+
+def batches_of(n_items: int, cfg: Config, rank: int, world: int, epoch: int):
+    """This rank's batches of item indices for an epoch (DistributedSampler, same order on resume)."""
+    sampler = DistributedSampler(range(n_items), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    return [idx[i:i + cfg.batch_size] for i in range(0, len(idx) - cfg.batch_size + 1, cfg.batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------
+# One RL step, the SFT warm-up, and the main loop.
+
+
+def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, alpha, cfg: Config, device, ref=None):
+    """Rollout -> reward -> advantages, alpha, targets -> update. Returns the step's metrics (all ranks)."""
+    stats, t0 = Stats(), time.time()
+    pad_id, eos_ids = tokenizer.pad_token_id, raw_model.generation_config.eos_token_id
+    g1, g2 = cfg.num_generations, cfg.num_guided_generations
+    auto_prompts = [prompt_ids(tokenizer, cfg, q, guided=False) for q in problems]
+    guided_prompts = [prompt_ids(tokenizer, cfg, q, guided=True) for q in problems]
+    rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2],
+                        cfg, pad_id, eos_ids, device)
+    t_gen = time.time()
+
+    texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in rollouts]  # for grading only
+    rewards = torch.tensor([math_reward(t, problems[i // (g1 + g2)]["answer"], cfg.reward_timeout)
+                            for i, t in enumerate(texts)]).view(len(problems), g1 + g2)
+    r_auto, r_guided = rewards[:, :g1], rewards[:, g1:]  # [B, G1], [B, G2]
+    advantages = grpo_advantages(r_auto)
+    rollouts = [rollouts[i * (g1 + g2):(i + 1) * (g1 + g2)] for i in range(len(problems))]
+
+    # Adaptive alpha: every rank applies every rank's updates in the same order -> identical tables.
+    p_auto, p_guided = r_auto.mean(1), (r_guided.mean(1) if g2 else r_auto.mean(1))
+    for updates in all_gather_objects([(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]):
+        for qid, pg, pa in updates:
+            prev = alpha.get(qid, cfg.alpha_0)
+            alpha[qid] = update_alpha(prev, pg, pa, cfg.alpha_gamma, cfg.alpha_max) if cfg.adaptive_alpha else cfg.alpha_0
+
+    # Training rows. GRPO tokens are normalised by the global token count, KD by the global problem count.
+    auto_rows = [dict(kind="auto", prompt=auto_prompts[b], response=r["ids"], advantage=float(advantages[b, i]),
+                      sampler_logps=r["sampler_logps"])
+                 for b in range(len(problems)) for i, r in enumerate(rollouts[b][:g1])
+                 if cfg.use_grpo and not (cfg.mask_truncated_completions and r["truncated"])]
+    n_tokens = all_reduce(torch.tensor(float(sum(len(r["response"]) for r in auto_rows)), device=device))
+    for r in auto_rows:
+        r["weight"] = 1.0 / max(float(n_tokens), 1.0)
+    kd_rows, gen = [], torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(scheduler.last_epoch))
+    if cfg.use_kd and g2:
+        backbone_raw = Backbone(raw_model)
+        cands = [(b, j) for b in range(len(problems)) for j in range(g2) if r_guided[b, j] > 0]
+        scores = mean_logps(backbone_raw.eval(), head, [(auto_prompts[b], rollouts[b][g1 + j]["ids"]) for b, j in cands],
+                            cfg, pad_id, device) if (cands and cfg.target_selection) else [0.0] * len(cands)
+        n_problems = len(problems) * world_size()
+        for b, q in enumerate(problems):
+            mean_logp = torch.full((g2,), -math.inf)
+            for (cb, j), s in zip(cands, scores):
+                if cb == b:
+                    mean_logp[j] = s
+            j = select_target(r_guided[b], mean_logp, cfg.target_selection, gen)
+            if j >= 0:
+                resp = rollouts[b][g1 + j]["ids"]
+                kd_rows.append(dict(kind="kd", prompt=auto_prompts[b], teacher_prompt=guided_prompts[b], response=resp,
+                                    weight=alpha[q["id"]] / (len(resp) * n_problems)))
+    t_score = time.time()
+
+    model.train()
+    backbone_raw = model.module if isinstance(model, DDP) else model
+    old_logps, grad_norm = {}, 0.0
+    rows = auto_rows + kd_rows
+    for _ in range(cfg.num_iterations):
+        if accumulate_gradients(model, backbone_raw, head, rows, cfg, pad_id, device, stats, old_logps, ref):
+            grad_norm = optimizer_step(raw_model, optimizer, scheduler, cfg)
+    t_end = time.time()
+
+    n_gen = sum(len(r["ids"]) for rs in rollouts for r in rs)
+    stats.add("reward/autonomous_mean", r_auto, r_auto.numel())
+    stats.add("reward/guided_mean", r_guided, r_guided.numel())
+    stats.add("pass_gap", p_guided - p_auto, len(problems))
+    stats.add("alpha/mean", sum(alpha[q["id"]] for q in problems), len(problems))
+    stats.add("kd/target_frac", len(kd_rows), len(problems))
+    stats.add("frac_reward_zero_std", (r_auto.std(1) == 0).float() if g1 > 1 else torch.ones(len(problems)), len(problems))
+    stats.add("completions/mean_length", sum(len(r["ids"]) for rs in rollouts for r in rs[:g1]), len(problems) * g1)
+    stats.add("completions/clipped_ratio", sum(r["truncated"] for rs in rollouts for r in rs[:g1]), len(problems) * g1)
+    stats.add("perf/generated_tokens", n_gen, 0)
+    metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **stats.reduce(device)}
+    metrics["loss/grpo"] /= cfg.num_iterations  # summed over the mu passes above
+    metrics["loss/kd"] /= cfg.num_iterations
+    metrics.update({"grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": metrics.pop("perf/generated_tokens") / (t_end - t0),
+                    "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/update": t_end - t_score})
+    return metrics
+
+
+def sft_warmup(problems, model, raw_model, head, tokenizer, cfg: Config, device, rank, world, log):
+    """Warm-up: NLL of the reference `solution` (+ EOS) under the autonomous prompt, token-normalised globally."""
+    optimizer, scheduler = make_optimizer(raw_model, cfg.sft_learning_rate, cfg)
+    eos = raw_model.generation_config.eos_token_id[0]
+    examples = [(prompt_ids(tokenizer, cfg, q, guided=False), tokenizer(q["solution"], add_special_tokens=False)["input_ids"] + [eos])
+                for q in problems]
+    step = 0
+    for epoch in range(cfg.sft_epochs):
+        for batch in batches_of(len(examples), cfg, rank, world, epoch):
+            stats = Stats()
+            rows = [dict(kind="sft", prompt=examples[i][0], response=examples[i][1]) for i in batch]
+            n_tokens = all_reduce(torch.tensor(float(sum(len(r["response"]) for r in rows)), device=device))
+            for r in rows:
+                r["weight"] = 1.0 / float(n_tokens)
+            model.train()
+            accumulate_gradients(model, model.module if isinstance(model, DDP) else model, head, rows, cfg,
+                                 tokenizer.pad_token_id, device, stats, {})
+            grad_norm = optimizer_step(raw_model, optimizer, scheduler, cfg)
+            step += 1
+            log({"phase": "sft", "sft_step": step, "epoch": epoch, **stats.reduce(device), "grad_norm": grad_norm})
+    del optimizer
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        problems = load_problems(cfg.data)
+        sft_problems = load_problems(cfg.sft_data or cfg.data, need_solution=True) if cfg.sft_epochs else []
+        resume = None
+        if cfg.resume:
+            resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
+            if resume is None or not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
+                raise UsageError(f"--resume {cfg.resume}: no checkpoint found (looked for {resume or cfg.output_dir + '/checkpoint-*'}/trainer_state.pt)")
+        elif os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir:
+            raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or --overwrite_output_dir")
+    except UsageError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # ---- DDP preamble: the same file runs under `python` and `torchrun` ----
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    master = rank == 0
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    try:
+        raw_model, tokenizer = load_model(resume or cfg.model, dtype, device)
+    except UsageError as e:
+        if master:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(problems) < cfg.batch_size * world:
+        if master:
+            print(f"error: {cfg.data}: {len(problems)} problems, fewer than the global batch {cfg.batch_size * world}", file=sys.stderr)
+        return 2
+    if cfg.gradient_checkpointing:
+        raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head = raw_model.get_output_embeddings()
+    backbone = Backbone(raw_model)
+    model = DDP(backbone, device_ids=[device.index] if cuda else None) if ddp else backbone
+    ref = None
+    if cfg.beta > 0:  # frozen reference = the initial policy
+        ref_model, _ = load_model(cfg.model, dtype, device)
+        ref_model.eval().requires_grad_(False)
+        ref = (Backbone(ref_model), ref_model.get_output_embeddings())
+
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if master:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        kept = []
+        if resume and os.path.exists(metrics_path):  # drop lines written after the checkpoint by the killed run
+            step0 = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False)["step"]
+            kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= step0]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def log(record: dict):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    optimizer, scheduler = make_optimizer(raw_model, cfg.learning_rate, cfg)
+    state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs)
+    if resume:
+        saved = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        if len(saved["rng"]) == world:
+            torch.set_rng_state(saved["rng"][rank]["torch"])
+            random.setstate(saved["rng"][rank]["python"])
+            if cuda and saved["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
+        elif master:
+            print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, this run {world}: sampling reseeded")
+    else:
+        torch.manual_seed(cfg.seed + rank)  # different samples on each rank
+        random.seed(cfg.seed + rank)
+
+    if not state["sft_done"]:
+        sft_warmup(sft_problems, model, raw_model, head, tokenizer, cfg, device, rank, world, log)
+        state["sft_done"] = True
+        save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
+
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
+    batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
+    while state["step"] < cfg.max_steps:
+        if state["position"] >= len(batches):
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
+        batch = [problems[i] for i in batches[state["position"]]]
+        metrics = rl_step(batch, model, raw_model, head, tokenizer, optimizer, scheduler, state["alpha"], cfg, device, ref)
+        state["position"] += 1
+        state["step"] += 1
+        log({"step": state["step"], "epoch": state["epoch"], **metrics})
+        bar.update(1)
+        bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}", r_guided=f"{metrics['reward/guided_mean']:.2f}",
+                        kd=f"{metrics['kd/target_frac']:.2f}")
+        if state["step"] % cfg.save_steps == 0 or state["step"] == cfg.max_steps:
+            save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

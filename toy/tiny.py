@@ -1,0 +1,73 @@
+"""Tiny, fully offline model + character tokenizer, and a small arithmetic problem set.
+
+Used by the tests (as fixtures) and to build the embedded default that `python sgpo.py` runs with no
+arguments (`python toy/tiny.py` regenerates `toy/model/` and `toy/train.jsonl` from a fixed seed).
+It is a smoke-test default: a randomly initialised model, so rewards are ~0 until the CPU testbed replaces it.
+"""
+import json
+import os
+import random
+import sys
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one id per character, chat markers registered as special tokens first."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, spaces too
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>" if pad_is_eos else "<|endoftext|>", additional_special_tokens=SPECIALS[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_model(tokenizer, arch: str = "qwen3", hidden: int = 32, layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                  max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def make_problems(n: int, seed: int = 0) -> list[dict]:
+    """Two-number additions with a (trivial) strategy and a worked solution."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"id": f"add-{i}", "problem": f"{a}+{b}=?", "answer": str(a + b),
+                     "strategy": "Add the two numbers.", "solution": f"{a}+{b}={a + b} \\boxed{{{a + b}}}"})
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = sys.argv[1] if len(sys.argv) > 1 else here
+    tok = build_tokenizer()
+    model = build_model(tok, hidden=64, layers=2)
+    model.save_pretrained(os.path.join(out, "model"))
+    tok.save_pretrained(os.path.join(out, "model"))
+    write_jsonl(os.path.join(out, "train.jsonl"), make_problems(64))
+    print(f"wrote {out}/model and {out}/train.jsonl")
