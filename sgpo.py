@@ -512,12 +512,18 @@ def generate(model, prompts: list, cfg: Config, pad_id: int, eos_ids: list, devi
         model.train(was_training)
     completions = out[:, width:]  # [N, T]
     sampler_logps = recorder.finish(completions)  # [N, T]
+    lengths, truncated = first_eos_lengths(completions, eos_ids)
+    return [dict(ids=completions[i, :n].tolist(), truncated=truncated[i], sampler_logps=sampler_logps[i, :n].cpu())
+            for i, n in enumerate(lengths)]
+
+
+def first_eos_lengths(completions, eos_ids):
+    """[N, T] sampled ids -> response lengths up to AND including the first EOS, and truncation flags.
+    Positions, not pad ids, define the mask: with pad == eos a pad-based mask would drop the real EOS."""
     is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))
     has_eos = is_eos.any(dim=1)
-    # Length from the FIRST EOS (kept in the response), not from pad ids: with pad == eos a pad-based mask drops it.
-    lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completions.shape[1]).tolist()
-    return [dict(ids=completions[i, :n].tolist(), truncated=not bool(has_eos[i]), sampler_logps=sampler_logps[i, :n].cpu())
-            for i, n in enumerate(lengths)]
+    lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completions.shape[1])
+    return lengths.tolist(), (~has_eos).tolist()
 
 
 @torch.no_grad()

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny offline Qwen3 model with a character tokenizer, a small data set, and a warm
+(SFT'd) copy of the model that answers in \\boxed{} often enough for every loss term to be active."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
+
+
+def tiny_rows(n=16):
+    return [{"id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2], "strategy": f"say {'37'[i % 2]}",
+             "solution": f"\\boxed{{{'37'[i % 2]}}}"} for i in range(n)]
+
+
+def run_sgpo(args, nproc=0, timeout=300):
+    """Run sgpo.py as a user would: `python sgpo.py` or `torchrun --nproc_per_node=N sgpo.py`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return subprocess.run(launcher + [str(ROOT / "sgpo.py")] + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tok = build_tokenizer()
+    build_model(tok, hidden=32, layers=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    write_jsonl(path, tiny_rows())
+    return path
+
+
+@pytest.fixture(scope="session")
+def warm_dir(tiny_dir, data_file, tmp_path_factory):
+    """The SFT warm-up of sgpo.py itself (sft_epochs, max_steps 0) -> checkpoint-0."""
+    out = tmp_path_factory.mktemp("warm")
+    proc = run_sgpo(["--model", tiny_dir, "--data", data_file, "--output_dir", out, "--sft_epochs", 30,
+                     "--sft_learning_rate", 1e-2, "--batch_size", 8, "--micro_batch_size", 16, "--max_steps", 0])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "checkpoint-0"

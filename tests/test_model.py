@@ -1,0 +1,136 @@
+"""Tests that need the tiny model: tokenizer round trip, masks, sampler/trainer log-prob agreement,
+micro-batch invariance of the accumulated gradient."""
+import dataclasses
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sgpo
+from tests.conftest import tiny_rows
+from toy.tiny import build_model, build_tokenizer
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = build_tokenizer()
+    text = "Ball  at b;\n swaps 1ac\t\\boxed{3/4} ~"
+    tok.save_pretrained(tmp_path)
+    build_model(tok).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.decode(ids) == text  # spaces survive the reload
+    msgs = [{"role": "user", "content": text}]
+    assert (loaded.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+            == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert loaded.eos_token_id == tok.eos_token_id and loaded.pad_token_id == tok.pad_token_id
+
+
+def _setup(pad_is_eos=False, seed=0):
+    tok = build_tokenizer(pad_is_eos=pad_is_eos)
+    model = build_model(tok, seed=seed)
+    # 40 tokens at ~1/100 EOS probability each: some responses end early, others hit the limit
+    cfg = sgpo.Config(max_completion_length=40, temperature=0.9, micro_batch_size=3, kd_chunk_size=5)
+    return tok, model, cfg
+
+
+def test_first_eos_lengths_keep_eos_when_pad_is_eos():
+    eos = 2
+    completions = torch.tensor([[5, 7, eos, eos, eos], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
+    lengths, truncated = sgpo.first_eos_lengths(completions, [eos])
+    assert lengths == [3, 5, 1]  # the real EOS is kept, the pads (== eos) after it are not
+    assert truncated == [False, True, False]
+
+
+def test_sampler_logps_equal_trainer_logps_left_padded():
+    torch.manual_seed(0)
+    tok, model, cfg = _setup(pad_is_eos=True)
+    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True)]
+    assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch
+    rollouts = sgpo.generate(model, prompts, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
+    assert any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
+    for r in rollouts:  # response = up to and including the first EOS
+        assert r["truncated"] or (r["ids"][-1] == tok.eos_token_id and tok.eos_token_id not in r["ids"][:-1])
+    rows = [(p, r["ids"]) for p, r in zip(prompts, rollouts)]
+    with torch.no_grad():
+        hidden, targets = sgpo.response_hidden(sgpo.Backbone(model), rows, tok.pad_token_id, "cpu")
+        logp, _ = sgpo.token_logps(hidden, targets, model.lm_head, cfg.temperature, cfg.kd_chunk_size)
+    sampler = torch.cat([r["sampler_logps"] for r in rollouts])
+    assert (logp - sampler).abs().max() < 1e-4
+
+
+def _rows(tok, model, cfg, n=5):
+    """Autonomous and KD rows of random responses (the update must not care where they came from)."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i, q in enumerate(tiny_rows(n)):
+        auto, guided = sgpo.prompt_ids(tok, cfg, q, False), sgpo.prompt_ids(tok, cfg, q, True)
+        resp = torch.randint(3, len(tok), (3 + i,), generator=g).tolist() + [tok.eos_token_id]
+        rows.append(dict(kind="auto", prompt=auto, response=resp, advantage=i - 1.5, sampler_logps=torch.zeros(len(resp))))
+        if i % 2:
+            rows.append(dict(kind="kd", prompt=auto, teacher_prompt=guided, response=resp[::-1], weight=0.1 * i))
+    n_tok = sum(len(r["response"]) for r in rows if r["kind"] == "auto")
+    for r in rows:
+        if r["kind"] == "auto":
+            r["weight"] = 1.0 / n_tok
+    return rows
+
+
+def _grads(model, rows, cfg, tok, iterations=1):
+    backbone = sgpo.Backbone(model)
+    cache = {}
+    for _ in range(iterations):
+        model.zero_grad()
+        sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", sgpo.Stats(), cache)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_micro_batching_invariance():
+    tok, model, cfg = _setup()
+    rows = _rows(tok, model, cfg)
+    cfg.kl_clip = float("inf")
+    full = _grads(model, rows, dataclasses.replace(cfg, micro_batch_size=len(rows)), tok)
+    for mbs in (1, 2, 3):
+        split = _grads(model, rows, dataclasses.replace(cfg, micro_batch_size=mbs), tok)
+        for n in full:
+            assert torch.allclose(full[n], split[n], atol=1e-7, rtol=1e-5), (mbs, n)
+    assert any(g.abs().sum() > 0 for g in full.values())
+
+
+def test_prompt_and_padding_positions_get_no_gradient():
+    tok, model, cfg = _setup()
+    rows = _rows(tok, model, cfg, n=4)
+    backbone = sgpo.Backbone(model)
+    captured = {}
+
+    def keep(_, __, out):
+        if out.requires_grad:  # the student pass, not the no-grad teacher pass
+            out.retain_grad()
+            captured["h"] = out
+    handle = backbone.register_forward_hook(keep)
+    loss = sgpo.micro_batch_loss(backbone, model.lm_head, backbone, rows, {}, cfg, tok.pad_token_id, "cpu", sgpo.Stats())
+    loss.backward()
+    handle.remove()
+    grad = captured["h"].grad.abs().sum(-1)  # [B, L]
+    for b, r in enumerate(rows):
+        p, n = len(r["prompt"]), len(r["response"])
+        assert (grad[b, :p - 1] == 0).all()  # positions that predict prompt tokens
+        assert (grad[b, p - 1:p - 1 + n] > 0).all()  # positions that predict response tokens (EOS included)
+        assert (grad[b, p - 1 + n:] == 0).all()  # the last token and right padding
+
+
+def test_old_logps_are_frozen_across_iterations():
+    tok, model, cfg = _setup()
+    rows = _rows(tok, model, cfg)
+    backbone = sgpo.Backbone(model)
+    cache, stats = {}, sgpo.Stats()
+    sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, cache)
+    first = {k: {kk: v.clone() for kk, v in d.items()} for k, d in cache.items()}
+    assert stats.reduce("cpu")["clip_ratio"] == 0 and stats.reduce("cpu")["kd/ratio_out_frac"] == 0  # rho == 1
+    with torch.no_grad():  # a second iteration on the same rollouts, after the policy moved
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    stats = sgpo.Stats()
+    sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, cache)
+    assert all(torch.equal(first[k][kk], cache[k][kk]) for k in first for kk in first[k])  # pi_old kept
+    metrics = stats.reduce("cpu")
+    assert metrics["clip_ratio"] > 0 and metrics["kd/ratio_out_frac"] > 0
