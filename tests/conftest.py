@@ -7,16 +7,43 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import sgpo  # noqa: E402
 from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
 
 
 def tiny_rows(n=16):
     return [{"id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2], "strategy": f"say {'37'[i % 2]}",
              "solution": f"\\boxed{{{'37'[i % 2]}}}"} for i in range(n)]
+
+
+def tiny_setup(pad_is_eos=False, seed=0):
+    tok = build_tokenizer(pad_is_eos=pad_is_eos)
+    model = build_model(tok, seed=seed)
+    # 40 tokens at ~1/100 EOS probability each: some responses end early, others hit the limit
+    cfg = sgpo.Config(max_completion_length=40, temperature=0.9, micro_batch_size=3, kd_chunk_size=5)
+    return tok, model, cfg
+
+
+def training_rows(tok, model, cfg, n=5):
+    """Autonomous and KD rows of random responses (the update must not care where they came from)."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i, q in enumerate(tiny_rows(n)):
+        auto, guided = sgpo.prompt_ids(tok, cfg, q, False), sgpo.prompt_ids(tok, cfg, q, True)
+        resp = torch.randint(3, len(tok), (3 + i,), generator=g).tolist() + [tok.eos_token_id]
+        rows.append(dict(kind="auto", prompt=auto, response=resp, advantage=i - 1.5, sampler_logps=torch.zeros(len(resp))))
+        if i % 2:
+            rows.append(dict(kind="kd", prompt=auto, teacher_prompt=guided, response=resp[::-1], weight=0.1 * i))
+    n_tok = sum(len(r["response"]) for r in rows if r["kind"] == "auto")
+    for r in rows:
+        if r["kind"] == "auto":
+            r["weight"] = 1.0 / n_tok
+    return rows
 
 
 def run_sgpo(args, nproc=0, timeout=300):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sgpo
-from tests.conftest import tiny_rows
+from tests.conftest import tiny_rows, tiny_setup, training_rows
 from toy.tiny import build_model, build_tokenizer
 
 
@@ -25,14 +25,6 @@ def test_tokenizer_round_trip(tmp_path):
     assert loaded.eos_token_id == tok.eos_token_id and loaded.pad_token_id == tok.pad_token_id
 
 
-def _setup(pad_is_eos=False, seed=0):
-    tok = build_tokenizer(pad_is_eos=pad_is_eos)
-    model = build_model(tok, seed=seed)
-    # 40 tokens at ~1/100 EOS probability each: some responses end early, others hit the limit
-    cfg = sgpo.Config(max_completion_length=40, temperature=0.9, micro_batch_size=3, kd_chunk_size=5)
-    return tok, model, cfg
-
-
 def test_first_eos_lengths_keep_eos_when_pad_is_eos():
     eos = 2
     completions = torch.tensor([[5, 7, eos, eos, eos], [5, 6, 7, 8, 9], [eos, eos, eos, eos, eos]])
@@ -43,8 +35,8 @@ def test_first_eos_lengths_keep_eos_when_pad_is_eos():
 
 def test_sampler_logps_equal_trainer_logps_left_padded():
     torch.manual_seed(0)
-    tok, model, cfg = _setup(pad_is_eos=True)
-    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True)]
+    tok, model, cfg = tiny_setup(pad_is_eos=True)
+    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tinytraining_rows(3) for g in (False, True)]
     assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch
     rollouts = sgpo.generate(model, prompts, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
     assert any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
@@ -58,23 +50,6 @@ def test_sampler_logps_equal_trainer_logps_left_padded():
     assert (logp - sampler).abs().max() < 1e-4
 
 
-def _rows(tok, model, cfg, n=5):
-    """Autonomous and KD rows of random responses (the update must not care where they came from)."""
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for i, q in enumerate(tiny_rows(n)):
-        auto, guided = sgpo.prompt_ids(tok, cfg, q, False), sgpo.prompt_ids(tok, cfg, q, True)
-        resp = torch.randint(3, len(tok), (3 + i,), generator=g).tolist() + [tok.eos_token_id]
-        rows.append(dict(kind="auto", prompt=auto, response=resp, advantage=i - 1.5, sampler_logps=torch.zeros(len(resp))))
-        if i % 2:
-            rows.append(dict(kind="kd", prompt=auto, teacher_prompt=guided, response=resp[::-1], weight=0.1 * i))
-    n_tok = sum(len(r["response"]) for r in rows if r["kind"] == "auto")
-    for r in rows:
-        if r["kind"] == "auto":
-            r["weight"] = 1.0 / n_tok
-    return rows
-
-
 def _grads(model, rows, cfg, tok, iterations=1):
     backbone = sgpo.Backbone(model)
     cache = {}
@@ -85,8 +60,8 @@ def _grads(model, rows, cfg, tok, iterations=1):
 
 
 def test_micro_batching_invariance():
-    tok, model, cfg = _setup()
-    rows = _rows(tok, model, cfg)
+    tok, model, cfg = tiny_setup()
+    rows = training_rows(tok, model, cfg)
     cfg.kl_clip = float("inf")
     full = _grads(model, rows, dataclasses.replace(cfg, micro_batch_size=len(rows)), tok)
     for mbs in (1, 2, 3):
@@ -97,8 +72,8 @@ def test_micro_batching_invariance():
 
 
 def test_prompt_and_padding_positions_get_no_gradient():
-    tok, model, cfg = _setup()
-    rows = _rows(tok, model, cfg, n=4)
+    tok, model, cfg = tiny_setup()
+    rows = training_rows(tok, model, cfg, n=4)
     backbone = sgpo.Backbone(model)
     captured = {}
 
@@ -119,8 +94,8 @@ def test_prompt_and_padding_positions_get_no_gradient():
 
 
 def test_old_logps_are_frozen_across_iterations():
-    tok, model, cfg = _setup()
-    rows = _rows(tok, model, cfg)
+    tok, model, cfg = tiny_setup()
+    rows = training_rows(tok, model, cfg)
     backbone = sgpo.Backbone(model)
     cache, stats = {}, sgpo.Stats()
     sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, cache)

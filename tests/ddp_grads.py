@@ -1,0 +1,33 @@
+"""Helper for test_ddp.py: accumulate the gradient of fixed rollouts with `python` (all rows) or under
+`torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo); rank 0 saves it."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sgpo  # noqa: E402
+from tests.conftest import tiny_setup, training_rows  # noqa: E402
+
+out_path = sys.argv[1]
+torch.manual_seed(0)
+tok, model, cfg = tiny_setup()
+cfg.micro_batch_size = 2
+rows = training_rows(tok, model, cfg, n=6)  # identical on every rank; loss weights are global
+backbone = sgpo.Backbone(model)
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+    cut = len(rows) - 2  # rank 0: most rows (several passes), rank 1: one pass + zero-loss passes
+    rows = rows[:cut] if dist.get_rank() == 0 else rows[cut:]
+    wrapped = DDP(backbone)
+else:
+    wrapped = backbone
+stats = sgpo.Stats()
+sgpo.accumulate_gradients(wrapped, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, {})
+metrics = stats.reduce("cpu")
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics}, out_path)
+if dist.is_initialized():
+    dist.destroy_process_group()

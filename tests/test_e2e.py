@@ -1,0 +1,140 @@
+"""End to end: sgpo.py as users run it, on the tiny model (warm-started by sgpo.py's own SFT warm-up)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sgpo
+from tests.conftest import ROOT, read_metrics, run_sgpo
+
+COMMON = ["--batch_size", 4, "--num_generations", 4, "--num_guided_generations", 2, "--max_completion_length", 12,
+          "--learning_rate", 1e-3, "--micro_batch_size", 6]
+REQUIRED = ["reward/autonomous_mean", "reward/guided_mean", "pass_gap", "alpha/mean", "kd/target_frac", "loss/grpo",
+            "loss/kd", "clip_ratio", "kd/kl_clip_frac", "entropy", "completions/mean_length", "completions/clipped_ratio",
+            "frac_reward_zero_std", "rollout_probs_diff_max", "perf/tokens_per_s", "time/generate", "time/score",
+            "time/update"]
+TIMING = ("perf/tokens_per_s", "time/generate", "time/score", "time/update")
+
+
+def test_warmup_learned_the_format(warm_dir):
+    sft = [m for m in read_metrics(warm_dir.parent / "metrics.jsonl") if m.get("phase") == "sft"]
+    assert sft[-1]["loss/sft"] < 0.5 * sft[0]["loss/sft"]  # the SFT warm-up trains
+    state = torch.load(warm_dir / "trainer_state.pt", weights_only=False)
+    assert state["sft_done"] and state["step"] == 0
+
+
+def test_python_run_metrics_and_checkpoint(warm_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 3, "--save_steps", 2] + COMMON)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert set(REQUIRED) <= set(m), set(REQUIRED) - set(m)
+        assert m["rollout_probs_diff_max"] < 1e-4
+    assert any(m["kd/target_frac"] > 0 and m["loss/kd"] > 0 for m in metrics)  # distillation happened
+    assert any(m["reward/autonomous_mean"] > 0 for m in metrics)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl"]
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
+    before = AutoModelForCausalLM.from_pretrained(warm_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))  # it trained
+    state = torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["config"]["max_steps"] == 3 and len(state["alpha"]) > 0
+    assert json.load(open(out / "checkpoint-3" / "sgpo_config.json"))["kd_loss"] == "fkl"
+
+
+def test_torchrun_two_ranks(warm_dir, data_file, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2] + COMMON, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]  # rank 0 alone writes
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert len(state["alpha"]) == 16  # 2 steps x 4 problems x 2 ranks: both ranks' updates reach the table
+    assert len(state["rng"]) == 2
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+
+
+def _comparable(m):
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, tmp_path):
+    args = ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1] + COMMON
+    ref = run_sgpo(args + ["--output_dir", tmp_path / "ref"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = {m["step"]: _comparable(m) for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sgpo.py")] + [str(a) for a in args + ["--output_dir", out]],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (out / "checkpoint-99.tmp").mkdir()  # a checkpoint whose write was interrupted is ignored
+    last = sgpo.latest_checkpoint(str(out))
+    killed_at = int(last.rsplit("-", 1)[1])
+    assert 2 <= killed_at < 8, "the run finished before it could be killed"
+
+    resumed = run_sgpo(args + ["--output_dir", out, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 9))  # no duplicated steps
+    for m in metrics[killed_at:]:
+        for k, v in _comparable(m).items():
+            assert v == pytest.approx(reference[m["step"]][k], abs=1e-6), (m["step"], k)
+
+
+BAD = [
+    ('{"problem": "p", "answer": "1", "strategy": "s"}\nnot json\n', ":2: line: not valid JSON (Expecting value)"),
+    ('{"problem": "p", "answer": "1"}\n', ":1: strategy: missing"),
+    ('{"problem": "p", "answer": "", "strategy": "s"}\n', ":1: answer: empty"),
+    ('{"problem": "p", "answer": 1, "strategy": "s"}\n', ":1: answer: expected a string, got int"),
+    ('{"id": 1, "problem": "p", "answer": "1", "strategy": "s"}\n{"id": 1, "problem": "q", "answer": "2", "strategy": "s"}\n',
+     ":2: id: duplicate of line 1"),
+    ('[1, 2]\n', ":1: line: expected a JSON object"),
+    ('', ": no problems (empty file)"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD)
+def test_bad_data_one_line_exit_2(content, message, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    assert sgpo.main(["--data", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}{message}\n"
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
+    cases = [(["--kd_loss", "jsd"], "--kd_loss: must be fkl, rkl or sft"),
+             (["--resume", str(tmp_path / "nope")], "--resume"),
+             (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
+             (["--sft_epochs", "1", "--data", str(ROOT / "toy" / "train.jsonl"), "--sft_data", str(tmp_path / "nosol.jsonl")], ":1: solution: missing")]
+    (tmp_path / "nosol.jsonl").write_text('{"problem": "p", "answer": "1", "strategy": "s"}\n')
+    for args, message in cases:
+        assert sgpo.main(args + ["--output_dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_exit_code_and_existing_run_protected(warm_dir, data_file, tmp_path):
+    proc = run_sgpo(["--model", tmp_path / "no-such-model", "--data", data_file, "--output_dir", tmp_path / "o"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no-such-model" in proc.stderr, proc.stderr
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out])
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
