@@ -741,7 +741,7 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
             prev = alpha.get(qid, cfg.alpha_0)
             alpha[qid] = update_alpha(prev, pg, pa, cfg.alpha_gamma, cfg.alpha_max) if cfg.adaptive_alpha else cfg.alpha_0
 
-    # Training rows. GRPO tokens are normalised by the global token count, KD by the global problem count.
+    # GRPO rows; every token weighs 1 / (response tokens of the global batch), DAPO-style.
     auto_rows = [dict(kind="auto", prompt=auto_prompts[b], response=r["ids"], advantage=float(advantages[b, i]),
                       sampler_logps=r["sampler_logps"])
                  for b in range(len(problems)) for i, r in enumerate(rollouts[b][:g1])
@@ -749,20 +749,19 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     n_tokens = all_reduce(torch.tensor(float(sum(len(r["response"]) for r in auto_rows)), device=device))
     for r in auto_rows:
         r["weight"] = 1.0 / max(float(n_tokens), 1.0)
-    kd_rows, gen = [], torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(scheduler.last_epoch))
+    # Target selection (sheet step 3): the correct guided rollout most likely under the UNGUIDED prompt.
+    kd_rows, n_problems = [], len(problems) * world_size()
     if cfg.use_kd and g2:
-        backbone_raw = Backbone(raw_model)
+        mean_logp = torch.full((len(problems), g2), -math.inf)  # [B, G2], scored for correct rollouts only
         cands = [(b, j) for b in range(len(problems)) for j in range(g2) if r_guided[b, j] > 0]
-        scores = mean_logps(backbone_raw.eval(), head, [(auto_prompts[b], rollouts[b][g1 + j]["ids"]) for b, j in cands],
-                            cfg, pad_id, device) if (cands and cfg.target_selection) else [0.0] * len(cands)
-        n_problems = len(problems) * world_size()
+        if cfg.target_selection and cands:
+            scores = mean_logps(Backbone(raw_model).eval(), head, [(auto_prompts[b], rollouts[b][g1 + j]["ids"])
+                                                                  for b, j in cands], cfg, pad_id, device)
+            for (b, j), score in zip(cands, scores):
+                mean_logp[b, j] = score
         for b, q in enumerate(problems):
-            mean_logp = torch.full((g2,), -math.inf)
-            for (cb, j), s in zip(cands, scores):
-                if cb == b:
-                    mean_logp[j] = s
-            j = select_target(r_guided[b], mean_logp, cfg.target_selection, gen)
-            if j >= 0:
+            j = select_target(r_guided[b], mean_logp[b], cfg.target_selection)
+            if j >= 0:  # KD weight alpha(q) / |target| / global problem count: mean_q alpha(q) L_KD(q)
                 resp = rollouts[b][g1 + j]["ids"]
                 kd_rows.append(dict(kind="kd", prompt=auto_prompts[b], teacher_prompt=guided_prompts[b], response=resp,
                                     weight=alpha[q["id"]] / (len(resp) * n_problems)))

@@ -36,7 +36,7 @@ def test_first_eos_lengths_keep_eos_when_pad_is_eos():
 def test_sampler_logps_equal_trainer_logps_left_padded():
     torch.manual_seed(0)
     tok, model, cfg = tiny_setup(pad_is_eos=True)
-    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tinytraining_rows(3) for g in (False, True)]
+    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True)]
     assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch
     rollouts = sgpo.generate(model, prompts, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
     assert any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
