@@ -855,10 +855,11 @@ def main(argv=None) -> int:
         if master:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(problems) < cfg.batch_size * world:
-        if master:
-            print(f"error: {cfg.data}: {len(problems)} problems, fewer than the global batch {cfg.batch_size * world}", file=sys.stderr)
-        return 2
+    for path, rows in ((cfg.data, problems), (cfg.sft_data or cfg.data, sft_problems or problems)):
+        if len(rows) < cfg.batch_size * world:
+            if master:
+                print(f"error: {path}: {len(rows)} problems, fewer than the global batch {cfg.batch_size * world}", file=sys.stderr)
+            return 2
     if cfg.gradient_checkpointing:
         raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = raw_model.get_output_embeddings()
