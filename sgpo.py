@@ -822,6 +822,10 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         problems = load_problems(cfg.data)
         sft_problems = load_problems(cfg.sft_data or cfg.data, need_solution=True) if cfg.sft_epochs else []
+        global_batch = cfg.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+        for path, rows in ((cfg.data, problems), (cfg.sft_data or cfg.data, sft_problems or problems)):
+            if len(rows) < global_batch:
+                raise UsageError(f"{path}: {len(rows)} problems, fewer than the global batch {global_batch}")
         resume = None
         if cfg.resume:
             resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
@@ -855,11 +859,6 @@ def main(argv=None) -> int:
         if master:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    for path, rows in ((cfg.data, problems), (cfg.sft_data or cfg.data, sft_problems or problems)):
-        if len(rows) < cfg.batch_size * world:
-            if master:
-                print(f"error: {path}: {len(rows)} problems, fewer than the global batch {cfg.batch_size * world}", file=sys.stderr)
-            return 2
     if cfg.gradient_checkpointing:
         raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = raw_model.get_output_embeddings()
