@@ -358,18 +358,22 @@ def k3_kl(logp, ref_logp):
 # Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
 
 
+# Inside a checkpointed chunk, whatever is not on the gradient path is computed under no_grad: a tensor
+# saved for a backward that never runs would be recomputed and then held until the whole backward ends,
+# i.e. one [chunk, V] tensor per chunk: O(T x V) again (measured: tests/bench_kd_memory.py).
 def _head_logp_entropy(hidden, targets, head, temperature):
-    logits = head(hidden).float() / temperature  # [c, V]
-    logp_all = logits.log_softmax(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy.detach()
+    logp_all = (head(hidden).float() / temperature).log_softmax(-1)  # [c, V]
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 
 def _head_kd(s_hidden, t_hidden, targets, head, temperature, kind):
     s_logits = head(s_hidden).float() / temperature  # [c, V]
     with torch.no_grad():
         t_logits = head(t_hidden).float() / temperature
-    logp = s_logits.gather(-1, targets[:, None]).squeeze(-1) - s_logits.logsumexp(-1)
+    with nullcontext() if kind == "sft" else torch.no_grad():  # the student log-prob has a gradient only for sft
+        logp = s_logits.gather(-1, targets[:, None]).squeeze(-1) - s_logits.logsumexp(-1)
     div = torch.zeros_like(logp) if kind == "sft" else per_token_kl(s_logits, t_logits, kind)
     return div, logp
 
@@ -586,10 +590,11 @@ class Stats:
 # --------------------------------------------------------------------------------------------------
 # The update: forward/backward over micro-batches of training rows.
 #
-# A row is one sequence to train on: dict(prompt, response, kind) with kind "auto" (GRPO: advantage,
-# sampler_logps), "kd" (teacher_prompt, kd_weight) or "sft" (nll_weight). Per-token loss weights are
-# global (1 / tokens or problems of the WHOLE batch, all ranks), times the world size because DDP
-# averages gradients over ranks: the gradient is independent of micro-batching and world size.
+# A row is one sequence to train on: dict(kind, prompt, response, weight) plus, for kind "auto" (GRPO),
+# advantage and sampler_logps; for "kd", teacher_prompt; "sft" (warm-up) needs nothing more. The
+# per-token weight is global (1 / tokens or problems of the WHOLE batch, all ranks) and the loss is
+# multiplied by the world size because DDP averages gradients over ranks: the gradient is then
+# independent of micro-batching and of the number of ranks.
 
 
 def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_id, device, stats, ref=None):
@@ -611,8 +616,9 @@ def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_
             adv = torch.tensor([r["advantage"] for r in auto for _ in r["response"]], device=device)
             tok_loss, clipped = grpo_token_loss(logp, old_logps["auto"], adv, cfg.epsilon, cfg.epsilon_high)
             if ref is not None:
-                ref_hidden, _ = response_hidden(ref[0], [(r["prompt"], r["response"]) for r in auto], pad_id, device)
-                ref_logp, _ = token_logps(ref_hidden, targets[~kinds], ref[1], cfg.temperature, cfg.kd_chunk_size)
+                with torch.no_grad():
+                    ref_hidden, _ = response_hidden(ref[0], [(r["prompt"], r["response"]) for r in auto], pad_id, device)
+                    ref_logp, _ = token_logps(ref_hidden, targets[~kinds], ref[1], cfg.temperature, cfg.kd_chunk_size)
                 kl = k3_kl(logp, ref_logp)
                 tok_loss = tok_loss + cfg.beta * kl
                 stats.add("kl", kl.detach(), kl.numel())
@@ -873,6 +879,10 @@ def main(argv=None) -> int:
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        if not resume:  # --overwrite_output_dir: no stale checkpoint may be resumed later
+            for d in os.listdir(cfg.output_dir):
+                if d.startswith("checkpoint-"):
+                    shutil.rmtree(os.path.join(cfg.output_dir, d))
         kept = []
         if resume and os.path.exists(metrics_path):  # drop lines written after the checkpoint by the killed run
             step0 = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False)["step"]

@@ -131,18 +131,34 @@ def test_chunked_kd_equals_plain_value_and_gradient():
     s_h = torch.randn(10, 8, requires_grad=True)
     t_h = torch.randn(10, 8)
     targets = torch.randint(13, (10,))
-    for kind in ("fkl", "rkl"):
+    for kind in ("fkl", "rkl", "sft"):
         div, logp = sgpo.kd_divergence(s_h, t_h, targets, head, 0.7, kind, chunk_size=3)
-        (div.sum() + logp.sum()).backward()
+        (logp if kind == "sft" else div).sum().backward()  # the term that carries the gradient
         g_h, g_w = s_h.grad.clone(), head.weight.grad.clone()
         s_h.grad = head.weight.grad = None
         s_logits, t_logits = head(s_h) / 0.7, head(t_h) / 0.7
-        div_ref = sgpo.per_token_kl(s_logits, t_logits, kind)
+        div_ref = sgpo.per_token_kl(s_logits, t_logits, kind) if kind != "sft" else torch.zeros(10)
         logp_ref = s_logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        (div_ref.sum() + logp_ref.sum()).backward()
+        (logp_ref if kind == "sft" else div_ref).sum().backward()
         assert torch.allclose(div, div_ref, atol=1e-6) and torch.allclose(logp, logp_ref, atol=1e-6)
         assert torch.allclose(g_h, s_h.grad, atol=1e-6) and torch.allclose(g_w, head.weight.grad, atol=1e-6)
         s_h.grad = head.weight.grad = None
+
+
+def test_chunked_kd_memory_is_flat_in_length():
+    """Extra peak memory of the KD loss (forward + backward) must not grow with the number of positions."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).with_name("bench_kd_memory.py")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS = live memory
+    peak = {}
+    for T in (512, 4096):
+        out = subprocess.run([sys.executable, str(bench), "chunked", str(T), "20000", "128"], capture_output=True, text=True, env=env)
+        peak[T] = float(out.stdout.split()[-1])
+    # a retained [chunk, V] tensor per chunk would add 3584 x 20000 x 4 bytes = 0.27 GiB at 4096 positions
+    assert peak[4096] < peak[512] + 0.05, peak
 
 
 def test_chunked_logps_equal_plain():
