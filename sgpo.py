@@ -598,7 +598,8 @@ class Stats:
 
 
 def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_id, device, stats, ref=None):
-    """Loss of one micro-batch (autonomous and KD rows share ONE student forward); fills old_logps on first use."""
+    """Loss of one micro-batch (autonomous and KD rows share ONE student forward). old_logps (a dict) caches
+    this micro-batch's log-probs of the first pass: pi_old of the ratios in later passes (num_iterations > 1)."""
     hidden, targets = response_hidden(backbone, [(r["prompt"], r["response"]) for r in rows], pad_id, device)
     kinds = torch.tensor([r["kind"] == "kd" for r in rows for _ in r["response"]], device=device)
     scale = world_size()
@@ -606,7 +607,8 @@ def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_
     auto = [r for r in rows if r["kind"] != "kd"]
     if auto:  # GRPO (and SFT warm-up) tokens
         logp, entropy = token_logps(hidden[~kinds], targets[~kinds], head, cfg.temperature, cfg.kd_chunk_size)
-        if old_logps is not None and "auto" not in old_logps:
+        first_pass = "auto" not in old_logps  # the first of num_iterations passes: the policy is still pi_old
+        if first_pass:
             old_logps["auto"] = logp.detach()
         weight = torch.tensor([r["weight"] for r in auto for _ in r["response"]], device=device)
         if auto[0]["kind"] == "sft":
@@ -626,14 +628,15 @@ def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_
             stats.add("loss/grpo", (tok_loss.detach() * weight).sum(), 0)
             stats.add("clip_ratio", clipped.float(), clipped.numel())
             stats.add("entropy", entropy, entropy.numel())
-            sampler = torch.cat([r["sampler_logps"] for r in auto]).to(device)
-            stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
+            if first_pass:
+                sampler = torch.cat([r["sampler_logps"] for r in auto]).to(device)
+                stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
     kd = [r for r in rows if r["kind"] == "kd"]
     if kd:  # strategy distillation: teacher = same model on (guided prompt + target), no grad
         with torch.no_grad():
             t_hidden, _ = response_hidden(teacher, [(r["teacher_prompt"], r["response"]) for r in kd], pad_id, device)
         div, logp = kd_divergence(hidden[kinds], t_hidden, targets[kinds], head, cfg.temperature, cfg.kd_loss, cfg.kd_chunk_size)
-        if old_logps is not None and "kd" not in old_logps:
+        if "kd" not in old_logps:
             old_logps["kd"] = logp.detach()
         tok_loss, kl_clipped, ratio_out = kd_token_loss(div, logp, old_logps["kd"], cfg.kd_loss, cfg.kl_clip,
                                                         cfg.kd_trust_region, cfg.epsilon, cfg.epsilon_high)

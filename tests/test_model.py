@@ -2,6 +2,7 @@
 micro-batch invariance of the accumulated gradient."""
 import dataclasses
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,9 +34,10 @@ def test_first_eos_lengths_keep_eos_when_pad_is_eos():
     assert truncated == [False, True, False]
 
 
-def test_sampler_logps_equal_trainer_logps_left_padded():
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_sampler_logps_equal_trainer_logps_left_padded(arch):
     torch.manual_seed(0)
-    tok, model, cfg = tiny_setup(pad_is_eos=True)
+    tok, model, cfg = tiny_setup(pad_is_eos=True, arch=arch)
     prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True)]
     assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch
     rollouts = sgpo.generate(model, prompts, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
