@@ -465,6 +465,14 @@ def load_model(path: str, dtype, device):
     return model, tokenizer
 
 
+def set_activation_checkpointing(model, on: bool):
+    """HF activation (a.k.a. gradient) checkpointing, non-reentrant; the old name is deprecated in transformers 5."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False}) if on else model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False}) if on else model.gradient_checkpointing_disable()
+
+
 # --------------------------------------------------------------------------------------------------
 # Rollouts: one batched generate per step for both modes.
 
@@ -506,13 +514,13 @@ def generate(model, prompts: list, cfg: Config, pad_id: int, eos_ids: list, devi
     was_training, ckpt = model.training, cfg.gradient_checkpointing
     model.eval()
     if ckpt:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     try:
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
                              logits_processor=LogitsProcessorList([recorder]))
     finally:
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(model, True)
         model.train(was_training)
     completions = out[:, width:]  # [N, T]
     sampler_logps = recorder.finish(completions)  # [N, T]
@@ -869,7 +877,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.gradient_checkpointing:
-        raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(raw_model, True)
     head = raw_model.get_output_embeddings()
     backbone = Backbone(raw_model)
     model = DDP(backbone, device_ids=[device.index] if cuda else None) if ddp else backbone

@@ -138,3 +138,14 @@ def test_cli_exit_code_and_existing_run_protected(warm_dir, data_file, tmp_path)
     proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out])
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_bf16_run(warm_dir, data_file, tmp_path):
+    """The bf16 path (the GPU default) on CPU: log-probs from bf16 logits, fp32 loss, bf16 parameters saved."""
+    out = tmp_path / "bf16"
+    args = ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 1, "--dtype", "bf16"] + COMMON
+    assert sgpo.main([str(a) for a in args]) == 0
+    m = read_metrics(out / "metrics.jsonl")[0]
+    assert m["rollout_probs_diff_max"] < 0.1 and m["entropy"] > 0
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
+    assert model.config.dtype == torch.bfloat16

@@ -111,3 +111,19 @@ def test_old_logps_are_frozen_across_iterations():
     assert all(torch.equal(first[k][kk], cache[k][kk]) for k in first for kk in first[k])  # pi_old kept
     metrics = stats.reduce("cpu")
     assert metrics["clip_ratio"] > 0 and metrics["kd/ratio_out_frac"] > 0
+
+
+def test_gradient_checkpointing_same_gradients_and_generation_still_works():
+    tok, model, cfg = tiny_setup()
+    rows = training_rows(tok, model, cfg)
+    plain = _grads(model, rows, cfg, tok)
+    sgpo.set_activation_checkpointing(model, True)
+    assert model.is_activation_checkpointing
+    model.train()
+    ckpt = _grads(model, rows, cfg, tok)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-7, rtol=1e-5), n
+    cfg.gradient_checkpointing = True
+    out = sgpo.generate(model, [rows[0]["prompt"]] * 2, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
+    assert len(out) == 2 and model.training  # generation ran in eval mode and restored train mode
+    assert model.is_activation_checkpointing  # switched off for generate, back on after
