@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import textwrap
@@ -168,9 +169,14 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 (main), instead of argparse's usage block
+        raise UsageError(message)
+
+
 def parse_args(argv=None) -> Config:
     docs = _field_docs(Config)
-    parser = argparse.ArgumentParser(description="SGPO training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description="SGPO training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
         kw = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
         if f.type is bool:
@@ -208,17 +214,19 @@ def load_problems(path: str, need_solution: bool = False) -> list:
     if not os.path.isfile(path):
         raise UsageError(f"{path}: file not found")
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}:{lineno}: line: not valid UTF-8") from None
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{lineno}: line: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{lineno}: line: expected a JSON object")
-            for key in required + [k for k in ("solution",) if k in row and k not in required]:
+            for key in required + (["solution"] if "solution" in row and not need_solution else []):
                 if key not in row:
                     raise UsageError(f"{path}:{lineno}: {key}: missing")
                 if not isinstance(row[key], str):
@@ -241,7 +249,7 @@ def load_problems(path: str, need_solution: bool = False) -> list:
 def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
     """Token ids of the chat-templated autonomous or guided prompt, ending with the assistant header."""
     template = cfg.guided_prompt_template if guided else cfg.prompt_template
-    user = template.replace("{problem}", problem["problem"]).replace("{strategy}", problem["strategy"])
+    user = re.sub(r"\{(problem|strategy)\}", lambda m: problem[m.group(1)], template)  # one pass: texts may hold braces
     messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
     messages.append({"role": "user", "content": user})
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))

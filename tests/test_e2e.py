@@ -103,13 +103,16 @@ BAD = [
      ":2: id: duplicate of line 1"),
     ('[1, 2]\n', ":1: line: expected a JSON object"),
     ('', ": no problems (empty file)"),
+    ('{"problem": "p", "answer": "1", "strategy": "s", "solution": 3}\n', ":1: solution: expected a string, got int"),
+    ('{"problem": "p", "answer": "1", "strategy": "s", "id": [1]}\n', ":1: id: expected a string or an integer"),
+    (b'{"problem": "p\xff", "answer": "1", "strategy": "s"}\n', ":1: line: not valid UTF-8"),
 ]
 
 
 @pytest.mark.parametrize("content,message", BAD)
 def test_bad_data_one_line_exit_2(content, message, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
-    path.write_text(content)
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     assert sgpo.main(["--data", str(path), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {path}{message}\n"
@@ -118,6 +121,8 @@ def test_bad_data_one_line_exit_2(content, message, tmp_path, capsys):
 
 def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
     cases = [(["--kd_loss", "jsd"], "--kd_loss: must be fkl, rkl or sft"),
+             (["--max_steps", "ten"], "--max_steps: invalid int value: 'ten'"),
+             (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
              (["--resume", str(tmp_path / "nope")], "--resume"),
              (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
              (["--sft_epochs", "1", "--data", str(ROOT / "toy" / "train.jsonl"), "--sft_data", str(tmp_path / "nosol.jsonl")], ":1: solution: missing")]

@@ -127,3 +127,12 @@ def test_gradient_checkpointing_same_gradients_and_generation_still_works():
     out = sgpo.generate(model, [rows[0]["prompt"]] * 2, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
     assert len(out) == 2 and model.training  # generation ran in eval mode and restored train mode
     assert model.is_activation_checkpointing  # switched off for generate, back on after
+
+
+def test_prompts_substitute_in_one_pass():
+    tok, _, cfg = tiny_setup()
+    q = {"problem": "why {strategy}?", "strategy": "use {problem}"}
+    text = tok.decode(sgpo.prompt_ids(tok, cfg, q, guided=True))
+    assert "why {strategy}?" in text and "use {problem}" in text
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    assert "use {problem}" not in tok.decode(sgpo.prompt_ids(tok, cfg, q, guided=False))
