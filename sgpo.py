@@ -595,9 +595,12 @@ class Stats:
         self.maxes[name] = max(self.maxes.get(name, -math.inf), float(value))
 
     def reduce(self, device) -> dict:
-        keys, mkeys = sorted(self.sums), sorted(self.maxes)
-        sc = all_reduce(torch.tensor([[self.sums[k], self.counts[k]] for k in keys] or [[0.0, 0.0]], device=device, dtype=torch.float64))
-        mx = all_reduce(torch.tensor([self.maxes[k] for k in mkeys] or [0.0], device=device, dtype=torch.float64), dist.ReduceOp.MAX)
+        # Ranks may hold different names (a rank with no KD target has no KD metrics): reduce over the union.
+        keys, mkeys = (sorted(set().union(*all_gather_objects(sorted(d)))) for d in (self.sums, self.maxes))
+        sc = all_reduce(torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in keys] or [[0.0, 0.0]],
+                                     device=device, dtype=torch.float64))
+        mx = all_reduce(torch.tensor([self.maxes.get(k, -math.inf) for k in mkeys] or [0.0], device=device,
+                                     dtype=torch.float64), dist.ReduceOp.MAX)
         out = {k: (sc[i, 0] / sc[i, 1] if sc[i, 1] > 0 else sc[i, 0]).item() for i, k in enumerate(keys)}
         out.update({k: mx[i].item() for i, k in enumerate(mkeys)})
         return out

@@ -19,8 +19,10 @@ rows = training_rows(tok, model, cfg, n=6)  # identical on every rank; loss weig
 backbone = sgpo.Backbone(model)
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
-    cut = len(rows) - 2  # rank 0: most rows (several passes), rank 1: one pass + zero-loss passes
-    rows = rows[:cut] if dist.get_rank() == 0 else rows[cut:]
+    # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous rows (one pass,
+    # then zero-loss passes) and so no KD metrics at all
+    last = [r for r in rows if r["kind"] == "auto"][-2:]
+    rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
     wrapped = DDP(backbone)
 else:
     wrapped = backbone
