@@ -174,19 +174,28 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(argv=None) -> Config:
-    docs = _field_docs(Config)
-    parser = _Parser(description="SGPO training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
+def config_from_args(cls, argv=None, description=""):
+    """A dataclass instance from the command line: --field per field, its docstring as help; list fields
+    repeat (--bench a --bench b); errors raise UsageError (one line, exit 2)."""
+    docs = _field_docs(cls)
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
         kw = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
         if f.type is bool:
             kw.update(type=_bool, nargs="?", const=True)
-        elif f.name == "resume":
+        elif f.type is list:
+            kw.update(type=str, action="append", default=None)
+        elif f.name == "resume" and f.type is str:
             kw.update(type=str, nargs="?", const="latest")
         else:
             kw.update(type=f.type)
         parser.add_argument(f"--{f.name}", **kw)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    return cls(**{f.name: (args[f.name] or []) if f.type is list else args[f.name] for f in fields(cls)})
+
+
+def parse_args(argv=None) -> Config:
+    cfg = config_from_args(Config, argv, "SGPO training")
     checks = [(cfg.kd_loss in ("fkl", "rkl", "sft"), "kd_loss", "must be fkl, rkl or sft"),
               (cfg.temperature > 0, "temperature", "must be > 0"),
               (cfg.dtype in ("auto", "bf16", "fp32"), "dtype", "must be auto, bf16 or fp32"),
@@ -208,9 +217,9 @@ def parse_args(argv=None) -> Config:
 # Data: validated whole before anything runs.
 
 
-def load_problems(path: str, need_solution: bool = False) -> list:
-    """Read and validate a JSONL file; raise UsageError('path:line: field: what is wrong') on the first bad line."""
-    required = ["problem", "answer", "strategy"] + (["solution"] if need_solution else [])
+def load_problems(path: str, required=("problem", "answer", "strategy")) -> list:
+    """Read and validate a JSONL file; raise UsageError('path:line: field: what is wrong') on the first bad line.
+    Required fields are non-empty strings; optional problem/answer/strategy/solution fields must be strings."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: file not found")
     rows, seen = [], {}
@@ -226,12 +235,13 @@ def load_problems(path: str, need_solution: bool = False) -> list:
                 raise UsageError(f"{path}:{lineno}: line: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{lineno}: line: expected a JSON object")
-            for key in required + (["solution"] if "solution" in row and not need_solution else []):
+            for key in ("problem", "answer", "strategy", "solution"):
                 if key not in row:
-                    raise UsageError(f"{path}:{lineno}: {key}: missing")
-                if not isinstance(row[key], str):
+                    if key in required:
+                        raise UsageError(f"{path}:{lineno}: {key}: missing")
+                elif not isinstance(row[key], str):
                     raise UsageError(f"{path}:{lineno}: {key}: expected a string, got {type(row[key]).__name__}")
-                if not row[key].strip():
+                elif key in required and not row[key].strip():
                     raise UsageError(f"{path}:{lineno}: {key}: empty")
             if "id" in row:
                 if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
@@ -505,9 +515,11 @@ class SamplerLogprobs:
 
 
 @torch.no_grad()
-def generate(model, prompts: list, cfg: Config, pad_id: int, eos_ids: list, device):
-    """Left-pad the prompts, sample, and return per sequence its response ids (up to and including the first
-    EOS, never re-tokenised), whether it was truncated, and the sampler's log-probs of its tokens."""
+def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperature: float, max_new_tokens: int,
+             top_p: float = 1.0, top_k: int = 0):
+    """Left-pad the prompts, sample (greedy at temperature 0), and return per sequence its response ids (up to
+    and including the first EOS, never re-tokenised), whether it was truncated, and the sampler's log-probs
+    of its tokens (of logits / temperature; of the raw logits when greedy)."""
     from transformers import GenerationConfig, LogitsProcessorList
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -515,11 +527,11 @@ def generate(model, prompts: list, cfg: Config, pad_id: int, eos_ids: list, devi
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                               max_new_tokens=cfg.max_completion_length, eos_token_id=eos_ids, pad_token_id=pad_id,
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+    gen_cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
                                use_cache=True)
-    recorder = SamplerLogprobs(cfg.temperature)
-    was_training, ckpt = model.training, cfg.gradient_checkpointing
+    recorder = SamplerLogprobs(temperature if temperature > 0 else 1.0)
+    was_training, ckpt = model.training, getattr(model, "is_activation_checkpointing", False)
     model.eval()
     if ckpt:
         set_activation_checkpointing(model, False)
@@ -752,7 +764,7 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     auto_prompts = [prompt_ids(tokenizer, cfg, q, guided=False) for q in problems]
     guided_prompts = [prompt_ids(tokenizer, cfg, q, guided=True) for q in problems]
     rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2],
-                        cfg, pad_id, eos_ids, device)
+                        pad_id, eos_ids, device, cfg.temperature, cfg.max_completion_length, cfg.top_p, cfg.top_k)
     t_gen = time.time()
 
     texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in rollouts]  # for grading only
@@ -849,7 +861,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         problems = load_problems(cfg.data)
-        sft_problems = load_problems(cfg.sft_data or cfg.data, need_solution=True) if cfg.sft_epochs else []
+        sft_problems = load_problems(cfg.sft_data or cfg.data, ("problem", "answer", "strategy", "solution")) if cfg.sft_epochs else []
         global_batch = cfg.batch_size * int(os.environ.get("WORLD_SIZE", 1))
         for path, rows in ((cfg.data, problems), (cfg.sft_data or cfg.data, sft_problems or problems)):
             if len(rows) < global_batch:

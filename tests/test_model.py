@@ -40,7 +40,8 @@ def test_sampler_logps_equal_trainer_logps_left_padded(arch):
     tok, model, cfg = tiny_setup(pad_is_eos=True, arch=arch)
     prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True)]
     assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch
-    rollouts = sgpo.generate(model, prompts, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
+    rollouts = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", cfg.temperature,
+                             cfg.max_completion_length)
     assert any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
     for r in rollouts:  # response = up to and including the first EOS
         assert r["truncated"] or (r["ids"][-1] == tok.eos_token_id and tok.eos_token_id not in r["ids"][:-1])
@@ -123,8 +124,7 @@ def test_gradient_checkpointing_same_gradients_and_generation_still_works():
     ckpt = _grads(model, rows, cfg, tok)
     for n in plain:
         assert torch.allclose(plain[n], ckpt[n], atol=1e-7, rtol=1e-5), n
-    cfg.gradient_checkpointing = True
-    out = sgpo.generate(model, [rows[0]["prompt"]] * 2, cfg, tok.pad_token_id, [tok.eos_token_id], "cpu")
+    out = sgpo.generate(model, [rows[0]["prompt"]] * 2, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 5)
     assert len(out) == 2 and model.training  # generation ran in eval mode and restored train mode
     assert model.is_activation_checkpointing  # switched off for generate, back on after
 
