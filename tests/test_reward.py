@@ -1,5 +1,7 @@
 """The shared grader: correct answers in common forms, garbage, and bounded time on pathological input."""
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,37 @@ CASES = [
     ("\\boxed{", "42", 0.0),
     ("}}}{{{\\frac{\\boxed", "1", 0.0),
     ("\\boxed{3}", "not latex at all \\frac{", 0.0),
+    # units and \\text{}
+    ("\\boxed{5\\text{ cm}}", "5", 1.0),
+    ("\\boxed{5}", "5\\text{ cm}", 1.0),
+    ("\\boxed{5 \\mbox{ inches}}", "5", 1.0),
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    ("\\boxed{\\$18.90}", "18.9", 1.0),
+    ("\\boxed{\\text{(A)}}", "\\text{(A)}", 1.0),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", 1.0),
+    # percentages
+    ("\\boxed{50\\%}", "50", 1.0),
+    ("\\boxed{0.5}", "50\\%", 1.0),
+    # intervals, tuples, sets
+    ("\\boxed{x \\in [2, 5)}", "[2,5)", 1.0),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]", 1.0),
+    ("\\boxed{(3, -4)}", "(3,-4)", 1.0),
+    ("\\boxed{(-4, 3)}", "(3,-4)", 0.0),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}", 1.0),
+    # fractions, roots, constants
+    ("\\boxed{-\\frac{1}{3}}", "-\\frac13", 1.0),
+    ("\\boxed{\\tfrac72}", "\\frac{7}{2}", 1.0),
+    ("\\boxed{\\dfrac{7}{2}}", "3.5", 1.0),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}", 1.0),
+    ("\\boxed{1.414}", "\\sqrt{2}", 0.0),
+    ("\\boxed{3.14159}", "\\pi", 0.0),
+    ("\\boxed{10^{3}}", "1000", 1.0),
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{x=3}", "3", 1.0),
+    # several boxed answers: their set must equal the gold (listing candidates is not rewarded)
+    ("\\boxed{2}, \\boxed{3}", "2, 3", 1.0),
+    ("\\boxed{2} and \\boxed{3}", "2", 0.0),
+    ("\\boxed{1}, \\boxed{2}, \\boxed{3}", "2", 0.0),
 ]
 
 
@@ -34,3 +67,21 @@ def test_power_tower_is_bounded():
     start = time.time()
     assert sgpo.math_reward("\\boxed{9^{9^{9^{9^{9}}}}}", "9^{9^{9^{9}}}", timeout=1) == 0.0
     assert time.time() - start < 5  # parse and verify are each bounded by the timeout
+
+
+MATH500 = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "math500.jsonl"
+
+
+@pytest.mark.skipif(not MATH500.exists(), reason="../shared/benchmarks is not here")
+def test_math500_reference_solutions():
+    """The grader accepts the reference solutions (the open-r1-style bar is 492/500) and none of them when
+    paired with another problem's (different) answer."""
+    rows = [json.loads(line) for line in open(MATH500)]
+    accepted = sum(sgpo.math_reward(r["solution"], r["answer"]) for r in rows)
+    assert accepted >= 492, accepted
+    wrong = []
+    for i, r in enumerate(rows):
+        other = rows[(i + 7) % len(rows)]["answer"]
+        if other != r["answer"] and sgpo.math_reward(r["solution"], other):
+            wrong.append((r["id"], other))
+    assert not wrong, wrong[:5]
