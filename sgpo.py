@@ -235,6 +235,8 @@ def load_problems(path: str, required=("problem", "answer", "strategy")) -> list
                 raise UsageError(f"{path}:{lineno}: line: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{lineno}: line: expected a JSON object")
+            if row.get("strategy_status", "kept") != "kept":  # extract_strategies.py found no usable strategy
+                continue
             for key in ("problem", "answer", "strategy", "solution"):
                 if key not in row:
                     if key in required:

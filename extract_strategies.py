@@ -1,0 +1,297 @@
+"""
+Offline strategy extraction for SGPO: for each problem with a strong model's reference solution, sample
+--num_candidates structured strategies (problem type / strategy / high-level steps, no computation, no
+answer), reject candidates that leak the gold answer, let the model rank the rest on four criteria, keep the
+best. The output is the input rows plus `strategy` (and `strategy_status`), ready for sgpo.py.
+
+    # an OpenAI-compatible server (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`), key from $OPENAI_API_KEY if set
+    python extract_strategies.py --input train.jsonl --output train_strategies.jsonl \
+        --backend openai --base_url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
+    # a local HF model (batched generate)
+    python extract_strategies.py --input train.jsonl --output train_strategies.jsonl --backend hf --model Qwen/Qwen2.5-7B-Instruct
+Rerunning the same command resumes: ids already in --output are skipped (--retry_failed redoes failed rows).
+"""
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import sgpo
+
+STRATEGY_PROMPT = """You are given a math problem and a reference solution written by a strong solver. Describe the reusable strategy behind the solution, so that a student could solve this problem and similar ones with it.
+
+Write exactly three fields:
+Problem type: <the kind of problem, in one line>
+Strategy: <the principle, theorem or technique that unlocks it, in one or two sentences>
+Steps:
+- <high-level step>
+- <high-level step>
+
+Rules: no numbers computed from this problem's data, no intermediate results, and never the final answer. The steps say what to do, not what comes out.
+
+Problem:
+{problem}
+
+Reference solution:
+{solution}"""
+
+RANK_PROMPT = """Below are {n} candidate strategy descriptions for the same math problem and reference solution. Judge them on four criteria:
+1. Faithful: it describes the approach the reference solution actually uses.
+2. General: it is reusable on similar problems, not tied to this instance.
+3. No leakage: it contains no computed values, intermediate results or final answer.
+4. Clear and actionable: its steps can be followed.
+
+Problem:
+{problem}
+
+Reference solution:
+{solution}
+
+{candidates}
+
+Reply with one line of the form "BEST: <number of the best candidate>"."""
+
+
+@dataclass
+class ExtractConfig:
+    input: str = ""
+    """JSONL with a problem, its gold answer and a reference solution per line."""
+    output: str = ""
+    """Output JSONL: input rows + strategy + strategy_status (kept / rejected / failed); appended as rows finish."""
+    backend: str = "openai"
+    """openai (an OpenAI-compatible chat completions endpoint) or hf (a local transformers model)."""
+    model: str = ""
+    """Model name at the endpoint, or HF directory / hub id."""
+    base_url: str = "http://localhost:8000/v1"
+    """Endpoint base URL (openai backend)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (unset: no Authorization header)."""
+    max_new_tokens: int = 1024
+    """Token budget per candidate and per ranking."""
+    num_candidates: int = 5
+    """Candidates sampled per problem (paper: 5)."""
+    temperature: float = 0.7
+    """Sampling temperature of the candidates (the ranking is greedy)."""
+    problem_field: str = "problem"
+    """Input field holding the problem."""
+    answer_field: str = "answer"
+    """Input field holding the gold final answer (for the leak guard)."""
+    solution_field: str = "solution"
+    """Input field holding the strong model's reference solution."""
+    batch_size: int = 8
+    """Problems processed together (one batched generate, or this many requests in flight at most)."""
+    timeout: float = 120.0
+    """Seconds per HTTP request."""
+    retries: int = 3
+    """Retries of a failed request (5xx, 429, network), with exponential backoff."""
+    backoff: float = 1.0
+    """First backoff delay in seconds (doubles per retry)."""
+    retry_failed: bool = False
+    """Drop the failed rows from --output and redo them."""
+    reward_timeout: int = 5
+    """math-verify timeout (seconds) of the leak check."""
+
+
+# ---- back ends: prompts -> for each prompt, n completions (or the exception that stopped it) ----
+
+
+class OpenAIBackend:
+    def __init__(self, cfg: ExtractConfig):
+        self.cfg, self.key = cfg, os.environ.get(cfg.api_key_env, "")
+
+    def _post(self, payload: dict) -> dict:
+        url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
+                    return json.loads(resp.read())
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+                retryable = not isinstance(e, urllib.error.HTTPError) or e.code >= 500 or e.code == 429
+                if not retryable or attempt == self.cfg.retries:
+                    raise RuntimeError(f"{url}: {e}") from None
+                time.sleep(self.cfg.backoff * 2 ** attempt)
+
+    def _one(self, prompt: str, n: int, temperature: float) -> list:
+        out = self._post({"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}], "n": n,
+                          "temperature": temperature, "max_tokens": self.cfg.max_new_tokens})
+        return [c["message"]["content"] or "" for c in out["choices"]]
+
+    def chat(self, prompts: list, n: int, temperature: float) -> list:
+        def safe(p):
+            try:
+                return self._one(p, n, temperature)
+            except Exception as e:  # recorded on the row as failed, never dropped
+                return e
+        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:  # at most batch_size in flight
+            return list(pool.map(safe, prompts))
+
+
+class HFBackend:
+    def __init__(self, cfg: ExtractConfig):
+        import torch
+        self.cfg, self.device = cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model, self.tok = sgpo.load_model(cfg.model, dtype, self.device)
+
+    def chat(self, prompts: list, n: int, temperature: float) -> list:
+        ids = [list(self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)) for p in prompts]
+        outs = sgpo.generate(self.model, [x for x in ids for _ in range(n)], self.tok.pad_token_id,
+                             self.model.generation_config.eos_token_id, self.device, temperature, self.cfg.max_new_tokens)
+        texts = [self.tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+# ---- candidate handling (main thread: math-verify's timeout needs it) ----
+
+
+def parse_candidate(text: str):
+    """The three-field strategy block of a completion, or None if the fields are not there."""
+    start = text.find("Problem type:")
+    block = text[start:].strip() if start >= 0 else ""
+    return block if ("Strategy:" in block and "Steps:" in block) else None
+
+
+MATH_SPANS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|\\boxed\{([^{}]*)\}", re.S)
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"\s+|\$|\\left|\\right|\\!|\\,", "", s)
+
+
+def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
+    """True if the text states the gold answer: literally (whitespace and $ ignored; answers of two or more
+    characters, since a lone digit appears in any text) or as an equal expression in one of its math spans
+    ($...$, \\(...\\), \\[...\\], \\boxed{...}), checked with math-verify."""
+    gold = _norm(answer)
+    if len(gold) >= 2 and gold in _norm(text):
+        return True
+    for m in MATH_SPANS.finditer(text):
+        span = next(g for g in m.groups() if g is not None)
+        if sgpo.math_reward(f"${span}$", answer, timeout):
+            return True
+        for side in span.split("=")[1:]:  # "x = 42" states 42
+            if sgpo.math_reward(f"${side}$", answer, timeout):
+                return True
+    return False
+
+
+def parse_best(text: str, n: int):
+    m = re.search(r"BEST:\s*\**\s*(?:candidate\s*)?(\d+)", text, re.I)
+    return int(m.group(1)) - 1 if m and 1 <= int(m.group(1)) <= n else None
+
+
+def load_rows(cfg: ExtractConfig) -> list:
+    """Validated input rows, each with an id (its own, or 'line-N')."""
+    if not os.path.isfile(cfg.input):
+        raise sgpo.UsageError(f"{cfg.input}: file not found")
+    rows, seen = [], set()
+    with open(cfg.input, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise sgpo.UsageError(f"{cfg.input}:{lineno}: line: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise sgpo.UsageError(f"{cfg.input}:{lineno}: line: expected a JSON object")
+            for key in (cfg.problem_field, cfg.answer_field, cfg.solution_field):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    what = "missing" if key not in row else "expected a non-empty string"
+                    raise sgpo.UsageError(f"{cfg.input}:{lineno}: {key}: {what}")
+            row.setdefault("id", f"line-{lineno}")
+            if str(row["id"]) in seen:
+                raise sgpo.UsageError(f"{cfg.input}:{lineno}: id: duplicate")
+            seen.add(str(row["id"]))
+            rows.append(row)
+    if not rows:
+        raise sgpo.UsageError(f"{cfg.input}: no rows (empty file)")
+    return rows
+
+
+def done_rows(cfg: ExtractConfig) -> dict:
+    """Rows already in --output by id; with --retry_failed the failed ones are removed from the file first."""
+    if not os.path.exists(cfg.output):
+        return {}
+    with open(cfg.output) as f:
+        rows = [json.loads(line) for line in f if line.strip().endswith("}")]  # a cut last line is redone
+    if cfg.retry_failed:
+        rows = [r for r in rows if r.get("strategy_status") != "failed"]
+    with open(cfg.output + ".tmp", "w") as f:  # rewrite without cut or dropped lines, atomically
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(cfg.output + ".tmp", cfg.output)
+    return {str(r["id"]): r for r in rows}
+
+
+def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
+    """Candidates -> leak guard -> ranking -> one output row per input row."""
+    prompts = [STRATEGY_PROMPT.format(problem=r[cfg.problem_field], solution=r[cfg.solution_field]) for r in batch]
+    outs = backend.chat(prompts, cfg.num_candidates, cfg.temperature)
+    results, to_rank = [None] * len(batch), []
+    for i, (row, out) in enumerate(zip(batch, outs)):
+        if isinstance(out, Exception):
+            results[i] = dict(strategy="", strategy_status="failed", strategy_error=str(out)[:300])
+            continue
+        parsed = [parse_candidate(t) for t in out]
+        ok = [c for c in parsed if c and not leaks_answer(c, row[cfg.answer_field], cfg.reward_timeout)]
+        counts["rejected_candidates"] += len(out) - len(ok)
+        if not ok:
+            results[i] = dict(strategy="", strategy_status="rejected", strategy_error="every candidate leaked or was malformed")
+        elif len(ok) == 1:
+            results[i] = dict(strategy=ok[0], strategy_status="kept")
+        else:
+            to_rank.append((i, ok))
+    if to_rank:
+        rank_prompts = [RANK_PROMPT.format(n=len(ok), problem=batch[i][cfg.problem_field], solution=batch[i][cfg.solution_field],
+                                           candidates="\n\n".join(f"Candidate {k + 1}:\n{c}" for k, c in enumerate(ok)))
+                        for i, ok in to_rank]
+        for (i, ok), out in zip(to_rank, backend.chat(rank_prompts, 1, 0.0)):
+            best = None if isinstance(out, Exception) else parse_best(out[0], len(ok))
+            if best is None:
+                error = str(out)[:300] if isinstance(out, Exception) else f"unparsable ranking: {out[0][:200]!r}"
+                results[i] = dict(strategy="", strategy_status="failed", strategy_error=error)
+            else:
+                results[i] = dict(strategy=ok[best], strategy_status="kept")
+    return [{**row, **res} for row, res in zip(batch, results)]
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = sgpo.config_from_args(ExtractConfig, argv, "SGPO strategy extraction")
+        for name in ("input", "output", "model"):
+            if not getattr(cfg, name):
+                raise sgpo.UsageError(f"--{name}: required")
+        if cfg.backend not in ("openai", "hf"):
+            raise sgpo.UsageError("--backend: must be openai or hf")
+        if cfg.num_candidates < 1 or cfg.batch_size < 1 or cfg.retries < 0:
+            raise sgpo.UsageError("--num_candidates and --batch_size must be >= 1, --retries >= 0")
+        rows = load_rows(cfg)
+        done = done_rows(cfg)
+        backend = (OpenAIBackend if cfg.backend == "openai" else HFBackend)(cfg)
+    except sgpo.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    todo = [r for r in rows if str(r["id"]) not in done]
+    counts = {"kept": 0, "rejected": 0, "failed": 0, "rejected_candidates": 0, "skipped": len(rows) - len(todo)}
+    from tqdm import tqdm
+    with open(cfg.output, "a") as out, tqdm(total=len(todo), desc="strategies") as bar:
+        for i in range(0, len(todo), cfg.batch_size):
+            for row in process(todo[i:i + cfg.batch_size], backend, cfg, counts):
+                counts[row["strategy_status"]] += 1
+                out.write(json.dumps(row) + "\n")
+            out.flush()
+            bar.update(len(todo[i:i + cfg.batch_size]))
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
