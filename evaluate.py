@@ -157,19 +157,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
+    ddp, rank, world, device = sgpo.setup_distributed()
     try:
-        model, tokenizer = sgpo.load_model(cfg.model, torch.bfloat16 if bf16 else torch.float32, device)
+        model, tokenizer = sgpo.load_model(cfg.model, sgpo.param_dtype(cfg.dtype), device)
     except sgpo.UsageError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -137,8 +137,7 @@ class HFBackend:
     def __init__(self, cfg: ExtractConfig):
         import torch
         self.cfg, self.device = cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model, self.tok = sgpo.load_model(cfg.model, dtype, self.device)
+        self.model, self.tok = sgpo.load_model(cfg.model, sgpo.param_dtype("auto"), self.device)
 
     def chat(self, prompts: list, n: int, temperature: float) -> list:
         ids = [list(self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -186,35 +185,6 @@ def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
 def parse_best(text: str, n: int):
     m = re.search(r"BEST:\s*\**\s*(?:candidate\s*)?(\d+)", text, re.I)
     return int(m.group(1)) - 1 if m and 1 <= int(m.group(1)) <= n else None
-
-
-def load_rows(cfg: ExtractConfig) -> list:
-    """Validated input rows, each with an id (its own, or 'line-N')."""
-    if not os.path.isfile(cfg.input):
-        raise sgpo.UsageError(f"{cfg.input}: file not found")
-    rows, seen = [], set()
-    with open(cfg.input, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise sgpo.UsageError(f"{cfg.input}:{lineno}: line: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise sgpo.UsageError(f"{cfg.input}:{lineno}: line: expected a JSON object")
-            for key in (cfg.problem_field, cfg.answer_field, cfg.solution_field):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    what = "missing" if key not in row else "expected a non-empty string"
-                    raise sgpo.UsageError(f"{cfg.input}:{lineno}: {key}: {what}")
-            row.setdefault("id", f"line-{lineno}")
-            if str(row["id"]) in seen:
-                raise sgpo.UsageError(f"{cfg.input}:{lineno}: id: duplicate")
-            seen.add(str(row["id"]))
-            rows.append(row)
-    if not rows:
-        raise sgpo.UsageError(f"{cfg.input}: no rows (empty file)")
-    return rows
 
 
 def done_rows(cfg: ExtractConfig) -> dict:
@@ -273,7 +243,7 @@ def main(argv=None) -> int:
             raise sgpo.UsageError("--backend: must be openai or hf")
         if cfg.num_candidates < 1 or cfg.batch_size < 1 or cfg.retries < 0:
             raise sgpo.UsageError("--num_candidates and --batch_size must be >= 1, --retries >= 0")
-        rows = load_rows(cfg)
+        rows = sgpo.load_problems(cfg.input, (cfg.problem_field, cfg.answer_field, cfg.solution_field), skip_unkept=False)
         done = done_rows(cfg)
         backend = (OpenAIBackend if cfg.backend == "openai" else HFBackend)(cfg)
     except sgpo.UsageError as e:

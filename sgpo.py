@@ -34,7 +34,6 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
@@ -217,9 +216,10 @@ def parse_args(argv=None) -> Config:
 # Data: validated whole before anything runs.
 
 
-def load_problems(path: str, required=("problem", "answer", "strategy")) -> list:
+def load_problems(path: str, required=("problem", "answer", "strategy"), skip_unkept=True) -> list:
     """Read and validate a JSONL file; raise UsageError('path:line: field: what is wrong') on the first bad line.
-    Required fields are non-empty strings; optional problem/answer/strategy/solution fields must be strings."""
+    Required fields are non-empty strings, the usual optional ones strings; each row gets a string id (its own,
+    unique, or '#index'). Rows that extract_strategies.py marked without a usable strategy are skipped."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: file not found")
     rows, seen = [], {}
@@ -235,9 +235,9 @@ def load_problems(path: str, required=("problem", "answer", "strategy")) -> list
                 raise UsageError(f"{path}:{lineno}: line: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{lineno}: line: expected a JSON object")
-            if row.get("strategy_status", "kept") != "kept":  # extract_strategies.py found no usable strategy
+            if skip_unkept and row.get("strategy_status", "kept") != "kept":
                 continue
-            for key in ("problem", "answer", "strategy", "solution"):
+            for key in dict.fromkeys((*required, "problem", "answer", "strategy", "solution")):
                 if key not in row:
                     if key in required:
                         raise UsageError(f"{path}:{lineno}: {key}: missing")
@@ -252,7 +252,7 @@ def load_problems(path: str, required=("problem", "answer", "strategy")) -> list
                     raise UsageError(f"{path}:{lineno}: id: duplicate of line {seen[str(row['id'])]}")
             key = str(row.get("id", f"#{len(rows)}"))
             seen[key] = lineno
-            rows.append({"id": key, **{k: row[k] for k in ("problem", "answer", "strategy", "solution") if k in row}})
+            rows.append({**row, "id": key})
     if not rows:
         raise UsageError(f"{path}: no problems (empty file)")
     return rows
@@ -576,6 +576,25 @@ def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
 # Distributed helpers (no-ops in one process).
 
 
+def setup_distributed():
+    """DDP preamble: the same file runs under `python` (rank 0 of 1) and `torchrun` (NCCL on GPU, gloo on CPU).
+    Returns (ddp, rank, world size, device)."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def param_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, else fp32."""
+    auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if name == "bf16" or (name == "auto" and auto) else torch.float32
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -880,21 +899,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
-    # ---- DDP preamble: the same file runs under `python` and `torchrun` ----
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    ddp, rank, world, device = setup_distributed()
     master = rank == 0
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
+    dtype = param_dtype(cfg.dtype)
     try:
         raw_model, tokenizer = load_model(resume or cfg.model, dtype, device)
     except UsageError as e:
@@ -905,7 +912,7 @@ def main(argv=None) -> int:
         set_activation_checkpointing(raw_model, True)
     head = raw_model.get_output_embeddings()
     backbone = Backbone(raw_model)
-    model = DDP(backbone, device_ids=[device.index] if cuda else None) if ddp else backbone
+    model = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
     ref = None
     if cfg.beta > 0:  # frozen reference = the initial policy
         ref_model, _ = load_model(cfg.model, dtype, device)
@@ -941,7 +948,7 @@ def main(argv=None) -> int:
         if len(saved["rng"]) == world:
             torch.set_rng_state(saved["rng"][rank]["torch"])
             random.setstate(saved["rng"][rank]["python"])
-            if cuda and saved["rng"][rank]["cuda"] is not None:
+            if device.type == "cuda" and saved["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
         elif master:
             print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, this run {world}: sampling reseeded")

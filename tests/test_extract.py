@@ -132,9 +132,9 @@ def test_hf_backend_plumbing(warm_dir, tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     ('{"problem": "p", "answer": "1"}\n', ":1: solution: missing"),
-    ('{"problem": "p", "answer": "1", "solution": ""}\n', ":1: solution: expected a non-empty string"),
+    ('{"problem": "p", "answer": "1", "solution": ""}\n', ":1: solution: empty"),
     ('oops\n', ":1: line: not valid JSON"),
-    ('', "no rows (empty file)"),
+    ('', "no problems (empty file)"),
 ])
 def test_bad_input(content, message, tmp_path, capsys):
     path = tmp_path / "in.jsonl"

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import sgpo
 from tests.conftest import tiny_rows, tiny_setup, training_rows
