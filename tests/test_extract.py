@@ -144,3 +144,10 @@ def test_bad_input(content, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_readme_prints_the_prompts():
+    from tests.conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    assert ex.STRATEGY_PROMPT in readme and ex.RANK_PROMPT.split("{candidates}")[0] in readme
+    assert sgpo.AUTO_TEMPLATE in readme and sgpo.GUIDED_TEMPLATE in readme
