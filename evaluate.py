@@ -127,9 +127,10 @@ def markdown(summary: dict, ks: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_samples(output_dir: str) -> list:
+def read_samples(output_dir: str, rank=None) -> list:
+    """Samples in output_dir: of every rank's file, or of one rank's."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(output_dir, "samples-rank*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(output_dir, f"samples-rank{'*' if rank is None else rank}.jsonl"))):
         with open(path) as f:
             for line in f:
                 try:
@@ -196,11 +197,13 @@ def main(argv=None) -> int:
             out.flush()
             bar.update(len(batch))
     bar.close()
-    if ddp:
-        dist.barrier()
+    # Gather every rank's verdicts (no responses) to rank 0, which also reads the files it can see (e.g. of an
+    # earlier run with more ranks); a sample is counted once.
+    mine = [{k: v for k, v in r.items() if k != "response"} for r in read_samples(cfg.output_dir, rank)]
+    gathered = sgpo.all_gather_objects(mine)
     if rank == 0:
-        samples = {item_key(r): r for r in read_samples(cfg.output_dir)}.values()  # a sample counted once
-        summary = aggregate(list(samples))
+        samples = {item_key(r): r for r in read_samples(cfg.output_dir) + [r for part in gathered for r in part]}
+        summary = aggregate(list(samples.values()))
         ks = {name: k for name, _, k in specs}
         table = markdown(summary, ks)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
