@@ -146,8 +146,7 @@ class Config:
     """Checkpoint every N RL steps (and always at the end)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line: every Config field is a flag, its docstring the help text.
+# ==== Command line: every Config field is a flag, its docstring the help text.
 
 
 class UsageError(Exception):
@@ -161,11 +160,9 @@ def _field_docs(cls) -> dict:
 
 
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -212,8 +209,7 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
-# --------------------------------------------------------------------------------------------------
-# Data: validated whole before anything runs.
+# ==== Data: validated whole before anything runs.
 
 
 def load_problems(path: str, required=("problem", "answer", "strategy"), skip_unkept=True) -> list:
@@ -267,8 +263,7 @@ def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-# --------------------------------------------------------------------------------------------------
-# Reward: math-verify, bounded and crash-proof. Shared with evaluate.py.
+# ==== Reward: math-verify, bounded and crash-proof. Shared with evaluate.py.
 
 
 @lru_cache(maxsize=65536)
@@ -298,8 +293,7 @@ def math_reward(response: str, answer: str, timeout: int = 5) -> float:
         return 0.0
 
 
-# --------------------------------------------------------------------------------------------------
-# Pure loss functions (no model; unit-tested against hand-computed values).
+# ==== Pure loss functions (no model; unit-tested against hand-computed values).
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -374,8 +368,7 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-# --------------------------------------------------------------------------------------------------
-# Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
+# ==== Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
 
 
 # Inside a checkpointed chunk, whatever is not on the gradient path is computed under no_grad: a tensor
@@ -418,8 +411,7 @@ def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", ch
     return _chunked(_head_kd, chunk_size, s_hidden, t_hidden.detach(), targets, extra=(head, temperature, kind))
 
 
-# --------------------------------------------------------------------------------------------------
-# Model plumbing.
+# ==== Model plumbing.
 
 
 class Backbone(torch.nn.Module):
@@ -493,8 +485,7 @@ def set_activation_checkpointing(model, on: bool):
         model.gradient_checkpointing_enable({"use_reentrant": False}) if on else model.gradient_checkpointing_disable()
 
 
-# --------------------------------------------------------------------------------------------------
-# Rollouts: one batched generate per step for both modes.
+# ==== Rollouts: one batched generate per step for both modes.
 
 
 class SamplerLogprobs:
@@ -572,8 +563,7 @@ def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops in one process).
+# ==== Distributed helpers (no-ops in one process).
 
 
 def setup_distributed():
@@ -639,8 +629,7 @@ class Stats:
         return out
 
 
-# --------------------------------------------------------------------------------------------------
-# The update: forward/backward over micro-batches of training rows.
+# ==== The update: forward/backward over micro-batches of training rows.
 #
 # A row is one sequence to train on: dict(kind, prompt, response, weight) plus, for kind "auto" (GRPO),
 # advantage and sampler_logps; for "kd", teacher_prompt; "sft" (warm-up) needs nothing more. The
@@ -727,8 +716,7 @@ def optimizer_step(raw_model, optimizer, scheduler, cfg: Config):
     return float(grad_norm)
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
+# ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
 
 
 def latest_checkpoint(output_dir: str):
@@ -773,8 +761,7 @@ def batches_of(n_items: int, cfg: Config, rank: int, world: int, epoch: int):
     return [idx[i:i + cfg.batch_size] for i in range(0, len(idx) - cfg.batch_size + 1, cfg.batch_size)]
 
 
-# --------------------------------------------------------------------------------------------------
-# One RL step, the SFT warm-up, and the main loop.
+# ==== One RL step, the SFT warm-up, and the main loop.
 
 
 def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, alpha, cfg: Config, device, ref=None):
