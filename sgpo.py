@@ -40,8 +40,10 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 AUTO_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-GUIDED_TEMPLATE = ("{problem}\n\nA strategy that solves this kind of problem:\n{strategy}\n\n"
-                   "Please reason step by step following the strategy, and put your final answer within \\boxed{}.")
+# The guided prompt is the strategy followed by the autonomous prompt, word for word: the problem and the
+# response then sit at the same relative positions in both contexts, so what the strategy changes is the
+# strategy alone (and a teacher circuit keyed to relative positions transfers to the student's context).
+GUIDED_TEMPLATE = "Use this strategy for the problem below:\n{strategy}\n\n" + AUTO_TEMPLATE
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""
+A CPU testbed for SGPO: the ball-under-cups family. "Ball under cup 2. Swaps: 13 12 23. Which cup?"
+The strategy, "after each swap write the swap and where the ball is", makes the answer easy to derive
+("13:2 12:1 23:1 \\boxed{1}"); without it a tiny model can only guess. The warm-up below teaches a tiny
+character-level Qwen3 to follow the strategy when the prompt gives it, and to answer directly (weakly)
+when it does not: the regime SGPO is for. Answers are graded by the same math-verify reward as real data.
+
+    python toy/cups.py            # regenerates toy/cups_data/{model,train.jsonl,test.jsonl} (fixed seed, ~8 min on 2 cores)
+"""
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sgpo  # noqa: E402
+from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
+
+STRATEGY = "After each swap, write the swap and the cup the ball is under now, like 13:2. The last cup is the answer."
+
+
+def make_problem(rng: random.Random, idx: int, prefix: str) -> dict:
+    """One instance: a start cup and 4-6 swaps of two of the three cups."""
+    start = cup = rng.randint(1, 3)
+    swaps, steps = [], []
+    for _ in range(rng.randint(4, 6)):
+        a, b = sorted(rng.sample([1, 2, 3], 2))
+        cup = b if cup == a else a if cup == b else cup
+        swaps.append(f"{a}{b}")
+        steps.append(f"{a}{b}:{cup}")
+    return {"id": f"{prefix}-{idx}", "problem": f"Ball under cup {start}. Swaps: {' '.join(swaps)}. Which cup?",
+            "answer": str(cup), "strategy": STRATEGY, "solution": f"{' '.join(steps)} \\boxed{{{cup}}}"}
+
+
+def make_split(n: int, seed: int, prefix: str) -> list:
+    rng = random.Random(seed)
+    return [make_problem(rng, i, prefix) for i in range(n)]
+
+
+@torch.no_grad()
+def accuracy(model, tok, rows, guided: bool, cfg, batch=64) -> float:
+    """Greedy accuracy (math-verify) with or without the strategy in the prompt."""
+    eos = model.generation_config.eos_token_id
+    correct = 0.0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided) for q in chunk], tok.pad_token_id, eos, "cpu", 0.0, 48)
+        correct += sum(sgpo.math_reward(tok.decode(o["ids"], skip_special_tokens=True), q["answer"]) for o, q in zip(outs, chunk))
+    return correct / len(rows)
+
+
+def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print):
+    """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without working)."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    model = build_model(tok, hidden=64, layers=3, seed=seed)
+    cfg = sgpo.Config(micro_batch_size=batch, kd_chunk_size=4096)
+    eos = tok.eos_token_id
+    examples = []
+    for q in train:
+        examples.append((sgpo.prompt_ids(tok, cfg, q, True), tok(q["solution"], add_special_tokens=False)["input_ids"] + [eos]))
+        examples.append((sgpo.prompt_ids(tok, cfg, q, False), tok(f"\\boxed{{{q['answer']}}}", add_special_tokens=False)["input_ids"] + [eos]))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
+    backbone, rng, t0 = sgpo.Backbone(model), random.Random(seed), time.time()
+    for step in range(1, steps + 1):
+        picked = rng.sample(examples, batch)
+        n_tok = sum(len(r) for _, r in picked)
+        rows = [dict(kind="sft", prompt=p, response=r, weight=1.0 / n_tok) for p, r in picked]
+        model.train()
+        stats = sgpo.Stats()
+        sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, {})
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps:
+            model.eval()
+            log(json.dumps({"step": step, "loss": round(stats.sums["loss/sft"], 4), "time_s": round(time.time() - t0),
+                            "test_unguided": accuracy(model, tok, test[:128], False, cfg),
+                            "test_guided": accuracy(model, tok, test[:128], True, cfg)}))
+    return model, tok
+
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "toy", "cups_data")
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1200
+    train, test = make_split(2000, seed=1, prefix="train"), make_split(256, seed=2, prefix="test")
+    train_problems = {q["problem"] for q in train}
+    test = [q for q in test if q["problem"] not in train_problems]  # held-out instances only
+    model, tok = warmup(train, test, steps=steps)
+    model.save_pretrained(os.path.join(out, "model"))
+    tok.save_pretrained(os.path.join(out, "model"))
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
+    write_jsonl(os.path.join(out, "test.jsonl"), test)
+    print(f"wrote {out}/model, train.jsonl ({len(train)}), test.jsonl ({len(test)})")
