@@ -53,7 +53,7 @@ def test_committed_warm_checkpoint_is_in_the_regime():
 
 
 def test_sgpo_transfers_the_guided_working_to_the_unguided_policy(tmp_path):
-    """80 RL steps on the cups testbed (~2 min): GRPO alone stays at chance there (0.36 mean reward, answers
+    """80 RL steps on the cups testbed (~2.4 min on 2 cores): GRPO alone stays at chance there (0.36 mean reward, answers
     without working); distillation from the guided self must make the unguided policy write the working
     and win (measured 0.76 and 0.82 for seeds 0 and 1)."""
     import json
