@@ -881,7 +881,8 @@ def main(argv=None) -> int:
             resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
             if resume is None or not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
                 raise UsageError(f"--resume {cfg.resume}: no checkpoint found (looked for {resume or cfg.output_dir + '/checkpoint-*'}/trainer_state.pt)")
-        elif os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) and not cfg.overwrite_output_dir:
+        elif (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) or latest_checkpoint(cfg.output_dir)) \
+                and not cfg.overwrite_output_dir:
             raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or --overwrite_output_dir")
     except UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:

@@ -143,6 +143,10 @@ def test_cli_exit_code_and_existing_run_protected(warm_dir, data_file, tmp_path)
     proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out])
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    other = tmp_path / "other"  # checkpoints of some other run, no metrics file: protected too
+    (other / "checkpoint-7").mkdir(parents=True)
+    assert sgpo.main(["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(other)]) == 2
+    assert (other / "checkpoint-7").is_dir()
 
 
 def test_bf16_run(warm_dir, data_file, tmp_path):
