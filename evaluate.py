@@ -202,9 +202,11 @@ def main(argv=None) -> int:
     mine = [{k: v for k, v in r.items() if k != "response"} for r in read_samples(cfg.output_dir, rank)]
     gathered = sgpo.all_gather_objects(mine)
     if rank == 0:
-        samples = {item_key(r): r for r in read_samples(cfg.output_dir) + [r for part in gathered for r in part]}
-        summary = aggregate(list(samples.values()))
         ks = {name: k for name, _, k in specs}
+        wanted = {item_key(it) for it in work_items(benches, cfg.guided)}  # not a sample of another configuration
+        samples = {item_key(r): r for r in read_samples(cfg.output_dir) + [r for part in gathered for r in part]
+                   if item_key(r) in wanted}
+        summary = aggregate(list(samples.values()))
         table = markdown(summary, ks)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump({"model": cfg.model, "k": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,

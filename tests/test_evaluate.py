@@ -82,6 +82,9 @@ def test_resume_skips_finished_samples(warm_dir, bench_file, tmp_path):
     assert new[:7] == lines[:7]  # finished samples kept as they were
     keys = [evaluate.item_key(r) for r in evaluate.read_samples(out)]
     assert len(keys) == len(set(keys)) == 18  # each missing sample generated once, the cut line ignored
+    # the same output_dir with k=2: the summary counts this configuration's samples only
+    assert evaluate.main([a.replace(f"{bench_file}:3", f"{bench_file}:2") for a in args] + ["--resume"]) == 0
+    assert json.load(open(out / "summary.json"))["results"]["tiny"]["unguided"]["samples"] == 12
 
 
 @pytest.mark.parametrize("spec_or_content,message", [
