@@ -21,6 +21,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 import sgpo
 
 STRATEGY_PROMPT = """You are given a math problem and a reference solution written by a strong solver. Describe the reusable strategy behind the solution, so that a student could solve this problem and similar ones with it.
@@ -251,7 +253,6 @@ def main(argv=None) -> int:
         return 2
     todo = [r for r in rows if str(r["id"]) not in done]
     counts = {"kept": 0, "rejected": 0, "failed": 0, "rejected_candidates": 0, "skipped": len(rows) - len(todo)}
-    from tqdm import tqdm
     with open(cfg.output, "a") as out, tqdm(total=len(todo), desc="strategies") as bar:
         for i in range(0, len(todo), cfg.batch_size):
             for row in process(todo[i:i + cfg.batch_size], backend, cfg, counts):
