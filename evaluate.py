@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         benches = [(name, sgpo.load_problems(path, required=("problem", "answer")), k) for name, path, k in specs]
         if len({name for name, _, _ in specs}) < len(specs):
             raise sgpo.UsageError("--bench: benchmark names must be distinct")
-        if read_samples(cfg.output_dir) and not cfg.resume:
+        existing = read_samples(cfg.output_dir)
+        if existing and not cfg.resume:
             raise sgpo.UsageError(f"--output_dir {cfg.output_dir}: already holds samples; pass --resume or another --output_dir")
     except sgpo.UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
-    done = {item_key(r) for r in read_samples(cfg.output_dir)}
+    done = {item_key(r) for r in existing}
     items = [it for it in work_items(benches, cfg.guided)[rank::world] if item_key(it) not in done]
     for it in items:
         it["prompt"] = sgpo.prompt_ids(tokenizer, cfg, it["problem"], guided=it["mode"] == "guided")

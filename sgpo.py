@@ -909,6 +909,7 @@ def main(argv=None) -> int:
         ref_model.eval().requires_grad_(False)
         ref = (Backbone(ref_model), ref_model.get_output_embeddings())
 
+    saved = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False) if resume else None
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -918,8 +919,7 @@ def main(argv=None) -> int:
                     shutil.rmtree(os.path.join(cfg.output_dir, d))
         kept = []
         if resume and os.path.exists(metrics_path):  # drop lines written after the checkpoint by the killed run
-            step0 = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False)["step"]
-            kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= step0]
+            kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= saved["step"]]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -931,7 +931,6 @@ def main(argv=None) -> int:
     optimizer, scheduler = make_optimizer(raw_model, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs)
     if resume:
-        saved = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}

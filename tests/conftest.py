@@ -46,11 +46,11 @@ def training_rows(tok, model, cfg, n=5):
     return rows
 
 
-def run_sgpo(args, nproc=0, timeout=300):
-    """Run sgpo.py as a user would: `python sgpo.py` or `torchrun --nproc_per_node=N sgpo.py`."""
+def run_sgpo(args, nproc=0, timeout=300, script="sgpo.py"):
+    """Run a script as a user would: `python sgpo.py` or `torchrun --nproc_per_node=N sgpo.py`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return subprocess.run(launcher + [str(ROOT / "sgpo.py")] + [str(a) for a in args], capture_output=True, text=True,
+    return subprocess.run(launcher + [str(ROOT / script)] + [str(a) for a in args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
 
 

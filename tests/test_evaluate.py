@@ -1,14 +1,12 @@
 """evaluate.py: avg@k / pass@k aggregation, end-to-end runs, resume, torchrun sharding, bad input."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import evaluate
 import sgpo
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import run_sgpo, write_jsonl
 
 
 def _s(pid, mode, sample, correct, length=10, truncated=False, bench="b"):
@@ -42,10 +40,7 @@ def bench_file(tmp_path_factory):
 
 
 def _run(args, nproc=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return subprocess.run(launcher + [str(ROOT / "evaluate.py")] + [str(a) for a in args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return run_sgpo(args, nproc, script="evaluate.py")
 
 
 def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
