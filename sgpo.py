@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import textwrap
@@ -48,11 +49,18 @@ GUIDED_TEMPLATE = "Use this strategy for the problem below:\n{strategy}\n\n" + A
 
 @dataclass
 class Config:
+    """Defaults run the CPU testbed of toy/ (`python sgpo.py`, a few minutes); the paper's setting for real models is
+    in paper.args (`sgpo.py @paper.args --model ... --data ...`), where (R) marks values the paper does not publish."""
     # ---- model, data, run ----
-    model: str = "toy/model"
+    model: str = "toy/cups_data/model"
     """HF model directory or hub id (the policy; also the initial weights of the optional reference)."""
-    data: str = "toy/train.jsonl"
+    data: str = "toy/cups_data/train.jsonl"
     """Training JSONL: problem, answer, strategy (str), optional id and solution."""
+    eval_data: str = "toy/cups_data/test.jsonl"
+    """Held-out JSONL (problem, answer, optional strategy): greedy accuracy, unguided and guided, before RL, every
+    eval_steps and at the end ('' = none). Benchmarks with sampling and avg@k: evaluate.py."""
+    eval_steps: int = 10
+    """Evaluate on eval_data every N RL steps (0 = only before and after)."""
     output_dir: str = "out/sgpo"
     """Where checkpoints and metrics.jsonl go."""
     overwrite_output_dir: bool = False
@@ -71,13 +79,13 @@ class Config:
     guided_prompt_template: str = GUIDED_TEMPLATE
     """Strategy-guided user message; {problem} and {strategy} are replaced."""
     # ---- rollouts ----
-    batch_size: int = 4
+    batch_size: int = 16
     """Problems per rank per step (global batch = batch_size x world size)."""
     num_generations: int = 8
     """G1: autonomous rollouts per problem (the GRPO group)."""
     num_guided_generations: int = 4
     """G2: strategy-guided rollouts per problem (KD target candidates)."""
-    max_completion_length: int = 256
+    max_completion_length: int = 48
     """Maximum new tokens per rollout; a rollout that hits it is truncated."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
@@ -90,9 +98,9 @@ class Config:
     reward_timeout: int = 5
     """Seconds math-verify may spend parsing and again verifying one answer (SIGALRM; main thread)."""
     # ---- optimisation ----
-    max_steps: int = 20
+    max_steps: int = 80
     """RL steps (one rollout batch each)."""
-    learning_rate: float = 1e-6
+    learning_rate: float = 1e-4
     """AdamW learning rate of the RL phase."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
@@ -100,7 +108,7 @@ class Config:
     """Linear learning-rate warmup (optimizer steps), constant after."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = 32
     """Sequences per forward/backward (gradient accumulation inside a step)."""
     num_iterations: int = 1
     """Optimizer steps per rollout batch (GRPO's mu); > 1 makes the clipping and trust region bite."""
@@ -120,8 +128,9 @@ class Config:
     """Strategy distillation term; false = the 'w/o strategy distillation' ablation (GRPO only)."""
     kd_loss: str = "fkl"
     """fkl (paper), rkl (reverse-KL ablation), sft (NLL of the selected target: 'direct SFT' ablation)."""
-    kl_clip: float = 1.0
-    """delta: tokens with D_t > delta give no gradient (loss min(D_t, delta)); inf = no KL clipping."""
+    kl_clip: float = math.inf
+    """delta: tokens with D_t > delta give no gradient (loss min(D_t, delta)); inf = no KL clipping (paper: 1.0;
+    the toy's strategy effect sits on tokens with D_t >> 1, README)."""
     target_selection: bool = True
     """Pick the correct guided rollout most likely under the unguided prompt; false = a random correct one."""
     kd_trust_region: bool = True
@@ -149,8 +158,6 @@ class Config:
 
 
 # ==== Command line: every Config field is a flag, its docstring the help text.
-
-
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
@@ -171,12 +178,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2 (main), instead of argparse's usage block
         raise UsageError(message)
 
+    def convert_arg_line_to_args(self, line):  # @file arguments: shell words per line, '#' starts a comment
+        return shlex.split(line, comments=True)
+
 
 def config_from_args(cls, argv=None, description=""):
     """A dataclass instance from the command line: --field per field, its docstring as help; list fields
-    repeat (--bench a --bench b); errors raise UsageError (one line, exit 2)."""
+    repeat (--bench a --bench b); @FILE reads arguments from FILE; errors raise UsageError (one line, exit 2)."""
     docs = _field_docs(cls)
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     fromfile_prefix_chars="@")
     for f in fields(cls):
         kw = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
         if f.type is bool:
@@ -201,7 +212,8 @@ def parse_args(argv=None) -> Config:
     checks += [(getattr(cfg, k) >= 1, k, "must be >= 1") for k in
                ("batch_size", "num_generations", "max_completion_length", "micro_batch_size", "num_iterations",
                 "kd_chunk_size", "save_steps")]
-    checks += [(getattr(cfg, k) >= 0, k, "must be >= 0") for k in ("num_guided_generations", "max_steps", "sft_epochs")]
+    checks += [(getattr(cfg, k) >= 0, k, "must be >= 0")
+               for k in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps")]
     checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
                ("{problem}" in cfg.guided_prompt_template and "{strategy}" in cfg.guided_prompt_template,
                 "guided_prompt_template", "must contain {problem} and {strategy}")]
@@ -212,8 +224,6 @@ def parse_args(argv=None) -> Config:
 
 
 # ==== Data: validated whole before anything runs.
-
-
 def load_problems(path: str, required=("problem", "answer", "strategy"), skip_unkept=True) -> list:
     """Read and validate a JSONL file; raise UsageError('path:line: field: what is wrong') on the first bad line.
     Required fields are non-empty strings, the usual optional ones strings; each row gets a string id (its own,
@@ -266,8 +276,6 @@ def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
 
 
 # ==== Reward: math-verify, bounded and crash-proof. Shared with evaluate.py.
-
-
 @lru_cache(maxsize=65536)
 def _parse_gold(answer: str, timeout: int):
     from math_verify import parse
@@ -296,8 +304,6 @@ def math_reward(response: str, answer: str, timeout: int = 5) -> float:
 
 
 # ==== Pure loss functions (no model; unit-tested against hand-computed values).
-
-
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """[N, G] rewards -> [N, G] group-normalised advantages (r - mean) / (std + eps)."""
     mean = rewards.mean(dim=1, keepdim=True)
@@ -371,8 +377,6 @@ def k3_kl(logp, ref_logp):
 
 
 # ==== Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
-
-
 # Inside a checkpointed chunk, whatever is not on the gradient path is computed under no_grad: a tensor
 # saved for a backward that never runs would be recomputed and then held until the whole backward ends,
 # i.e. one [chunk, V] tensor per chunk: O(T x V) again (measured: tests/bench_kd_memory.py).
@@ -414,8 +418,6 @@ def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", ch
 
 
 # ==== Model plumbing.
-
-
 class Backbone(torch.nn.Module):
     """The causal LM minus its head: returns final hidden states [B, L, H]. DDP wraps this so that the loss
     can apply the head chunk by chunk; the head's parameters are inside, so DDP syncs them too."""
@@ -455,13 +457,6 @@ def response_hidden(backbone, rows, pad_id, device):
     return hidden.reshape(-1, hidden.shape[-1])[pred_idx], targets
 
 
-def eos_ids_of(model, tokenizer) -> list:
-    ids = set()
-    for src in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
-        ids.update(src if isinstance(src, (list, tuple)) else [src] if src is not None else [])
-    return sorted(ids)
-
-
 def load_model(path: str, dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     try:
@@ -473,9 +468,10 @@ def load_model(path: str, dtype, device):
         tokenizer.pad_token = tokenizer.eos_token
     # Sampling must be exactly what the config says: the model's own generation defaults (e.g. a
     # repetition penalty) would otherwise leak into generate(). Kept aside and written back in checkpoints.
+    eos = [model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id]  # ids or lists
+    eos_ids = sorted({i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None})
     model.original_generation_config = model.generation_config
-    model.generation_config = GenerationConfig(eos_token_id=eos_ids_of(model, tokenizer),
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
 
 
@@ -488,8 +484,6 @@ def set_activation_checkpointing(model, on: bool):
 
 
 # ==== Rollouts: one batched generate per step for both modes.
-
-
 class SamplerLogprobs:
     """Logits processor recording log softmax(logits / T) of each sampled token; holds one step's [N, V].
     It runs before HF's temperature/top-k/top-p warpers, so it sees the raw logits; the token sampled at
@@ -526,16 +520,12 @@ def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperatu
     gen_cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
                                use_cache=True)
     recorder = SamplerLogprobs(temperature if temperature > 0 else 1.0)
-    was_training, ckpt = model.training, getattr(model, "is_activation_checkpointing", False)
-    model.eval()
-    if ckpt:
-        set_activation_checkpointing(model, False)
+    was_training = model.training
+    model.eval()  # also switches HF activation checkpointing off (it acts in training mode only), so the KV cache works
     try:
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
                              logits_processor=LogitsProcessorList([recorder]))
     finally:
-        if ckpt:
-            set_activation_checkpointing(model, True)
         model.train(was_training)
     completions = out[:, width:]  # [N, T]
     sampler_logps = recorder.finish(completions)  # [N, T]
@@ -565,9 +555,26 @@ def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
     return out
 
 
+@torch.no_grad()
+def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank, world) -> dict:
+    """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided; rows are sharded
+    over ranks, generated a rollout batch at a time."""
+    chunk, counts = cfg.batch_size * (cfg.num_generations + cfg.num_guided_generations), []
+    for guided in (False, True):
+        rows = [q for q in problems[rank::world]
+                if not guided or (q.get("strategy", "").strip() and q.get("strategy_status", "kept") == "kept")]
+        correct = 0.0
+        for i in range(0, len(rows), chunk):
+            outs = generate(raw_model, [prompt_ids(tokenizer, cfg, q, guided) for q in rows[i:i + chunk]],
+                            tokenizer.pad_token_id, raw_model.generation_config.eos_token_id, device, 0.0, cfg.max_completion_length)
+            correct += sum(math_reward(tokenizer.decode(o["ids"], skip_special_tokens=True), q["answer"], cfg.reward_timeout)
+                           for o, q in zip(outs, rows[i:i + chunk]))
+        counts += [correct, len(rows)]
+    c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+    return {f"eval/{mode}_acc": c[2 * k] / c[2 * k + 1] for k, mode in enumerate(("unguided", "guided")) if c[2 * k + 1]}
+
+
 # ==== Distributed helpers (no-ops in one process).
-
-
 def setup_distributed():
     """DDP preamble: the same file runs under `python` (rank 0 of 1) and `torchrun` (NCCL on GPU, gloo on CPU).
     Returns (ddp, rank, world size, device)."""
@@ -585,10 +592,6 @@ def param_dtype(name: str) -> torch.dtype:
     """auto: bf16 on a GPU that supports it, else fp32."""
     auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if name == "bf16" or (name == "auto" and auto) else torch.float32
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -638,14 +641,12 @@ class Stats:
 # per-token weight is global (1 / tokens or problems of the WHOLE batch, all ranks) and the loss is
 # multiplied by the world size because DDP averages gradients over ranks: the gradient is then
 # independent of micro-batching and of the number of ranks.
-
-
 def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_id, device, stats, ref=None):
     """Loss of one micro-batch (autonomous and KD rows share ONE student forward). old_logps (a dict) caches
     this micro-batch's log-probs of the first pass: pi_old of the ratios in later passes (num_iterations > 1)."""
     hidden, targets = response_hidden(backbone, [(r["prompt"], r["response"]) for r in rows], pad_id, device)
     kinds = torch.tensor([r["kind"] == "kd" for r in rows for _ in r["response"]], device=device)
-    scale = world_size()
+    scale = dist.get_world_size() if dist.is_initialized() else 1
     loss = hidden.new_zeros((), dtype=torch.float32)
     auto = [r for r in rows if r["kind"] != "kd"]
     if auto:  # GRPO (and SFT warm-up) tokens
@@ -719,8 +720,6 @@ def optimizer_step(raw_model, optimizer, scheduler, cfg: Config):
 
 
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
-
-
 def latest_checkpoint(output_dir: str):
     steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()] \
         if os.path.isdir(output_dir) else []
@@ -764,8 +763,6 @@ def batches_of(n_items: int, cfg: Config, rank: int, world: int, epoch: int):
 
 
 # ==== One RL step, the SFT warm-up, and the main loop.
-
-
 def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, alpha, cfg: Config, device, ref=None):
     """Rollout -> reward -> advantages, alpha, targets -> update. Returns the step's metrics (all ranks)."""
     stats, t0 = Stats(), time.time()
@@ -800,13 +797,13 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     for r in auto_rows:
         r["weight"] = 1.0 / max(float(n_tokens), 1.0)
     # Target selection (sheet step 3): the correct guided rollout most likely under the UNGUIDED prompt.
-    kd_rows, n_problems = [], len(problems) * world_size()
+    kd_rows, n_problems = [], len(problems) * (dist.get_world_size() if dist.is_initialized() else 1)
     if cfg.use_kd and g2:
         mean_logp = torch.full((len(problems), g2), -math.inf)  # [B, G2], scored for correct rollouts only
         cands = [(b, j) for b in range(len(problems)) for j in range(g2) if r_guided[b, j] > 0]
         if cfg.target_selection and cands:
-            scores = mean_logps(Backbone(raw_model).eval(), head, [(auto_prompts[b], rollouts[b][g1 + j]["ids"])
-                                                                  for b, j in cands], cfg, pad_id, device)
+            scores = mean_logps(Backbone(raw_model).eval(), head,
+                                [(auto_prompts[b], rollouts[b][g1 + j]["ids"]) for b, j in cands], cfg, pad_id, device)
             for (b, j), score in zip(cands, scores):
                 mean_logp[b, j] = score
         for b, q in enumerate(problems):
@@ -837,8 +834,7 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     stats.add("completions/clipped_ratio", sum(r["truncated"] for rs in rollouts for r in rs[:g1]), len(problems) * g1)
     stats.add("perf/generated_tokens", n_gen, 0)
     metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **stats.reduce(device)}
-    metrics["loss/grpo"] /= cfg.num_iterations  # summed over the mu passes above
-    metrics["loss/kd"] /= cfg.num_iterations
+    metrics.update({k: metrics[k] / cfg.num_iterations for k in ("loss/grpo", "loss/kd")})  # summed over the mu passes
     metrics.update({"grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": metrics.pop("perf/generated_tokens") / (t_end - t0),
                     "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/update": t_end - t_score})
     return metrics
@@ -872,6 +868,7 @@ def main(argv=None) -> int:
         cfg = parse_args(argv)
         problems = load_problems(cfg.data)
         sft_problems = load_problems(cfg.sft_data or cfg.data, ("problem", "answer", "strategy", "solution")) if cfg.sft_epochs else []
+        eval_problems = load_problems(cfg.eval_data, ("problem", "answer"), skip_unkept=False) if cfg.eval_data else []
         global_batch = cfg.batch_size * int(os.environ.get("WORLD_SIZE", 1))
         for path, rows in ((cfg.data, problems), (cfg.sft_data or cfg.data, sft_problems or problems)):
             if len(rows) < global_batch:
@@ -917,9 +914,9 @@ def main(argv=None) -> int:
             for d in os.listdir(cfg.output_dir):
                 if d.startswith("checkpoint-"):
                     shutil.rmtree(os.path.join(cfg.output_dir, d))
-        kept = []
-        if resume and os.path.exists(metrics_path):  # drop lines written after the checkpoint by the killed run
-            kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= saved["step"]]
+        # On resume, drop the lines written after the checkpoint by the killed run.
+        kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= saved["step"]] \
+            if resume and os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -929,11 +926,11 @@ def main(argv=None) -> int:
                 f.write(json.dumps(record) + "\n")
 
     optimizer, scheduler = make_optimizer(raw_model, cfg.learning_rate, cfg)
-    state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs)
+    state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs, eval_start={})
     if resume:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, v) for k, v in state.items()}
         if len(saved["rng"]) == world:
             torch.set_rng_state(saved["rng"][rank]["torch"])
             random.setstate(saved["rng"][rank]["python"])
@@ -950,6 +947,16 @@ def main(argv=None) -> int:
         state["sft_done"] = True
         save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
 
+    def evaluate() -> dict:  # greedy held-out accuracy: printed next to the one before RL, logged with the step
+        result = evaluate_accuracy(raw_model, tokenizer, eval_problems, cfg, device, rank, world)
+        start = state["eval_start"] = state["eval_start"] or result
+        if master:
+            tqdm.write(f"step {state['step']}, greedy accuracy on {len(eval_problems)} problems of {cfg.eval_data}: " + ", ".join(
+                f"{k[5:-4]} " + (f"{100 * start[k]:.1f}% -> " if state["step"] else "") + f"{100 * v:.1f}%" for k, v in result.items()))
+        return result
+
+    if eval_problems and state["step"] == 0:  # before RL (after the warm-up, if any)
+        log({"step": 0, **evaluate()})
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
     batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
     while state["step"] < cfg.max_steps:
@@ -960,6 +967,8 @@ def main(argv=None) -> int:
         metrics = rl_step(batch, model, raw_model, head, tokenizer, optimizer, scheduler, state["alpha"], cfg, device, ref)
         state["position"] += 1
         state["step"] += 1
+        if eval_problems and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or state["step"] == cfg.max_steps):
+            metrics.update(evaluate())
         log({"step": state["step"], "epoch": state["epoch"], **metrics})
         bar.update(1)
         bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}", r_guided=f"{metrics['reward/guided_mean']:.2f}",

@@ -75,10 +75,22 @@ def data_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def eval_file(tmp_path_factory):
+    """7 held-out rows (odd: ranks get different shares): 4 with a usable strategy, 1 rejected, 2 without."""
+    rows = [{"id": f"e{i}", "problem": f"pick {'ab'[i % 2]}{i + 40}", "answer": "37"[i % 2]}
+            | ({"strategy": f"say {'37'[i % 2]}"} if i < 5 else {}) | ({"strategy_status": "rejected"} if i == 4 else {})
+            for i in range(7)]
+    path = tmp_path_factory.mktemp("eval") / "test.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+@pytest.fixture(scope="session")
 def warm_dir(tiny_dir, data_file, tmp_path_factory):
     """The SFT warm-up of sgpo.py itself (sft_epochs, max_steps 0) -> checkpoint-0."""
     out = tmp_path_factory.mktemp("warm")
     proc = run_sgpo(["--model", tiny_dir, "--data", data_file, "--output_dir", out, "--sft_epochs", 30,
-                     "--sft_learning_rate", 1e-2, "--batch_size", 8, "--micro_batch_size", 16, "--max_steps", 0])
+                     "--sft_learning_rate", 1e-2, "--batch_size", 8, "--micro_batch_size", 16, "--max_steps", 0,
+                     "--eval_data", ""])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "checkpoint-0"

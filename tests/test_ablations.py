@@ -28,7 +28,7 @@ def test_ablation_flag(name, warm_dir, data_file, tmp_path):
     flags, check = ABLATIONS[name]
     out = tmp_path / "out"
     # --kl_clip 1e-4: with the tiny model some tokens exceed it, so clipping is visibly on in the full run
-    args = ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2, "--kl_clip", 1e-4] + COMMON + flags
+    args = ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2] + COMMON + ["--kl_clip", 1e-4] + flags
     assert sgpo.main([str(a) for a in args]) == 0
     metrics = read_metrics(out / "metrics.jsonl")
     assert all(check(m) for m in metrics if m["kd/target_frac"] > 0), metrics

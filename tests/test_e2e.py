@@ -14,7 +14,7 @@ import sgpo
 from tests.conftest import ROOT, read_metrics, run_sgpo
 
 COMMON = ["--batch_size", 4, "--num_generations", 4, "--num_guided_generations", 2, "--max_completion_length", 12,
-          "--learning_rate", 1e-3, "--micro_batch_size", 6]
+          "--learning_rate", 1e-3, "--micro_batch_size", 6, "--kl_clip", 1.0, "--eval_data", ""]
 REQUIRED = ["reward/autonomous_mean", "reward/guided_mean", "pass_gap", "alpha/mean", "kd/target_frac", "loss/grpo",
             "loss/kd", "clip_ratio", "kd/kl_clip_frac", "entropy", "completions/mean_length", "completions/clipped_ratio",
             "frac_reward_zero_std", "rollout_probs_diff_max", "perf/tokens_per_s", "time/generate", "time/score",
@@ -49,12 +49,49 @@ def test_python_run_metrics_and_checkpoint(warm_dir, data_file, tmp_path):
     assert json.load(open(out / "checkpoint-3" / "sgpo_config.json"))["kd_loss"] == "fkl"
 
 
-def test_torchrun_two_ranks(warm_dir, data_file, tmp_path):
+def _usable_strategy(q):
+    return bool(q.get("strategy")) and q.get("strategy_status", "kept") == "kept"
+
+
+def _accuracy_one_at_a_time(model, tok, rows, cfg, guided):
+    rows = [q for q in rows if not guided or _usable_strategy(q)]
+    correct = 0.0
+    for q in rows:  # no batching, no padding
+        out = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided)], tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0,
+                            cfg.max_completion_length)[0]
+        correct += sgpo.math_reward(tok.decode(out["ids"], skip_special_tokens=True), q["answer"])
+    return correct / len(rows)
+
+
+def test_held_out_accuracy_equals_one_problem_at_a_time(warm_dir, eval_file):
+    """evaluate_accuracy (greedy, batched and left-padded, sharded over ranks) == each problem decoded alone; the
+    guided accuracy counts only rows with a usable strategy."""
+    model, tok = sgpo.load_model(str(warm_dir), torch.float32, "cpu")
+    rows = sgpo.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
+    cfg = sgpo.Config(batch_size=1, num_generations=2, num_guided_generations=1, max_completion_length=12)  # 3 a batch
+    expected = {f"eval/{m}_acc": _accuracy_one_at_a_time(model, tok, rows, cfg, m == "guided") for m in ("unguided", "guided")}
+    assert sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1) == pytest.approx(expected)
+    assert 0 < expected["eval/unguided_acc"] < 1  # the case discriminates
+    shards = [sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", r, 2) for r in (0, 1)]  # no process group: per shard
+    assert shards[0]["eval/unguided_acc"] * 4 + shards[1]["eval/unguided_acc"] * 3 == pytest.approx(7 * expected["eval/unguided_acc"])
+    assert shards[0]["eval/guided_acc"] * 2 + shards[1]["eval/guided_acc"] * 2 == pytest.approx(4 * expected["eval/guided_acc"])
+
+
+def test_torchrun_two_ranks(warm_dir, data_file, eval_file, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2] + COMMON, nproc=2)
+    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2] + COMMON
+                    + ["--eval_data", eval_file, "--eval_steps", 1], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2]  # rank 0 alone writes
+    assert [m["step"] for m in metrics] == [0, 1, 2]  # rank 0 alone writes; step 0: the evaluation before RL
+    model, tok = sgpo.load_model(str(warm_dir), torch.float32, "cpu")
+    rows = sgpo.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
+    cfg = sgpo.parse_args(["--max_completion_length", "12"])
+    expected = sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1)
+    assert {k: v for k, v in metrics[0].items() if k != "step"} == pytest.approx(expected)  # both ranks' shares counted
+    assert all("eval/unguided_acc" in m and "eval/guided_acc" in m for m in metrics)
+    assert f"step 2, greedy accuracy on 7 problems of {eval_file}: unguided {100 * expected['eval/unguided_acc']:.1f}% -> " \
+        in proc.stderr + proc.stdout
     state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
     assert len(state["alpha"]) == 16  # 2 steps x 4 problems x 2 ranks: both ranks' updates reach the table
     assert len(state["rng"]) == 2
@@ -65,8 +102,10 @@ def _comparable(m):
     return {k: v for k, v in m.items() if k not in TIMING}
 
 
-def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, tmp_path):
-    args = ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1] + COMMON
+def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, tmp_path):
+    # with evaluations on the way: greedy, they must not shift the sampling of the steps after them
+    args = ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1] + COMMON \
+        + ["--eval_data", eval_file, "--eval_steps", 3]
     ref = run_sgpo(args + ["--output_dir", tmp_path / "ref"])
     assert ref.returncode == 0, ref.stderr[-3000:]
     reference = {m["step"]: _comparable(m) for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
@@ -88,8 +127,9 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, tmp_path):
     resumed = run_sgpo(args + ["--output_dir", out, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = read_metrics(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(1, 9))  # no duplicated steps
-    for m in metrics[killed_at:]:
+    assert [m["step"] for m in metrics] == list(range(0, 9))  # no duplicated steps
+    assert [m["step"] for m in metrics if "eval/unguided_acc" in m] == [0, 3, 6, 8]
+    for m in metrics[killed_at + 1:]:
         for k, v in _comparable(m).items():
             assert v == pytest.approx(reference[m["step"]][k], abs=1e-6), (m["step"], k)
 
@@ -125,8 +165,10 @@ def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
              (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
              (["--resume", str(tmp_path / "nope")], "--resume"),
              (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
-             (["--sft_epochs", "1", "--data", str(ROOT / "toy" / "train.jsonl"), "--sft_data", str(tmp_path / "nosol.jsonl")], ":1: solution: missing")]
-    (tmp_path / "nosol.jsonl").write_text('{"problem": "p", "answer": "1", "strategy": "s"}\n')
+             (["--sft_epochs", "1", "--sft_data", str(tmp_path / "nosol.jsonl")], ":1: solution: missing"),
+             (["--eval_data", str(tmp_path / "nosol.jsonl")], ":2: answer: missing"),
+             (["@" + str(tmp_path / "missing.args")], "missing.args")]
+    (tmp_path / "nosol.jsonl").write_text('{"problem": "p", "answer": "1", "strategy": "s"}\n{"problem": "q"}\n')
     for args, message in cases:
         assert sgpo.main(args + ["--output_dir", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
@@ -147,6 +189,17 @@ def test_cli_exit_code_and_existing_run_protected(warm_dir, data_file, tmp_path)
     (other / "checkpoint-7").mkdir(parents=True)
     assert sgpo.main(["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(other)]) == 2
     assert (other / "checkpoint-7").is_dir()
+
+
+def test_paper_args_file():
+    """paper.args holds the method sheet's hyper-parameters; later flags override it; '#' comments and quotes."""
+    cfg = sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m", "--data", "d.jsonl", "--max_steps", "7"])
+    sheet = dict(num_generations=8, num_guided_generations=4, epsilon=0.2, epsilon_high=0.28, beta=0.0, kd_loss="fkl",
+                 kl_clip=1.0, target_selection=True, adaptive_alpha=True, alpha_0=0.5, alpha_gamma=0.1, alpha_max=0.8)
+    assert {k: getattr(cfg, k) for k in sheet} == sheet
+    assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == ("m", "d.jsonl", 7, "", True)
+    toy = sgpo.parse_args([])  # the defaults are the CPU testbed's
+    assert (toy.model, toy.eval_data, toy.kl_clip) == ("toy/cups_data/model", "toy/cups_data/test.jsonl", float("inf"))
 
 
 def test_bf16_run(warm_dir, data_file, tmp_path):
