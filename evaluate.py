@@ -24,7 +24,7 @@ import sgpo
 
 @dataclass
 class EvalConfig:
-    model: str = "toy/model"
+    model: str = "toy/cups_data/model"
     """HF model directory or hub id (e.g. an sgpo.py checkpoint)."""
     bench: list = field(default_factory=list)
     """NAME=PATH:K, repeatable: a JSONL of problem, answer (optional id, strategy) and its number of samples."""

@@ -1,6 +1,10 @@
-"""The ball-under-cups testbed generator (toy/cups.py): graded by the shared math-verify reward, held-out test."""
+"""The ball-under-cups testbed (toy/): generator graded by the shared math-verify reward, held-out test, the committed
+warm checkpoint, the warm-up script, and the default run that must transfer the guided working."""
+import json
 import re
 from pathlib import Path
+
+import torch
 
 import sgpo
 from toy.cups import STRATEGY, make_split
@@ -34,34 +38,42 @@ CUPS = Path(__file__).resolve().parents[1] / "toy" / "cups_data"
 
 def test_committed_warm_checkpoint_is_in_the_regime():
     """Warm-up checkpoint: follows the strategy when given it, guesses without it; tokenizer round-trips."""
-    import json
-
-    import torch
     from transformers import AutoTokenizer
 
-    from toy.cups import accuracy
     from toy.tiny import build_tokenizer
     model, tok = sgpo.load_model(str(CUPS / "model"), torch.float32, "cpu")
-    text = "Ball under cup 2. Swaps: 13 12.  \\boxed{3}"
+    text = "Ball under cup 2. Swaps: 13 12.  \\boxed{3}\tx\ny"
     assert AutoTokenizer.from_pretrained(CUPS / "model")(text)["input_ids"] == build_tokenizer()(text)["input_ids"]
-    test = [json.loads(line) for line in open(CUPS / "test.jsonl")][:32]
+    assert tok.decode(tok(text)["input_ids"]) == text
+    test = [json.loads(line) for line in open(CUPS / "test.jsonl")]
     train = {json.loads(line)["problem"] for line in open(CUPS / "train.jsonl")}
     assert not any(q["problem"] in train for q in test)  # held-out instances
-    cfg = sgpo.Config()
-    assert accuracy(model, tok, test, True, cfg) >= 0.9
-    assert accuracy(model, tok, test, False, cfg) <= 0.6
+    acc = sgpo.evaluate_accuracy(model, tok, test[:48], sgpo.Config(), "cpu", 0, 1)
+    assert acc["eval/guided_acc"] >= 0.9 and acc["eval/unguided_acc"] <= 0.6
+    torch.manual_seed(0)
+    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, sgpo.Config(), q, False) for q in test[:48]], tok.pad_token_id,
+                         [tok.eos_token_id], "cpu", 1.0, 48)
+    assert not any(":" in tok.decode(o["ids"]) for o in outs)  # unguided samples never write the working
 
 
-def test_sgpo_transfers_the_guided_working_to_the_unguided_policy(tmp_path):
-    """80 RL steps on the cups testbed (~2.4 min on 2 cores): GRPO alone stays at chance there (0.36 mean reward, answers
-    without working); distillation from the guided self must make the unguided policy write the working
-    and win (measured 0.76 and 0.82 for seeds 0 and 1)."""
-    import json
+def test_warmup_script_runs(tmp_path):
+    from toy.cups import make_split, warmup
+    lines = []
+    model, tok = warmup(make_split(32, 1, "a"), make_split(4, 2, "b"), steps=2, batch=4, log=lines.append)
+    assert json.loads(lines[-1])["step"] == 2 and "eval/guided_acc" in json.loads(lines[-1])
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert sgpo.load_model(str(tmp_path), torch.float32, "cpu")[1]("a b")["input_ids"] == tok("a b")["input_ids"]
+
+
+def test_default_run_transfers_the_guided_working_to_the_unguided_policy(tmp_path):
+    """`python sgpo.py` (the defaults are this testbed) cut to 50 of its 80 steps, ~1.5 min on 2 cores. GRPO alone never
+    makes the unguided policy write the working (0 % of its samples do); distillation from the guided self must.
+    Measured at step 50 for seeds 0, 1, 2: greedy unguided accuracy 0.65, 0.69, 0.64 (0.35 before RL)."""
     out = tmp_path / "cups"
-    args = ["--model", CUPS / "model", "--data", CUPS / "train.jsonl", "--output_dir", out, "--batch_size", 16,
-            "--micro_batch_size", 32, "--max_completion_length", 48, "--max_steps", 80, "--save_steps", 80,
-            "--kd_chunk_size", 4096, "--learning_rate", 1e-4, "--kl_clip", "inf"]
-    assert sgpo.main([str(a) for a in args]) == 0
-    last = [json.loads(line) for line in open(out / "metrics.jsonl")][-10:]
-    assert sum(m["reward/autonomous_mean"] for m in last) / 10 >= 0.55
-    assert sum(m["completions/mean_length"] for m in last) / 10 > 20  # it writes the working now
+    assert sgpo.main(["--output_dir", str(out), "--max_steps", "50", "--eval_steps", "0"]) == 0
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    before, after = metrics[0], metrics[-1]
+    assert before["step"] == 0 and before["eval/unguided_acc"] < 0.4 and before["eval/guided_acc"] > 0.95
+    assert after["step"] == 50 and after["eval/unguided_acc"] >= 0.5
+    assert sum(m["completions/mean_length"] for m in metrics[-5:]) / 5 > 25  # it writes the working now (10 before)

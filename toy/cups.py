@@ -41,18 +41,6 @@ def make_split(n: int, seed: int, prefix: str) -> list:
     return [make_problem(rng, i, prefix) for i in range(n)]
 
 
-@torch.no_grad()
-def accuracy(model, tok, rows, guided: bool, cfg, batch=64) -> float:
-    """Greedy accuracy (math-verify) with or without the strategy in the prompt."""
-    eos = model.generation_config.eos_token_id
-    correct = 0.0
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided) for q in chunk], tok.pad_token_id, eos, "cpu", 0.0, 48)
-        correct += sum(sgpo.math_reward(tok.decode(o["ids"], skip_special_tokens=True), q["answer"]) for o, q in zip(outs, chunk))
-    return correct / len(rows)
-
-
 def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print):
     """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without working)."""
     torch.manual_seed(seed)
@@ -81,8 +69,7 @@ def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print):
         if step % 100 == 0 or step == steps:
             model.eval()
             log(json.dumps({"step": step, "loss": round(stats.sums["loss/sft"], 4), "time_s": round(time.time() - t0),
-                            "test_unguided": accuracy(model, tok, test[:128], False, cfg),
-                            "test_guided": accuracy(model, tok, test[:128], True, cfg)}))
+                            **sgpo.evaluate_accuracy(model, tok, test[:128], cfg, "cpu", 0, 1)}))
     return model, tok
 
 

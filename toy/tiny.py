@@ -1,13 +1,6 @@
-"""Tiny, fully offline model + character tokenizer, and a small arithmetic problem set.
-
-Used by the tests (as fixtures) and to build the embedded default that `python sgpo.py` runs with no
-arguments (`python toy/tiny.py` regenerates `toy/model/` and `toy/train.jsonl` from a fixed seed).
-It is a smoke-test default: a randomly initialised model, so rewards are ~0 until the CPU testbed replaces it.
-"""
+"""Tiny, fully offline models with a character tokenizer: the test fixtures, and the architecture of the
+cups testbed (toy/cups.py). The tokenizer round-trips through save_pretrained / from_pretrained."""
 import json
-import os
-import random
-import sys
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -45,29 +38,7 @@ def build_model(tokenizer, arch: str = "qwen3", hidden: int = 32, layers: int = 
     return LlamaForCausalLM(LlamaConfig(**common))
 
 
-def make_problems(n: int, seed: int = 0) -> list[dict]:
-    """Two-number additions with a (trivial) strategy and a worked solution."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append({"id": f"add-{i}", "problem": f"{a}+{b}=?", "answer": str(a + b),
-                     "strategy": "Add the two numbers.", "solution": f"{a}+{b}={a + b} \\boxed{{{a + b}}}"})
-    return rows
-
-
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = sys.argv[1] if len(sys.argv) > 1 else here
-    tok = build_tokenizer()
-    model = build_model(tok, hidden=64, layers=2)
-    model.save_pretrained(os.path.join(out, "model"))
-    tok.save_pretrained(os.path.join(out, "model"))
-    write_jsonl(os.path.join(out, "train.jsonl"), make_problems(64))
-    print(f"wrote {out}/model and {out}/train.jsonl")
