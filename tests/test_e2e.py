@@ -198,6 +198,8 @@ def test_paper_args_file():
                  kl_clip=1.0, target_selection=True, adaptive_alpha=True, alpha_0=0.5, alpha_gamma=0.1, alpha_max=0.8)
     assert {k: getattr(cfg, k) for k in sheet} == sheet
     assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == ("m", "d.jsonl", 7, "", True)
+    with pytest.raises(sgpo.UsageError, match="--data: required"):  # paper.args never falls back on the toy's data
+        sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m"])
     toy = sgpo.parse_args([])  # the defaults are the CPU testbed's
     assert (toy.model, toy.eval_data, toy.kl_clip) == ("toy/cups_data/model", "toy/cups_data/test.jsonl", float("inf"))
 
