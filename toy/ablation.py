@@ -2,7 +2,7 @@
 The ablation table of the cups testbed: each row is sgpo.py's default run plus one flag, over several seeds;
 prints greedy held-out accuracy (unguided and guided) after RL, mean +- standard deviation over seeds.
 
-    python toy/ablation.py                        # 6 rows x 3 seeds, ~2.5 min a run on 2 cores (~45 min)
+    python toy/ablation.py                        # 6 rows x 3 seeds, ~2 min a run on 2 cores (~40 min)
     python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40   # a subset; extra sgpo.py flags after --
 
 Finished runs (out/ablation/<row>-seed<k>/metrics.jsonl with its final evaluation) are read, not rerun.
