@@ -979,6 +979,7 @@ def main(argv=None) -> int:
             save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
     bar.close()
     if ddp:
+        del model  # DDP holds the process group: released first, or gloo's threads can abort at interpreter exit
         dist.destroy_process_group()
     return 0
 
