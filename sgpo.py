@@ -944,10 +944,10 @@ def main(argv=None) -> int:
         torch.manual_seed(cfg.seed + rank)  # different samples on each rank
         random.seed(cfg.seed + rank)
 
-    if not state["sft_done"]:
+    warming_up = not state["sft_done"]
+    if warming_up:
         sft_warmup(sft_problems, model, raw_model, head, tokenizer, cfg, device, rank, world, log)
         state["sft_done"] = True
-        save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
 
     def evaluate() -> dict:  # greedy held-out accuracy: printed next to the one before RL, logged with the step
         result = evaluate_accuracy(raw_model, tokenizer, eval_problems, cfg, device, rank, world)
@@ -957,8 +957,10 @@ def main(argv=None) -> int:
                 f"{k[5:-4]} " + (f"{100 * start[k]:.1f}% -> " if state["step"] else "") + f"{100 * v:.1f}%" for k, v in result.items()))
         return result
 
-    if eval_problems and state["step"] == 0:  # before RL (after the warm-up, if any)
+    if eval_problems and state["step"] == 0 and not state["eval_start"]:  # before RL (after the warm-up, if any)
         log({"step": 0, **evaluate()})
+    if warming_up:  # checkpoint-0: the warm model, and its evaluation (not repeated on a resume from it)
+        save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
     batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
     while state["step"] < cfg.max_steps:

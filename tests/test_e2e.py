@@ -134,6 +134,22 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, t
             assert v == pytest.approx(reference[m["step"]][k], abs=1e-6), (m["step"], k)
 
 
+def test_warmup_evaluated_once_across_a_resume(tiny_dir, data_file, eval_file, tmp_path):
+    """The evaluation before RL follows the SFT warm-up and is saved with checkpoint-0: resuming from it does not
+    repeat it, and the printed before -> after compares with it."""
+    args = ["--model", tiny_dir, "--data", data_file, "--output_dir", tmp_path, "--sft_epochs", 1] + COMMON \
+        + ["--eval_data", eval_file, "--eval_steps", 0]
+    assert sgpo.main([str(a) for a in args + ["--max_steps", 0]]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0", "metrics.jsonl"]
+    state = torch.load(tmp_path / "checkpoint-0" / "trainer_state.pt", weights_only=False)
+    proc = run_sgpo(args + ["--max_steps", 1, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "step" in m]
+    assert [m["step"] for m in lines] == [0, 1] and "eval/guided_acc" in lines[1]
+    assert {k: v for k, v in lines[0].items() if k != "step"} == state["eval_start"]
+    assert f"unguided {100 * state['eval_start']['eval/unguided_acc']:.1f}% -> " in proc.stderr + proc.stdout
+
+
 BAD = [
     ('{"problem": "p", "answer": "1", "strategy": "s"}\nnot json\n', ":2: line: not valid JSON (Expecting value)"),
     ('{"problem": "p", "answer": "1"}\n', ":1: strategy: missing"),
