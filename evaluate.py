@@ -74,7 +74,7 @@ def work_items(benches, guided: bool) -> list:
     items = []
     for name, problems, k in benches:
         for q in problems:
-            modes = ["unguided"] + (["guided"] if guided and q.get("strategy", "").strip() else [])
+            modes = ["unguided"] + (["guided"] if guided and sgpo.has_usable_strategy(q) else [])
             items += [dict(bench=name, id=q["id"], mode=m, sample=s, problem=q) for m in modes for s in range(k)]
     return items
 

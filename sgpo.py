@@ -268,6 +268,11 @@ def load_problems(path: str, required=("problem", "answer", "strategy"), skip_un
     return rows
 
 
+def has_usable_strategy(problem: dict) -> bool:
+    """A non-empty strategy that extract_strategies.py kept (rows from elsewhere carry no status)."""
+    return bool(problem.get("strategy", "").strip()) and problem.get("strategy_status", "kept") == "kept"
+
+
 def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
     """Token ids of the chat-templated autonomous or guided prompt, ending with the assistant header."""
     template = cfg.guided_prompt_template if guided else cfg.prompt_template
@@ -563,8 +568,7 @@ def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank,
     over ranks, generated a rollout batch at a time."""
     chunk, counts = cfg.batch_size * (cfg.num_generations + cfg.num_guided_generations), []
     for guided in (False, True):
-        rows = [q for q in problems[rank::world]
-                if not guided or (q.get("strategy", "").strip() and q.get("strategy_status", "kept") == "kept")]
+        rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
         correct = 0.0
         for i in range(0, len(rows), chunk):
             outs = generate(raw_model, [prompt_ids(tokenizer, cfg, q, guided) for q in rows[i:i + chunk]],
