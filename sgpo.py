@@ -587,6 +587,9 @@ def setup_distributed():
     cuda = torch.cuda.is_available()
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    # Imported after init (by transformers' from_pretrained), this module holds the process group, whose gloo threads
+    # then outlive destroy_process_group() and can abort the interpreter's exit. Imported first, it holds nothing.
+    __import__("torch.distributed.checkpoint")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
@@ -985,7 +988,7 @@ def main(argv=None) -> int:
             save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
     bar.close()
     if ddp:
-        del model  # DDP holds the process group: released first, or gloo's threads can abort at interpreter exit
+        del model  # DDP holds the process group too: released first, so destroy_process_group() frees it
         dist.destroy_process_group()
     return 0
 
