@@ -161,7 +161,7 @@ def main(argv=None) -> int:
 
     ddp, rank, world, device = sgpo.setup_distributed()
     try:
-        model, tokenizer = sgpo.load_model(cfg.model, sgpo.param_dtype(cfg.dtype), device)
+        model, tokenizer = sgpo.load_model(cfg.model, sgpo.compute_dtype(cfg.dtype), device)
     except sgpo.UsageError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

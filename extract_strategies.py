@@ -139,7 +139,7 @@ class HFBackend:
     def __init__(self, cfg: ExtractConfig):
         import torch
         self.cfg, self.device = cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tok = sgpo.load_model(cfg.model, sgpo.param_dtype("auto"), self.device)
+        self.model, self.tok = sgpo.load_model(cfg.model, sgpo.compute_dtype("auto"), self.device)
 
     def chat(self, prompts: list, n: int, temperature: float) -> list:
         ids = [list(self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,

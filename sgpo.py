@@ -19,6 +19,7 @@ Resume the latest checkpoint of a run: add --resume (or --resume out/sgpo/checkp
 """
 import ast
 import argparse
+import datetime
 import inspect
 import json
 import math
@@ -30,12 +31,13 @@ import shutil
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
@@ -71,7 +73,13 @@ class Config:
     seed: int = 0
     """Seed of data order and sampling (offset by rank for sampling)."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bf16 on a GPU that supports it, else fp32), bf16, fp32."""
+    """Compute dtype (autocast): auto (bf16 on a GPU that supports it, else fp32), bf16, fp32. Parameters, gradients
+    and AdamW state are fp32 always: a bf16 weight does not move under an lr-1e-6 update (README)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state over ranks (torch FSDP2) instead of replicating them (DDP): for
+    models whose 16 bytes/parameter do not fit one GPU (7B on 80 GB). Checkpoints stay HF folders."""
+    ddp_timeout: int = 1800
+    """Seconds a collective waits for the slowest rank (e.g. one still generating) before the run aborts."""
     # ---- prompts ----
     system_prompt: str = ""
     """Optional system message for both prompts."""
@@ -88,6 +96,9 @@ class Config:
     """G2: strategy-guided rollouts per problem (KD target candidates)."""
     max_completion_length: int = 48
     """Maximum new tokens per rollout; a rollout that hits it is truncated."""
+    generation_batch_size: int = 0
+    """Sequences per generate call (rollouts and held-out evaluation): bounds the KV cache, README; 0 = all of a
+    rank's step in one call."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -213,9 +224,9 @@ def parse_args(argv=None) -> Config:
               (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")]
     checks += [(getattr(cfg, k) >= 1, k, "must be >= 1") for k in
                ("batch_size", "num_generations", "max_completion_length", "micro_batch_size", "num_iterations",
-                "kd_chunk_size", "save_steps")]
+                "kd_chunk_size", "save_steps", "ddp_timeout")]
     checks += [(getattr(cfg, k) >= 0, k, "must be >= 0")
-               for k in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps")]
+               for k in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps", "generation_batch_size")]
     checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
                ("{problem}" in cfg.guided_prompt_template and "{strategy}" in cfg.guided_prompt_template,
                 "guided_prompt_template", "must contain {problem} and {strategy}")]
@@ -510,12 +521,19 @@ class SamplerLogprobs:
         return torch.cat(self.out, dim=1)
 
 
-@torch.no_grad()
 def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperature: float, max_new_tokens: int,
-             top_p: float = 1.0, top_k: int = 0):
+             top_p: float = 1.0, top_k: int = 0, batch_size: int = 0):
     """Left-pad the prompts, sample (greedy at temperature 0), and return per sequence its response ids (up to
     and including the first EOS, never re-tokenised), whether it was truncated, and the sampler's log-probs
-    of its tokens (of logits / temperature; of the raw logits when greedy)."""
+    of its tokens (of logits / temperature; of the raw logits when greedy). At most batch_size sequences (0: all)
+    per HF generate call: the KV cache of a call is (sequences x tokens x bytes/token), README."""
+    step = batch_size or len(prompts)
+    return [out for i in range(0, len(prompts), step) for out in
+            _generate(model, prompts[i:i + step], pad_id, eos_ids, device, temperature, max_new_tokens, top_p, top_k)]
+
+
+@torch.no_grad()
+def _generate(model, prompts, pad_id, eos_ids, device, temperature, max_new_tokens, top_p, top_k):
     from transformers import GenerationConfig, LogitsProcessorList
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -565,42 +583,91 @@ def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
 @torch.no_grad()
 def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank, world) -> dict:
     """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided; rows are sharded
-    over ranks, generated a rollout batch at a time."""
-    chunk, counts = cfg.batch_size * (cfg.num_generations + cfg.num_guided_generations), []
+    over ranks, generated generation_batch_size (default: a rollout batch) at a time."""
+    counts = []
     for guided in (False, True):
         rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
-        correct = 0.0
-        for i in range(0, len(rows), chunk):
-            outs = generate(raw_model, [prompt_ids(tokenizer, cfg, q, guided) for q in rows[i:i + chunk]],
-                            tokenizer.pad_token_id, raw_model.generation_config.eos_token_id, device, 0.0, cfg.max_completion_length)
-            correct += sum(math_reward(tokenizer.decode(o["ids"], skip_special_tokens=True), q["answer"], cfg.reward_timeout)
-                           for o, q in zip(outs, rows[i:i + chunk]))
-        counts += [correct, len(rows)]
+        with autocast(cfg, device):
+            outs = generate(raw_model, [prompt_ids(tokenizer, cfg, q, guided) for q in rows], tokenizer.pad_token_id,
+                            raw_model.generation_config.eos_token_id, device, 0.0, cfg.max_completion_length,
+                            batch_size=generation_batch_size(cfg))
+        counts += [sum(math_reward(tokenizer.decode(o["ids"], skip_special_tokens=True), q["answer"], cfg.reward_timeout)
+                       for o, q in zip(outs, rows)), len(rows)]
     c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
     return {f"eval/{mode}_acc": c[2 * k] / c[2 * k + 1] for k, mode in enumerate(("unguided", "guided")) if c[2 * k + 1]}
 
 
+def generation_batch_size(cfg: Config) -> int:
+    return cfg.generation_batch_size or cfg.batch_size * (cfg.num_generations + cfg.num_guided_generations)
+
+
 # ==== Distributed helpers (no-ops in one process).
-def setup_distributed():
+def setup_distributed(timeout_s: int = 1800):
     """DDP preamble: the same file runs under `python` (rank 0 of 1) and `torchrun` (NCCL on GPU, gloo on CPU).
-    Returns (ddp, rank, world size, device)."""
+    Returns (ddp, rank, world size, device). timeout_s: how long a collective waits for the slowest rank."""
     cuda = torch.cuda.is_available()
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 1, torch.device("cuda" if cuda else "cpu")
     # Imported after init (by transformers' from_pretrained), this module holds the process group, whose gloo threads
     # then outlive destroy_process_group() and can abort the interpreter's exit. Imported first, it holds nothing.
     __import__("torch.distributed.checkpoint")
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def param_dtype(name: str) -> torch.dtype:
+def compute_dtype(name: str) -> torch.dtype:
     """auto: bf16 on a GPU that supports it, else fp32."""
     auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if name == "bf16" or (name == "auto" and auto) else torch.float32
+
+
+def autocast(cfg: Config, device):
+    """Mixed precision: forwards (generation, scoring, teacher, student) compute in --dtype over the fp32 weights;
+    log-softmax, KL and losses are fp32 by explicit casts; backward runs outside (as torch recommends)."""
+    dtype = compute_dtype(cfg.dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def shard_fsdp(backbone, cfg: Config, device):
+    """FSDP2: every decoder layer is one unit, the Backbone (embeddings, final norm, LM head) the root. (fully_shard on
+    the HF model itself fails: Backbone calls get_decoder(), bypassing that root's hooks.) Shards stay fp32; forwards
+    all-gather them in the compute dtype and gradients are reduce-scattered in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = dict(mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
+              mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype(cfg.dtype), reduce_dtype=torch.float32))
+    for layer in backbone.lm.get_decoder().layers:
+        fully_shard(layer, **kw)
+    fully_shard(backbone, **kw)
+    with torch.no_grad():  # FSDP makes the first module to run forward the root: the Backbone, not a layer
+        backbone(torch.zeros((1, 1), dtype=torch.long, device=device), torch.ones((1, 1), dtype=torch.long, device=device))
+    backbone.reshard()  # the root keeps its weights gathered after a forward: the optimizer must get the shards
+    return backbone
+
+
+@contextmanager
+def full_weights(model):
+    """FSDP: all-gather every unit once and keep the full (compute-dtype) weights until the block ends, so that the
+    forwards of generate, scoring and evaluation are local: ranks may run different numbers of them (no collective,
+    no synced_gpus). Costs one full copy of the weights per GPU while it lasts. DDP and one process: nothing."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root keeps its weights
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -685,9 +752,10 @@ def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_
                 sampler = torch.cat([r["sampler_logps"] for r in auto]).to(device)
                 stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
     kd = [r for r in rows if r["kind"] == "kd"]
-    if kd:  # strategy distillation: teacher = same model on (guided prompt + target), no grad
-        with torch.no_grad():
-            t_hidden, _ = response_hidden(teacher, [(r["teacher_prompt"], r["response"]) for r in kd], pad_id, device)
+    with torch.no_grad():  # teacher = same model on (guided prompt + target); run on every pass: under FSDP a collective
+        t_hidden, _ = response_hidden(teacher, [(r["teacher_prompt"], r["response"]) for r in kd] or [([pad_id], [pad_id])],
+                                      pad_id, device)
+    if kd:  # strategy distillation
         div, logp = kd_divergence(hidden[kinds], t_hidden, targets[kinds], head, cfg.temperature, cfg.kd_loss, cfg.kd_chunk_size)
         if "kd" not in old_logps:
             old_logps["kd"] = logp.detach()
@@ -703,29 +771,34 @@ def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_
 
 
 def accumulate_gradients(model, backbone_raw, head, rows, cfg: Config, pad_id, device, stats, old_logps_cache, ref=None):
-    """Forward/backward over micro-batches of rows. Every rank makes the same number of passes (ranks with
-    fewer rows make zero-loss passes) and DDP all-reduces only on the last one (no_sync before)."""
+    """Forward/backward over micro-batches of rows, sorted by length (less padding; the weights are global, so the
+    gradient is the same). Every rank makes the same passes, each with the same forwards (ranks with fewer rows
+    make zero-loss ones); DDP all-reduces on the last pass only (no_sync before), FSDP reduce-scatters every pass
+    (unsharded gradients would not fit)."""
+    rows = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["response"]))
     batches = [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
     n_passes = int(all_reduce(torch.tensor(len(batches), device=device), dist.ReduceOp.MAX))
     for i in range(n_passes):
-        sync = nullcontext() if (i == n_passes - 1 or not isinstance(model, DDP)) else model.no_sync()
-        with sync:
-            if i < len(batches):
-                cache = old_logps_cache.setdefault(i, {})
-                loss = micro_batch_loss(model, head, backbone_raw, batches[i], cache, cfg, pad_id, device, stats, ref)
-            else:  # a zero-loss pass that touches every parameter, so DDP's reduction sees all of them
-                hidden = model(torch.full((1, 1), pad_id, device=device), torch.ones((1, 1), dtype=torch.long, device=device))
-                loss = head(hidden).float().sum() * 0.0
+        with nullcontext() if (i == n_passes - 1 or not isinstance(model, DDP)) else model.no_sync():
+            with autocast(cfg, device):
+                if i < len(batches):
+                    cache = old_logps_cache.setdefault(i, {})
+                    loss = micro_batch_loss(model, head, backbone_raw, batches[i], cache, cfg, pad_id, device, stats, ref)
+                else:  # zero loss through every parameter (DDP's reduction must see all of them), teacher pass as usual
+                    dummy = [([pad_id], [pad_id])]
+                    loss = head(response_hidden(model, dummy, pad_id, device)[0]).float().sum() * 0.0
+                    with torch.no_grad():
+                        response_hidden(backbone_raw, dummy, pad_id, device)
             loss.backward()
     return n_passes
 
 
 def optimizer_step(raw_model, optimizer, scheduler, cfg: Config):
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)  # FSDP: a DTensor
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
 
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
@@ -735,26 +808,52 @@ def latest_checkpoint(output_dir: str):
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state: dict, master: bool):
-    """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it."""
+def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state: dict, master: bool):
+    """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it. The weights are
+    the fp32 master weights (an exact resume needs them); under FSDP they are gathered to rank 0's CPU, and every
+    rank writes its shard of the optimizer state (torch.distributed.checkpoint: loadable on another world size)."""
     rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
+    tmp, weights, optim_state = final + ".tmp", None, {"optimizer": optimizer.state_dict()}
     if master:
-        final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
-        tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        raw_model.save_pretrained(tmp)
+        os.makedirs(tmp)
+    barrier()
+    if cfg.fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
+        if optimizer.state:  # (empty before the first step, e.g. at checkpoint-0: get_optimizer_state_dict would step it)
+            dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+        optim_state = {}
+    if master:
+        raw_model.save_pretrained(tmp, state_dict=weights)
         raw_model.original_generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng, "config": asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save({**state, **optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(cfg)},
+                   os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
+    barrier()  # every rank's optimizer shard is written
+    if master:
         if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: a crash above leaves the previous checkpoint intact
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
+
+
+def load_optimizer(cfg, model, optimizer, saved: dict, resume: str):
+    if not cfg.fsdp:
+        return optimizer.load_state_dict(saved["optimizer"])
+    if not os.path.isdir(os.path.join(resume, "optimizer")):  # saved before the first step: nothing to restore
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizer)  # initialises AdamW's state: dcp.load fills it in place
+    dcp.load(state, checkpoint_id=os.path.join(resume, "optimizer"))
+    set_optimizer_state_dict(model, optimizer, state)
 
 
 def make_optimizer(raw_model, lr, cfg: Config):
@@ -779,8 +878,10 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     g1, g2 = cfg.num_generations, cfg.num_guided_generations
     auto_prompts = [prompt_ids(tokenizer, cfg, q, guided=False) for q in problems]
     guided_prompts = [prompt_ids(tokenizer, cfg, q, guided=True) for q in problems]
-    rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2],
-                        pad_id, eos_ids, device, cfg.temperature, cfg.max_completion_length, cfg.top_p, cfg.top_k)
+    backbone_raw = model.module if isinstance(model, DDP) else model
+    with full_weights(model), autocast(cfg, device):  # FSDP: the weights are gathered once for all generate calls
+        rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2], pad_id,
+                            eos_ids, device, cfg.temperature, cfg.max_completion_length, cfg.top_p, cfg.top_k, generation_batch_size(cfg))
     t_gen = time.time()
 
     texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in rollouts]  # for grading only
@@ -810,9 +911,10 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     if cfg.use_kd and g2:
         mean_logp = torch.full((len(problems), g2), -math.inf)  # [B, G2], scored for correct rollouts only
         cands = [(b, j) for b in range(len(problems)) for j in range(g2) if r_guided[b, j] > 0]
-        if cfg.target_selection and cands:
-            scores = mean_logps(Backbone(raw_model).eval(), head,
-                                [(auto_prompts[b], rollouts[b][g1 + j]["ids"]) for b, j in cands], cfg, pad_id, device)
+        if cfg.target_selection:  # on every rank, candidates or not: FSDP's gathering is a collective
+            with full_weights(model), autocast(cfg, device):
+                scores = mean_logps(backbone_raw.eval(), head,
+                                    [(auto_prompts[b], rollouts[b][g1 + j]["ids"]) for b, j in cands], cfg, pad_id, device)
             for (b, j), score in zip(cands, scores):
                 mean_logp[b, j] = score
         for b, q in enumerate(problems):
@@ -824,7 +926,6 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     t_score = time.time()
 
     model.train()
-    backbone_raw = model.module if isinstance(model, DDP) else model
     old_logps, grad_norm = {}, 0.0
     rows = auto_rows + kd_rows
     for _ in range(cfg.num_iterations):
@@ -850,9 +951,10 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
 
 
 def sft_warmup(problems, model, raw_model, head, tokenizer, cfg: Config, device, rank, world, log):
-    """Warm-up: NLL of the reference `solution` (+ EOS) under the autonomous prompt, token-normalised globally."""
+    """Warm-up: NLL of the reference `solution` + the end-of-turn token (tokenizer.eos_token, which the chat template
+    closes an assistant turn with; generation may stop on other EOS ids too) under the autonomous prompt."""
     optimizer, scheduler = make_optimizer(raw_model, cfg.sft_learning_rate, cfg)
-    eos = raw_model.generation_config.eos_token_id[0]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else raw_model.generation_config.eos_token_id[0]
     examples = [(prompt_ids(tokenizer, cfg, q, guided=False), tokenizer(q["solution"], add_special_tokens=False)["input_ids"] + [eos])
                 for q in problems]
     step = 0
@@ -887,19 +989,22 @@ def main(argv=None) -> int:
             resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
             if resume is None or not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
                 raise UsageError(f"--resume {cfg.resume}: no checkpoint found (looked for {resume or cfg.output_dir + '/checkpoint-*'}/trainer_state.pt)")
+            if json.load(open(os.path.join(resume, "sgpo_config.json"))).get("fsdp", False) != cfg.fsdp:  # optimizer format
+                raise UsageError(f"--resume {resume}: written with --fsdp {not cfg.fsdp}; resume it with the same --fsdp")
         elif (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) or latest_checkpoint(cfg.output_dir)) \
                 and not cfg.overwrite_output_dir:
             raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or --overwrite_output_dir")
+        if cfg.fsdp and "RANK" not in os.environ:
+            raise UsageError("--fsdp: needs a process group; launch with torchrun (--nproc_per_node=1 for one GPU)")
     except UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = setup_distributed(cfg.ddp_timeout)
     master = rank == 0
-    dtype = param_dtype(cfg.dtype)
-    try:
-        raw_model, tokenizer = load_model(resume or cfg.model, dtype, device)
+    try:  # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its GPU
+        raw_model, tokenizer = load_model(resume or cfg.model, torch.float32, "cpu" if cfg.fsdp else device)
     except UsageError as e:
         if master:
             print(f"error: {e}", file=sys.stderr)
@@ -908,14 +1013,17 @@ def main(argv=None) -> int:
         set_activation_checkpointing(raw_model, True)
     head = raw_model.get_output_embeddings()
     backbone = Backbone(raw_model)
-    model = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
+    if cfg.fsdp:
+        model = shard_fsdp(backbone, cfg, device)
+    else:
+        model = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
     ref = None
-    if cfg.beta > 0:  # frozen reference = the initial policy
-        ref_model, _ = load_model(cfg.model, dtype, device)
+    if cfg.beta > 0:  # frozen reference = the initial policy, never trained: compute dtype, replicated
+        ref_model, _ = load_model(cfg.model, compute_dtype(cfg.dtype), device)
         ref_model.eval().requires_grad_(False)
         ref = (Backbone(ref_model), ref_model.get_output_embeddings())
 
-    saved = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=False) if resume else None
+    saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False) if resume else None
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -937,7 +1045,7 @@ def main(argv=None) -> int:
     optimizer, scheduler = make_optimizer(raw_model, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs, eval_start={})
     if resume:
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer(cfg, model, optimizer, saved, resume)
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved.get(k, v) for k, v in state.items()}
         if len(saved["rng"]) == world:
@@ -947,6 +1055,7 @@ def main(argv=None) -> int:
                 torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
         elif master:
             print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, this run {world}: sampling reseeded")
+        del saved  # the optimizer state now lives in the optimizer (on its device); free the CPU copy
     else:
         torch.manual_seed(cfg.seed + rank)  # different samples on each rank
         random.seed(cfg.seed + rank)
@@ -957,7 +1066,8 @@ def main(argv=None) -> int:
         state["sft_done"] = True
 
     def evaluate() -> dict:  # greedy held-out accuracy: printed next to the one before RL, logged with the step
-        result = evaluate_accuracy(raw_model, tokenizer, eval_problems, cfg, device, rank, world)
+        with full_weights(model):
+            result = evaluate_accuracy(raw_model, tokenizer, eval_problems, cfg, device, rank, world)
         start = state["eval_start"] = state["eval_start"] or result
         if master:
             tqdm.write(f"step {state['step']}, greedy accuracy on {len(eval_problems)} problems of {cfg.eval_data}: " + ", ".join(
@@ -967,7 +1077,7 @@ def main(argv=None) -> int:
     if eval_problems and state["step"] == 0 and not state["eval_start"]:  # before RL (after the warm-up, if any)
         log({"step": 0, **evaluate()})
     if warming_up:  # checkpoint-0: the warm model, and its evaluation (not repeated on a resume from it)
-        save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
+        save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
     batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
     while state["step"] < cfg.max_steps:
@@ -985,10 +1095,11 @@ def main(argv=None) -> int:
         bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}", r_guided=f"{metrics['reward/guided_mean']:.2f}",
                         kd=f"{metrics['kd/target_frac']:.2f}")
         if state["step"] % cfg.save_steps == 0 or state["step"] == cfg.max_steps:
-            save_checkpoint(cfg, raw_model, tokenizer, optimizer, scheduler, state, master)
+            save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
     bar.close()
     if ddp:
-        del model  # DDP holds the process group too: released first, so destroy_process_group() frees it
+        del model, backbone, raw_model, head, optimizer  # they hold the process group (DDP; FSDP's shards): release them
+        # first, so that destroy_process_group() frees it and no gloo thread outlives the interpreter
         dist.destroy_process_group()
     return 0
 

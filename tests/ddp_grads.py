@@ -1,5 +1,6 @@
 """Helper for test_ddp.py: accumulate the gradient of fixed rollouts with `python` (all rows) or under
-`torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo); rank 0 saves it."""
+`torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo, or FSDP2 with a second argument
+`fsdp`); rank 0 saves it."""
 import os
 import sys
 
@@ -23,14 +24,16 @@ if "RANK" in os.environ:
     # then zero-loss passes) and so no KD metrics at all
     last = [r for r in rows if r["kind"] == "auto"][-2:]
     rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
-    wrapped = DDP(backbone)
+    fsdp = sys.argv[2:] == ["fsdp"]
+    wrapped = sgpo.shard_fsdp(backbone, cfg, torch.device("cpu")) if fsdp else DDP(backbone)
 else:
     wrapped = backbone
 stats = sgpo.Stats()
 sgpo.accumulate_gradients(wrapped, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, {})
 metrics = stats.reduce("cpu")
+grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()}
 if not dist.is_initialized() or dist.get_rank() == 0:
-    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "metrics": metrics}, out_path)
+    torch.save({"grads": grads, "metrics": metrics}, out_path)
 if dist.is_initialized():
     # DDP's reducer holds the process group: freed at interpreter exit, gloo's threads abort ("terminate called
     # without an active exception", 1 run in 5 here). Release it first.

@@ -220,12 +220,19 @@ def test_paper_args_file():
     assert (toy.model, toy.eval_data, toy.kl_clip) == ("toy/cups_data/model", "toy/cups_data/test.jsonl", float("inf"))
 
 
-def test_bf16_run(warm_dir, data_file, tmp_path):
-    """The bf16 path (the GPU default) on CPU: log-probs from bf16 logits, fp32 loss, bf16 parameters saved."""
+def test_bf16_compute_run_trains_at_lr_1e6_and_saves_fp32(warm_dir, data_file, tmp_path):
+    """--dtype bf16 (the GPU default) on CPU: autocast over fp32 weights. At the paper's RL lr of 1e-6 one step moves
+    most weights, and the checkpoint keeps those fp32 master weights (a bf16 copy would round the moves away)."""
     out = tmp_path / "bf16"
     args = ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 1, "--dtype", "bf16"] + COMMON
-    assert sgpo.main([str(a) for a in args]) == 0
+    assert sgpo.main([str(a) for a in args + ["--learning_rate", 1e-6]]) == 0
     m = read_metrics(out / "metrics.jsonl")[0]
-    assert m["rollout_probs_diff_max"] < 0.1 and m["entropy"] > 0
+    assert m["rollout_probs_diff_max"] < 0.1 and m["entropy"] > 0 and m["loss/kd"] > 0
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
-    assert model.config.dtype == torch.bfloat16
+    before = AutoModelForCausalLM.from_pretrained(warm_dir)
+    assert model.config.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    moved = sum((a != b).sum().item() for a, b in zip(model.parameters(), before.parameters()))
+    assert moved / sum(p.numel() for p in model.parameters()) > 0.5  # the rest: embedding rows of unused characters
+    for (name, a), b in zip(model.named_parameters(), before.parameters()):
+        if "norm" in name:  # |w| ~ 1: a 1e-6 step is below bf16's resolution (4e-3), well above fp32's (1e-7)
+            assert (a != b).any() and (a - b).abs().max() < 1e-5, name

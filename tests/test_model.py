@@ -138,3 +138,34 @@ def test_prompts_substitute_in_one_pass():
     assert "why {strategy}?" in text and "use {problem}" in text
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
     assert "use {problem}" not in tok.decode(sgpo.prompt_ids(tok, cfg, q, guided=False))
+
+
+def _train(dtype_flag, weights_dtype, steps=5, lr=1e-6):
+    tok, model, cfg = tiny_setup()
+    cfg = dataclasses.replace(cfg, dtype=dtype_flag, learning_rate=lr)
+    model = model.to(weights_dtype)
+    rows = training_rows(tok, model, cfg)
+    start = [p.detach().clone() for p in model.parameters()]
+    backbone, (optimizer, scheduler), first_grads = sgpo.Backbone(model), sgpo.make_optimizer(model, lr, cfg), None
+    for _ in range(steps):
+        sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", sgpo.Stats(), {})
+        first_grads = first_grads or {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        sgpo.optimizer_step(model, optimizer, scheduler, cfg)
+    moved = {n: ((p != s).sum().item(), p.numel()) for (n, p), s in zip(model.named_parameters(), start)}
+    return moved, first_grads
+
+
+def test_bf16_compute_moves_weights_at_lr_1e6_and_matches_fp32():
+    """Five steps at lr 1e-6: bf16 compute over fp32 weights moves as many weights as fp32 (93.6 % here, the rest get
+    no gradient) and every norm weight; bf16 *weights* (the old --dtype bf16) move 1.7 % and no norm weight. The
+    first step's gradient in bf16 compute is within 0.4 % (relative L2) of fp32's (measured; asserted: 2 %)."""
+    fp32, fp32_grads = _train("fp32", torch.float32)
+    bf16, bf16_grads = _train("bf16", torch.float32)
+    stale, _ = _train("fp32", torch.bfloat16)
+    share = lambda moved: sum(m for m, _ in moved.values()) / sum(n for _, n in moved.values())  # noqa: E731
+    assert share(bf16) > 0.8 and share(bf16) == pytest.approx(share(fp32), abs=0.02)
+    assert all(m > 0 for n, (m, _) in bf16.items() if "norm" in n)
+    assert share(stale) < 0.1 and all(m == 0 for n, (m, _) in stale.items() if "norm" in n)  # the trap the test guards
+    diff = sum(((bf16_grads[n] - g) ** 2).sum() for n, g in fp32_grads.items()).sqrt()
+    assert diff / sum((g ** 2).sum() for g in fp32_grads.values()).sqrt() < 0.02
+    assert any((bf16_grads[n] - g).abs().max() > 0 for n, g in fp32_grads.items())  # autocast did compute in bf16
