@@ -990,7 +990,7 @@ def main(argv=None) -> int:
             if resume is None or not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
                 raise UsageError(f"--resume {cfg.resume}: no checkpoint found (looked for {resume or cfg.output_dir + '/checkpoint-*'}/trainer_state.pt)")
             if json.load(open(os.path.join(resume, "sgpo_config.json"))).get("fsdp", False) != cfg.fsdp:  # optimizer format
-                raise UsageError(f"--resume {resume}: written with --fsdp {not cfg.fsdp}; resume it with the same --fsdp")
+                raise UsageError(f"--resume {resume}: written with --fsdp {str(not cfg.fsdp).lower()}; resume it with the same --fsdp")
         elif (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) or latest_checkpoint(cfg.output_dir)) \
                 and not cfg.overwrite_output_dir:
             raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or --overwrite_output_dir")

@@ -1,4 +1,5 @@
 """End to end: sgpo.py as users run it, on the tiny model (warm-started by sgpo.py's own SFT warm-up)."""
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sgpo
-from tests.conftest import ROOT, read_metrics, run_sgpo
+from tests.conftest import ROOT, read_metrics, run_sgpo, tiny_rows
+from toy.tiny import build_model, build_tokenizer
 
 COMMON = ["--batch_size", 4, "--num_generations", 4, "--num_guided_generations", 2, "--max_completion_length", 12,
           "--learning_rate", 1e-3, "--micro_batch_size", 6, "--kl_clip", 1.0, "--eval_data", ""]
@@ -236,3 +238,46 @@ def test_bf16_compute_run_trains_at_lr_1e6_and_saves_fp32(warm_dir, data_file, t
     for (name, a), b in zip(model.named_parameters(), before.parameters()):
         if "norm" in name:  # |w| ~ 1: a 1e-6 step is below bf16's resolution (4e-3), well above fp32's (1e-7)
             assert (a != b).any() and (a - b).abs().max() < 1e-5, name
+
+
+def test_warmup_ends_with_turn_end_token_and_resume_loads_to_cpu(tmp_path, data_file, monkeypatch):
+    """Qwen2.5's generation EOS list is [<|endoftext|>, <|im_end|>] (sorted); the chat template closes a turn with
+    <|im_end|> (tokenizer.eos_token), so the warm-up must teach that one, not the list's first id. And resume reads
+    trainer_state.pt to the CPU (without map_location every rank would load it onto the GPU it was saved from)."""
+    tok = build_tokenizer()
+    model = build_model(tok)
+    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|endoftext|>"), tok.eos_token_id]
+    assert model.generation_config.eos_token_id[0] < tok.eos_token_id  # the trap: the smaller id is not the turn end
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    seen, loads, real_accumulate, real_load = [], [], sgpo.accumulate_gradients, torch.load
+    monkeypatch.setattr(sgpo, "accumulate_gradients", lambda *a, **k: seen.extend(a[3]) or real_accumulate(*a, **k))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
+    args = ["--model", tmp_path / "model", "--data", data_file, "--output_dir", tmp_path / "out", "--sft_epochs", 1] + COMMON
+    assert sgpo.main([str(a) for a in args + ["--max_steps", 0]]) == 0
+    sft = [r for r in seen if r["kind"] == "sft"]
+    assert len(sft) == 16 and all(r["response"][-1] == tok.eos_token_id for r in sft)
+    assert all(tok.decode(r["response"][:-1]) == next(q["solution"] for q in tiny_rows() if r["prompt"] == sgpo.prompt_ids(
+        tok, sgpo.Config(), q, False)) for r in sft)
+    assert sgpo.main([str(a) for a in args + ["--max_steps", 1, "--resume"]]) == 0
+    assert loads == ["cpu"]
+
+
+def test_generation_batch_size_bounds_each_call(warm_dir, eval_file):
+    """generate(batch_size=B): at most B sequences per HF generate call (the KV cache of a call), same greedy output
+    as one call; the held-out evaluation follows --generation_batch_size."""
+    model, tok = sgpo.load_model(str(warm_dir), torch.float32, "cpu")
+    rows = sgpo.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
+    cfg = sgpo.Config(max_completion_length=12)
+    prompts = [sgpo.prompt_ids(tok, cfg, q, False) for q in rows]
+    calls, real = [], model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw)
+    one = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 12)
+    split = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 12, batch_size=3)
+    assert calls == [7, 3, 3, 1]
+    assert [o["ids"] for o in one] == [o["ids"] for o in split]
+    assert all((a["sampler_logps"] - b["sampler_logps"]).abs().max() < 1e-5 for a, b in zip(one, split))
+    calls.clear()
+    expected = sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1)
+    assert sgpo.evaluate_accuracy(model, tok, rows, dataclasses.replace(cfg, generation_batch_size=2), "cpu", 0, 1) == expected
+    assert calls == [7, 4] + [2, 2, 2, 1] + [2, 2]  # default: a rollout batch (16 x 12) per call; then 2 at a time
