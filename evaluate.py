@@ -38,8 +38,9 @@ class EvalConfig:
     """Top-k sampling (0 = off)."""
     max_new_tokens: int = 32768
     """Response budget (paper: 32K); a response that reaches it counts as truncated."""
-    batch_size: int = 64
-    """Sequences per generate call on each rank."""
+    batch_size: int = 16
+    """Sequences per generate call on each rank: its KV cache is batch x tokens x KB/token (7B: 57 KB/token, so 16 x
+    32K tokens = 30 GB next to 15 GB of bf16 weights on an 80 GB GPU; 64 would need 121 GB)."""
     guided: bool = False
     """Also evaluate with the strategy in the prompt (problems that have one), side by side with unguided."""
     resume: bool = False
@@ -47,7 +48,7 @@ class EvalConfig:
     seed: int = 0
     """Sampling seed (offset by rank)."""
     dtype: str = "auto"
-    """auto (bf16 on a GPU that supports it), bf16 or fp32."""
+    """Weights and compute: auto (bf16 on a GPU that supports it), bf16 or fp32 (inference only: no fp32 master copy)."""
     system_prompt: str = ""
     """As in sgpo.py."""
     prompt_template: str = sgpo.AUTO_TEMPLATE

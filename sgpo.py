@@ -11,28 +11,23 @@ policy finds most likely among the correct ones. See ../shared/SGPO_METHOD.md an
 The defaults run the CPU testbed of toy/ (ball under cups, a 117k-parameter model; ~2 min on 2 cores), printing
 greedy held-out accuracy, unguided and guided, before and after RL; paper.args holds the paper's setting:
     python sgpo.py                                   # the CPU testbed, no download
-    python sgpo.py @paper.args --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl --output_dir out/sgpo
-Eight GPUs on one node (DDP):
+    python sgpo.py @paper.args --fsdp false --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl   # one GPU
+Eight GPUs on one node (paper.args shards with FSDP; --fsdp false: DDP, where 16 bytes/parameter fit a GPU):
     torchrun --standalone --nproc_per_node=8 sgpo.py @paper.args --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl
 Two nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 --nproc_per_node=8 sgpo.py ...
 Resume the latest checkpoint of a run: add --resume (or --resume out/sgpo/checkpoint-100).
 """
-import ast
-import argparse
 import datetime
-import inspect
 import json
 import math
 import os
 import random
 import re
-import shlex
 import shutil
 import sys
-import textwrap
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -42,6 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
+
+from inputs import UsageError, config_from_args, load_problems  # noqa: F401 (also used as sgpo.X by the scripts)
 
 AUTO_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 # The guided prompt is the strategy followed by the autonomous prompt, word for word: the problem and the
@@ -97,8 +94,7 @@ class Config:
     max_completion_length: int = 48
     """Maximum new tokens per rollout; a rollout that hits it is truncated."""
     generation_batch_size: int = 0
-    """Sequences per generate call (rollouts and held-out evaluation): bounds the KV cache, README; 0 = all of a
-    rank's step in one call."""
+    """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache (README); 0 = all in one."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -169,52 +165,7 @@ class Config:
     """Checkpoint every N RL steps (and always at the end)."""
 
 
-# ==== Command line: every Config field is a flag, its docstring the help text.
-class UsageError(Exception):
-    """Bad input: printed as one line, exit code 2."""
-
-
-def _field_docs(cls) -> dict:
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
-def _bool(text: str) -> bool:
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes", "on")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2 (main), instead of argparse's usage block
-        raise UsageError(message)
-
-    def convert_arg_line_to_args(self, line):  # @file arguments: shell words per line, '#' starts a comment
-        return shlex.split(line, comments=True)
-
-
-def config_from_args(cls, argv=None, description=""):
-    """A dataclass instance from the command line: --field per field, its docstring as help; list fields
-    repeat (--bench a --bench b); @FILE reads arguments from FILE; errors raise UsageError (one line, exit 2)."""
-    docs = _field_docs(cls)
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                     fromfile_prefix_chars="@")
-    for f in fields(cls):
-        kw = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
-        if f.type is bool:
-            kw.update(type=_bool, nargs="?", const=True)
-        elif f.type is list:
-            kw.update(type=str, action="append", default=None)
-        elif f.name == "resume" and f.type is str:
-            kw.update(type=str, nargs="?", const="latest")
-        else:
-            kw.update(type=f.type)
-        parser.add_argument(f"--{f.name}", **kw)
-    args = vars(parser.parse_args(argv))
-    return cls(**{f.name: (args[f.name] or []) if f.type is list else args[f.name] for f in fields(cls)})
-
-
+# ==== Command line and data (inputs.py: every Config field a flag; JSONL validated line by line, one-line errors).
 def parse_args(argv=None) -> Config:
     cfg = config_from_args(Config, argv, "SGPO training")
     checks = [(cfg.kd_loss in ("fkl", "rkl", "sft"), "kd_loss", "must be fkl, rkl or sft"),
@@ -234,49 +185,6 @@ def parse_args(argv=None) -> Config:
         if not ok:
             raise UsageError(f"--{name}: {what}")
     return cfg
-
-
-# ==== Data: validated whole before anything runs.
-def load_problems(path: str, required=("problem", "answer", "strategy"), skip_unkept=True) -> list:
-    """Read and validate a JSONL file; raise UsageError('path:line: field: what is wrong') on the first bad line.
-    Required fields are non-empty strings, the usual optional ones strings; each row gets a string id (its own,
-    unique, or '#index'). Rows that extract_strategies.py marked without a usable strategy are skipped."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: file not found")
-    rows, seen = [], {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise UsageError(f"{path}:{lineno}: line: not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: line: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: line: expected a JSON object")
-            if skip_unkept and row.get("strategy_status", "kept") != "kept":
-                continue
-            for key in dict.fromkeys((*required, "problem", "answer", "strategy", "solution")):
-                if key not in row:
-                    if key in required:
-                        raise UsageError(f"{path}:{lineno}: {key}: missing")
-                elif not isinstance(row[key], str):
-                    raise UsageError(f"{path}:{lineno}: {key}: expected a string, got {type(row[key]).__name__}")
-                elif key in required and not row[key].strip():
-                    raise UsageError(f"{path}:{lineno}: {key}: empty")
-            if "id" in row:
-                if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
-                    raise UsageError(f"{path}:{lineno}: id: expected a string or an integer")
-                if str(row["id"]) in seen:
-                    raise UsageError(f"{path}:{lineno}: id: duplicate of line {seen[str(row['id'])]}")
-            key = str(row.get("id", f"#{len(rows)}"))
-            seen[key] = lineno
-            rows.append({**row, "id": key})
-    if not rows:
-        raise UsageError(f"{path}: no problems (empty file)")
-    return rows
 
 
 def has_usable_strategy(problem: dict) -> bool:
@@ -521,42 +429,34 @@ class SamplerLogprobs:
         return torch.cat(self.out, dim=1)
 
 
+@torch.no_grad()
 def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperature: float, max_new_tokens: int,
              top_p: float = 1.0, top_k: int = 0, batch_size: int = 0):
     """Left-pad the prompts, sample (greedy at temperature 0), and return per sequence its response ids (up to
     and including the first EOS, never re-tokenised), whether it was truncated, and the sampler's log-probs
     of its tokens (of logits / temperature; of the raw logits when greedy). At most batch_size sequences (0: all)
-    per HF generate call: the KV cache of a call is (sequences x tokens x bytes/token), README."""
-    step = batch_size or len(prompts)
-    return [out for i in range(0, len(prompts), step) for out in
-            _generate(model, prompts[i:i + step], pad_id, eos_ids, device, temperature, max_new_tokens, top_p, top_k)]
-
-
-@torch.no_grad()
-def _generate(model, prompts, pad_id, eos_ids, device, temperature, max_new_tokens, top_p, top_k):
+    per HF generate call: a call's KV cache is sequences x tokens x bytes/token (README)."""
     from transformers import GenerationConfig, LogitsProcessorList
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
-    gen_cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                               use_cache=True)
-    recorder = SamplerLogprobs(temperature if temperature > 0 else 1.0)
-    was_training = model.training
-    model.eval()  # also switches HF activation checkpointing off (it acts in training mode only), so the KV cache works
-    try:
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                             logits_processor=LogitsProcessorList([recorder]))
-    finally:
-        model.train(was_training)
-    completions = out[:, width:]  # [N, T]
-    sampler_logps = recorder.finish(completions)  # [N, T]
-    lengths, truncated = first_eos_lengths(completions, eos_ids)
-    return [dict(ids=completions[i, :n].tolist(), truncated=truncated[i], sampler_logps=sampler_logps[i, :n].cpu())
-            for i, n in enumerate(lengths)]
+    gen_cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+    results, was_training, step = [], model.training, batch_size or len(prompts)
+    for batch in (prompts[i:i + step] for i in range(0, len(prompts), step)):
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in batch], device=device)  # [N, P]
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        recorder = SamplerLogprobs(temperature if temperature > 0 else 1.0)
+        model.eval()  # also turns HF activation checkpointing off (it acts in training mode only): the KV cache works
+        try:
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg,
+                                 logits_processor=LogitsProcessorList([recorder]))
+        finally:
+            model.train(was_training)
+        completions = out[:, width:]  # [N, T]
+        sampler_logps = recorder.finish(completions)  # [N, T]
+        lengths, truncated = first_eos_lengths(completions, eos_ids)
+        results += [dict(ids=completions[i, :n].tolist(), truncated=truncated[i], sampler_logps=sampler_logps[i, :n].cpu())
+                    for i, n in enumerate(lengths)]
+    return results
 
 
 def first_eos_lengths(completions, eos_ids):
@@ -583,22 +483,18 @@ def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
 @torch.no_grad()
 def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank, world) -> dict:
     """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided; rows are sharded
-    over ranks, generated generation_batch_size (default: a rollout batch) at a time."""
+    over ranks, generation_batch_size at a time."""
     counts = []
     for guided in (False, True):
         rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
         with autocast(cfg, device):
             outs = generate(raw_model, [prompt_ids(tokenizer, cfg, q, guided) for q in rows], tokenizer.pad_token_id,
                             raw_model.generation_config.eos_token_id, device, 0.0, cfg.max_completion_length,
-                            batch_size=generation_batch_size(cfg))
+                            batch_size=cfg.generation_batch_size)
         counts += [sum(math_reward(tokenizer.decode(o["ids"], skip_special_tokens=True), q["answer"], cfg.reward_timeout)
                        for o, q in zip(outs, rows)), len(rows)]
     c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
     return {f"eval/{mode}_acc": c[2 * k] / c[2 * k + 1] for k, mode in enumerate(("unguided", "guided")) if c[2 * k + 1]}
-
-
-def generation_batch_size(cfg: Config) -> int:
-    return cfg.generation_batch_size or cfg.batch_size * (cfg.num_generations + cfg.num_guided_generations)
 
 
 # ==== Distributed helpers (no-ops in one process).
@@ -643,7 +539,7 @@ def shard_fsdp(backbone, cfg: Config, device):
         fully_shard(layer, **kw)
     fully_shard(backbone, **kw)
     with torch.no_grad():  # FSDP makes the first module to run forward the root: the Backbone, not a layer
-        backbone(torch.zeros((1, 1), dtype=torch.long, device=device), torch.ones((1, 1), dtype=torch.long, device=device))
+        backbone(*torch.ones((2, 1, 1), dtype=torch.long, device=device))  # input_ids, attention_mask [1, 1]
     backbone.reshard()  # the root keeps its weights gathered after a forward: the optimizer must get the shards
     return backbone
 
@@ -752,9 +648,9 @@ def micro_batch_loss(backbone, head, teacher, rows, old_logps, cfg: Config, pad_
                 sampler = torch.cat([r["sampler_logps"] for r in auto]).to(device)
                 stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
     kd = [r for r in rows if r["kind"] == "kd"]
-    with torch.no_grad():  # teacher = same model on (guided prompt + target); run on every pass: under FSDP a collective
-        t_hidden, _ = response_hidden(teacher, [(r["teacher_prompt"], r["response"]) for r in kd] or [([pad_id], [pad_id])],
-                                      pad_id, device)
+    with torch.no_grad():  # teacher: the same model on guided prompt + target; on every pass (FSDP: a collective)
+        t_rows = [(r["teacher_prompt"], r["response"]) for r in kd] or [([pad_id], [pad_id])]
+        t_hidden, _ = response_hidden(teacher, t_rows, pad_id, device)
     if kd:  # strategy distillation
         div, logp = kd_divergence(hidden[kinds], t_hidden, targets[kinds], head, cfg.temperature, cfg.kd_loss, cfg.kd_chunk_size)
         if "kd" not in old_logps:
@@ -822,10 +718,10 @@ def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, stat
     barrier()
     if cfg.fsdp:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions as Opts, get_model_state_dict, get_optimizer_state_dict
         weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
-        if optimizer.state:  # (empty before the first step, e.g. at checkpoint-0: get_optimizer_state_dict would step it)
+            model, options=Opts(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
+        if optimizer.state:  # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
             dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
         optim_state = {}
     if master:
@@ -844,15 +740,11 @@ def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, stat
     barrier()
 
 
-def load_optimizer(cfg, model, optimizer, saved: dict, resume: str):
-    if not cfg.fsdp:
-        return optimizer.load_state_dict(saved["optimizer"])
-    if not os.path.isdir(os.path.join(resume, "optimizer")):  # saved before the first step: nothing to restore
-        return
+def load_sharded_optimizer(model, optimizer, path: str):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer)  # initialises AdamW's state: dcp.load fills it in place
-    dcp.load(state, checkpoint_id=os.path.join(resume, "optimizer"))
+    dcp.load(state, checkpoint_id=path)
     set_optimizer_state_dict(model, optimizer, state)
 
 
@@ -880,8 +772,9 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     guided_prompts = [prompt_ids(tokenizer, cfg, q, guided=True) for q in problems]
     backbone_raw = model.module if isinstance(model, DDP) else model
     with full_weights(model), autocast(cfg, device):  # FSDP: the weights are gathered once for all generate calls
-        rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2], pad_id,
-                            eos_ids, device, cfg.temperature, cfg.max_completion_length, cfg.top_p, cfg.top_k, generation_batch_size(cfg))
+        rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2],
+                            pad_id, eos_ids, device, cfg.temperature, cfg.max_completion_length, cfg.top_p, cfg.top_k,
+                            cfg.generation_batch_size)
     t_gen = time.time()
 
     texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in rollouts]  # for grading only
@@ -989,26 +882,21 @@ def main(argv=None) -> int:
             resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
             if resume is None or not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
                 raise UsageError(f"--resume {cfg.resume}: no checkpoint found (looked for {resume or cfg.output_dir + '/checkpoint-*'}/trainer_state.pt)")
-            if json.load(open(os.path.join(resume, "sgpo_config.json"))).get("fsdp", False) != cfg.fsdp:  # optimizer format
-                raise UsageError(f"--resume {resume}: written with --fsdp {str(not cfg.fsdp).lower()}; resume it with the same --fsdp")
+            if json.load(open(os.path.join(resume, "sgpo_config.json"))).get("fsdp", False) != cfg.fsdp:  # optimizer
+                raise UsageError(f"--resume {resume}: written with --fsdp {'false' if cfg.fsdp else 'true'}; resume with it")
         elif (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) or latest_checkpoint(cfg.output_dir)) \
                 and not cfg.overwrite_output_dir:
             raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or --overwrite_output_dir")
         if cfg.fsdp and "RANK" not in os.environ:
             raise UsageError("--fsdp: needs a process group; launch with torchrun (--nproc_per_node=1 for one GPU)")
+        ddp, rank, world, device = setup_distributed(cfg.ddp_timeout)
+        # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its GPU
+        raw_model, tokenizer = load_model(resume or cfg.model, torch.float32, "cpu" if cfg.fsdp else device)
     except UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-
-    ddp, rank, world, device = setup_distributed(cfg.ddp_timeout)
     master = rank == 0
-    try:  # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its GPU
-        raw_model, tokenizer = load_model(resume or cfg.model, torch.float32, "cpu" if cfg.fsdp else device)
-    except UsageError as e:
-        if master:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(raw_model, True)
     head = raw_model.get_output_embeddings()
@@ -1023,7 +911,7 @@ def main(argv=None) -> int:
         ref_model.eval().requires_grad_(False)
         ref = (Backbone(ref_model), ref_model.get_output_embeddings())
 
-    saved = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False) if resume else None
+    saved = resume and torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -1045,7 +933,10 @@ def main(argv=None) -> int:
     optimizer, scheduler = make_optimizer(raw_model, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs, eval_start={})
     if resume:
-        load_optimizer(cfg, model, optimizer, saved, resume)
+        if not cfg.fsdp:
+            optimizer.load_state_dict(saved["optimizer"])
+        elif os.path.isdir(os.path.join(resume, "optimizer")):  # (none if saved before the first step)
+            load_sharded_optimizer(model, optimizer, os.path.join(resume, "optimizer"))
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved.get(k, v) for k, v in state.items()}
         if len(saved["rng"]) == world:
@@ -1098,8 +989,8 @@ def main(argv=None) -> int:
             save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
     bar.close()
     if ddp:
-        del model, backbone, raw_model, head, optimizer  # they hold the process group (DDP; FSDP's shards): release them
-        # first, so that destroy_process_group() frees it and no gloo thread outlives the interpreter
+        del model, backbone, raw_model, head, optimizer  # they hold the process group (DDP; FSDP's shards): released
+        # first, destroy_process_group() frees it and no gloo thread outlives the interpreter
         dist.destroy_process_group()
     return 0
 

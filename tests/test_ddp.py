@@ -42,3 +42,21 @@ def test_process_group_freed_by_destroy(tiny_dir):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(f"rank {r} gloo threads after destroy: []" in proc.stdout for r in (0, 1)), proc.stdout
+
+
+def test_ddp_timeout_reaches_the_process_group(monkeypatch):
+    """--ddp_timeout: how long a collective waits for a rank still generating (torch's NCCL default is 10 min)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import sgpo
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    assert sgpo.setup_distributed(sgpo.parse_args(["--ddp_timeout", "7200"]).ddp_timeout)[:3] == (True, 0, 1)
+    assert seen["timeout"] == datetime.timedelta(seconds=7200)
+    assert sgpo.Config().ddp_timeout == 1800

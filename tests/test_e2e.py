@@ -216,6 +216,7 @@ def test_paper_args_file():
                  kl_clip=1.0, target_selection=True, adaptive_alpha=True, alpha_0=0.5, alpha_gamma=0.1, alpha_max=0.8)
     assert {k: getattr(cfg, k) for k in sheet} == sheet
     assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == ("m", "d.jsonl", 7, "", True)
+    assert (cfg.fsdp, cfg.generation_batch_size, cfg.dtype) == (True, 64, "auto")  # what fits 7B on 80 GB (README)
     with pytest.raises(sgpo.UsageError, match="--data: required"):  # paper.args never falls back on the toy's data
         sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m"])
     toy = sgpo.parse_args([])  # the defaults are the CPU testbed's
@@ -280,4 +281,4 @@ def test_generation_batch_size_bounds_each_call(warm_dir, eval_file):
     calls.clear()
     expected = sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1)
     assert sgpo.evaluate_accuracy(model, tok, rows, dataclasses.replace(cfg, generation_batch_size=2), "cpu", 0, 1) == expected
-    assert calls == [7, 4] + [2, 2, 2, 1] + [2, 2]  # default: a rollout batch (16 x 12) per call; then 2 at a time
+    assert calls == [7, 4] + [2, 2, 2, 1] + [2, 2]  # default (0): all in one call; then 2 at a time

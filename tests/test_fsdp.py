@@ -91,8 +91,7 @@ def test_fsdp_kill_and_resume(fsdp_run, warm_dir, data_file, eval_file, tmp_path
 def test_fsdp_checkpoint_needs_fsdp_to_resume(fsdp_run, data_file, tmp_path, capsys):
     assert sgpo.main(["--model", "unused", "--data", str(data_file), "--output_dir", str(tmp_path),
                       "--resume", str(fsdp_run / "checkpoint-1")]) == 2
-    assert capsys.readouterr().err == f"error: --resume {fsdp_run / 'checkpoint-1'}: written with --fsdp true; resume it " \
-                                      "with the same --fsdp\n"
+    assert capsys.readouterr().err == f"error: --resume {fsdp_run / 'checkpoint-1'}: written with --fsdp true; resume with it\n"
     assert sgpo.main(["--data", str(data_file), "--output_dir", str(tmp_path), "--fsdp", "true"]) == 2
     assert "--fsdp: needs a process group; launch with torchrun" in capsys.readouterr().err
     assert json.load(open(fsdp_run / "checkpoint-1" / "sgpo_config.json"))["fsdp"] is True
