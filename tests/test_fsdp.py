@@ -18,9 +18,12 @@ STEPS = 3
 
 
 def _args(warm_dir, data_file, eval_file, out):
-    """A warm-up epoch, RL steps with held-out evaluations on the way: every phase that runs forwards."""
+    """A warm-up epoch, RL steps with held-out evaluations on the way: every phase that runs forwards; with paper.args'
+    activation checkpointing and several generate calls a step."""
     return ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", STEPS, "--save_steps", 1,
-            "--sft_epochs", 1, "--sft_learning_rate", 1e-3] + COMMON + ["--eval_data", eval_file, "--eval_steps", 2]
+            "--sft_epochs", 1, "--sft_learning_rate", 1e-3] + COMMON + ["--eval_data", eval_file, "--eval_steps", 2,
+                                                                         "--gradient_checkpointing", "true",
+                                                                         "--generation_batch_size", 10]
 
 
 def _weights(path):
