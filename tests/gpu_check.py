@@ -1,6 +1,6 @@
 """GPU check (no network needed): one SGPO step in bf16 on a tiny Qwen-shaped model with Qwen's vocabulary size,
 with DDP and with FSDP (torchrun, world size 1), generation, scoring, teacher pass and checkpoint included; prints
-peak GPU memory and the step's time split. Run by tests/gpu_check.sh; on a CPU it runs too (no memory figures).
+peak GPU memory and the step's time split. Run by tests/gpu_check.sh; on a CPU a scaled-down smoke run (no warm-up, fp32, no memory figures).
 
     bash tests/gpu_check.sh            # or: python tests/gpu_check.py build DIR; torchrun ... gpu_check.py run DIR fsdp
 """
@@ -35,8 +35,8 @@ def run(folder, fsdp):
     out = os.path.join(folder, f"run-fsdp-{fsdp}")
     gpu = torch.cuda.is_available()  # on a CPU: a smoke run of the script itself, scaled down
     args = ["--model", os.path.join(folder, "model"), "--data", os.path.join(folder, "train.jsonl"), "--output_dir", out,
-            "--overwrite_output_dir", "--fsdp", fsdp, "--dtype", "bf16", "--sft_learning_rate", "3e-3",
-            "--sft_epochs", "10" if gpu else "1", "--learning_rate", "1e-6", "--max_steps", "2",
+            "--overwrite_output_dir", "--fsdp", fsdp, "--dtype", "bf16" if gpu else "fp32", "--sft_learning_rate", "3e-3",
+            "--sft_epochs", "10" if gpu else "0", "--learning_rate", "1e-6", "--max_steps", "2" if gpu else "1",
             "--batch_size", "16" if gpu else "2", "--num_generations", "8", "--num_guided_generations", "4",
             "--max_completion_length", "64" if gpu else "8", "--generation_batch_size", "96" if gpu else "12",
             "--micro_batch_size", "16", "--gradient_checkpointing", "true", "--kl_clip", "1.0", "--eval_data", ""]
