@@ -345,8 +345,8 @@ def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", ch
 
 # ==== Model plumbing.
 class Backbone(torch.nn.Module):
-    """The causal LM minus its head: returns final hidden states [B, L, H]. DDP wraps this so that the loss
-    can apply the head chunk by chunk; the head's parameters are inside, so DDP syncs them too."""
+    """The causal LM minus its head: returns final hidden states [B, L, H]. DDP wraps this (FSDP: its root) so that
+    the loss can apply the head chunk by chunk; the head's parameters are inside, so DDP/FSDP sync them too."""
 
     def __init__(self, lm):
         super().__init__()
@@ -711,7 +711,7 @@ def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, stat
     rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
-    tmp, weights, optim_state = final + ".tmp", None, {"optimizer": optimizer.state_dict()}
+    tmp, weights = final + ".tmp", None
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -723,11 +723,11 @@ def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, stat
             model, options=Opts(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
         if optimizer.state:  # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
             dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
-        optim_state = {}
     if master:
         raw_model.save_pretrained(tmp, state_dict=weights)
         raw_model.original_generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        optim_state = {} if cfg.fsdp else {"optimizer": optimizer.state_dict()}  # FSDP: the shards above
         torch.save({**state, **optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(cfg)},
                    os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:

@@ -35,15 +35,15 @@ def plan(config, args) -> dict:
     calls = -(-args.batch_size * args.rollouts // args.generation_batch_size)
     mb_tokens = args.micro_batch_size * seq
     act = mb_tokens * (config.hidden_size * config.num_hidden_layers + 3 * config.intermediate_size + 8 * config.hidden_size) * 2
+    kv_call = args.generation_batch_size * seq * kv_per_token
+    kd_chunk = args.kd_chunk_size * config.vocab_size * 4 * 7
     out = {"parameters (B)": n / 1e9, "KV cache per token (KB)": kv_per_token / 1e3}
     for mode, shard in (("DDP", 1), (f"FSDP x{args.world}", args.world)):
         states = 16 * n / shard
-        gen = states + 2 * n + args.generation_batch_size * seq * kv_per_token
-        train = states + (2 * n if shard == 1 else 2 * 2 * n / config.num_hidden_layers) + act \
-            + args.kd_chunk_size * config.vocab_size * 4 * 7
-        out[mode] = dict(weights_grads_adam=states / GB, bf16_weights=2 * n / GB,
-                         kv_cache_per_call=args.generation_batch_size * seq * kv_per_token / GB, generate_calls=calls,
-                         kd_chunk=args.kd_chunk_size * config.vocab_size * 28 / GB, activations=act / GB,
+        gen = states + 2 * n + kv_call
+        train = states + (2 * n if shard == 1 else 2 * 2 * n / config.num_hidden_layers) + act + kd_chunk
+        out[mode] = dict(weights_grads_adam=states / GB, bf16_weights=2 * n / GB, kv_cache_per_call=kv_call / GB,
+                         generate_calls=calls, kd_chunk=kd_chunk / GB, activations=act / GB,
                          peak_generation=gen / GB, peak_update=train / GB)
     return out
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import sgpo
 from tests.conftest import ROOT, read_metrics, run_sgpo
-from tests.test_e2e import COMMON, TIMING
+from tests.test_e2e import COMMON, _comparable
 
 STEPS = 3
 
@@ -28,10 +28,6 @@ def _args(warm_dir, data_file, eval_file, out):
 
 def _weights(path):
     return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())  # a plain HF load
-
-
-def _comparable(m):
-    return {k: v for k, v in m.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")
