@@ -70,6 +70,20 @@ def parse_bench(spec: str):
     return name, path, int(k)
 
 
+def unparsable_answers(problems: list, timeout: int) -> list:
+    """Line numbers of the rows whose gold answer math-verify parses into no value (it keeps the raw text alone, or
+    nothing): a correct response written any other way is graded wrong, silently, so the user is told."""
+    bad = []
+    for q in problems:
+        try:
+            ok = len(sgpo._parse_gold(q["answer"], timeout)) >= 2  # [value, text] when it parses
+        except Exception:
+            ok = False
+        if not ok:
+            bad.append(q.line)
+    return bad
+
+
 def work_items(benches, guided: bool) -> list:
     """Every (bench, problem, mode, sample) to generate; guided only for problems with a strategy."""
     items = []
@@ -155,18 +169,22 @@ def main(argv=None) -> int:
         existing = read_samples(cfg.output_dir)
         if existing and not cfg.resume:
             raise sgpo.UsageError(f"--output_dir {cfg.output_dir}: already holds samples; pass --resume or another --output_dir")
+        sgpo.check_writable_dir(cfg.output_dir, "--output_dir")
+        ddp, rank, world, device = sgpo.setup_distributed()
+        model, tokenizer = sgpo.load_model(cfg.model, sgpo.compute_dtype(cfg.dtype), device)
+        for (_, path, _), (_, problems, _) in zip(specs, benches):  # every prompt tokenizes and leaves room to answer
+            sgpo.check_fits(path, problems, lambda q, guided: len(sgpo.prompt_ids(tokenizer, cfg, q, guided)), budget=1,
+                            context=getattr(model.config, "max_position_embeddings", float("inf")), guided=cfg.guided)
     except sgpo.UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-
-    ddp, rank, world, device = sgpo.setup_distributed()
-    try:
-        model, tokenizer = sgpo.load_model(cfg.model, sgpo.compute_dtype(cfg.dtype), device)
-    except sgpo.UsageError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    for (_, path, _), (_, problems, _) in zip(specs, benches):
+        bad = unparsable_answers(problems, cfg.reward_timeout)
+        if bad and rank == 0:
+            print(f"warning: {path}: {len(bad)} of {len(problems)} gold answers math-verify cannot parse into a value "
+                  f"(lines {', '.join(map(str, bad[:20]))}{', ...' if len(bad) > 20 else ''}): only a response with the "
+                  "same text can match them", file=sys.stderr)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
 

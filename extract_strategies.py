@@ -11,10 +11,13 @@ best. The output is the input rows plus `strategy` (and `strategy_status`), read
     python extract_strategies.py --input train.jsonl --output train_strategies.jsonl --backend hf --model Qwen/Qwen2.5-7B-Instruct
 Rerunning the same command resumes: ids already in --output are skipped (--retry_failed redoes failed rows).
 """
+import datetime
+import email.utils
 import json
 import os
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -102,9 +105,35 @@ class ExtractConfig:
 # ---- back ends: prompts -> for each prompt, n completions (or the exception that stopped it) ----
 
 
+def reply_texts(reply) -> list:
+    """The non-empty message texts of a chat-completions reply; anything malformed counts as no choice."""
+    texts, choices = [], reply.get("choices") if isinstance(reply, dict) else None
+    for choice in choices if isinstance(choices, list) else []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        text = message.get("content") if isinstance(message, dict) else None
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+    return texts
+
+
+def retry_delay(error, backoff: float, cap: float) -> float:
+    """Seconds to wait before retrying: the server's Retry-After (seconds or an HTTP date) on a 429/503, as
+    OpenAI-compatible clients honour it, else the exponential backoff; never more than cap (--timeout)."""
+    value = error.headers.get("Retry-After") if isinstance(error, urllib.error.HTTPError) and error.headers else None
+    try:
+        delay = float(value)
+    except (TypeError, ValueError):
+        try:
+            delay = (email.utils.parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            delay = backoff
+    return min(max(delay, 0.0), cap)
+
+
 class OpenAIBackend:
     def __init__(self, cfg: ExtractConfig):
         self.cfg, self.key = cfg, os.environ.get(cfg.api_key_env, "")
+        self.counts, self.lock = {"requests": 0, "choices_asked": 0, "choices_received": 0}, threading.Lock()
 
     def _post(self, payload: dict) -> dict:
         url = self.cfg.base_url.rstrip("/") + "/chat/completions"
@@ -118,12 +147,25 @@ class OpenAIBackend:
                 retryable = not isinstance(e, urllib.error.HTTPError) or e.code >= 500 or e.code == 429
                 if not retryable or attempt == self.cfg.retries:
                     raise RuntimeError(f"{url}: {e}") from None
-                time.sleep(self.cfg.backoff * 2 ** attempt)
+                time.sleep(retry_delay(e, self.cfg.backoff * 2 ** attempt, self.cfg.timeout))
 
     def _one(self, prompt: str, n: int, temperature: float) -> list:
-        out = self._post({"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}], "n": n,
-                          "temperature": temperature, "max_tokens": self.cfg.max_new_tokens})
-        return [c["message"]["content"] or "" for c in out["choices"]]
+        """n completions of one prompt. Servers that ignore or cap `n` answer with fewer choices: ask again for the
+        rest. A reply with no usable choice (choices [], content null or empty) is the endpoint's failure: it raises,
+        and the row is recorded as failed (--retry_failed redoes it), never as a candidate that leaked."""
+        texts = []
+        while len(texts) < n:
+            out = self._post({"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
+                              "n": n - len(texts), "temperature": temperature, "max_tokens": self.cfg.max_new_tokens})
+            got = reply_texts(out)
+            with self.lock:
+                self.counts["requests"] += 1
+                self.counts["choices_asked"] += n - len(texts)
+                self.counts["choices_received"] += len(got)
+            if not got:
+                raise RuntimeError(f"the endpoint returned no usable choice ({json.dumps(out)[:200]})")
+            texts += got[:n - len(texts)]
+        return texts
 
     def chat(self, prompts: list, n: int, temperature: float) -> list:
         def safe(p):
@@ -160,11 +202,24 @@ def parse_candidate(text: str):
     return block if ("Strategy:" in block and "Steps:" in block) else None
 
 
-MATH_SPANS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|\\boxed\{([^{}]*)\}", re.S)
+MATH_SPANS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"\s+|\$|\\left|\\right|\\!|\\,", "", s)
+def boxed_spans(text: str) -> list:
+    """The contents of every \\boxed{...}, nested braces included (\\boxed{\\dfrac{3}{4}}: \\dfrac{3}{4})."""
+    spans = []
+    for m in re.finditer(r"\\boxed\s*\{", text):
+        depth = 1
+        for i in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                spans.append(text[m.end():i])
+                break
+    return spans
+
+
+def _norm(s: str) -> str:  # spacing, $, sizing and the display forms of \frac do not change what is stated
+    return re.sub(r"\\[dt]frac", r"\\frac", re.sub(r"\s+|\$|\\left|\\right|\\!|\\,|\\displaystyle", "", s))
 
 
 def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
@@ -174,8 +229,7 @@ def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
     gold = _norm(answer)
     if len(gold) >= 2 and gold in _norm(text):
         return True
-    for m in MATH_SPANS.finditer(text):
-        span = next(g for g in m.groups() if g is not None)
+    for span in [next(g for g in m.groups() if g is not None) for m in MATH_SPANS.finditer(text)] + boxed_spans(text):
         if sgpo.math_reward(f"${span}$", answer, timeout):
             return True
         for side in span.split("=")[1:]:  # "x = 42" states 42
@@ -193,8 +247,15 @@ def done_rows(cfg: ExtractConfig) -> dict:
     """Rows already in --output by id; with --retry_failed the failed ones are removed from the file first."""
     if not os.path.exists(cfg.output):
         return {}
-    with open(cfg.output) as f:
-        rows = [json.loads(line) for line in f if line.strip().endswith("}")]  # a cut last line is redone
+    rows = []
+    with open(cfg.output, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed run was writing: parsed, not guessed; its row is redone
+                continue
+            if isinstance(row, dict) and "id" in row:
+                rows.append(row)
     if cfg.retry_failed:
         rows = [r for r in rows if r.get("strategy_status") != "failed"]
     with open(cfg.output + ".tmp", "w") as f:  # rewrite without cut or dropped lines, atomically
@@ -246,6 +307,9 @@ def main(argv=None) -> int:
         if cfg.num_candidates < 1 or cfg.batch_size < 1 or cfg.retries < 0:
             raise sgpo.UsageError("--num_candidates and --batch_size must be >= 1, --retries >= 0")
         rows = sgpo.load_problems(cfg.input, (cfg.problem_field, cfg.answer_field, cfg.solution_field), skip_unkept=False)
+        if os.path.isdir(cfg.output) or (os.path.exists(cfg.output) and not os.access(cfg.output, os.W_OK)):
+            raise sgpo.UsageError(f"--output {cfg.output}: {'is a directory' if os.path.isdir(cfg.output) else 'not writable'}")
+        sgpo.check_writable_dir(os.path.dirname(cfg.output) or ".", f"--output {cfg.output}: folder")
         done = done_rows(cfg)
         backend = (OpenAIBackend if cfg.backend == "openai" else HFBackend)(cfg)
     except sgpo.UsageError as e:
@@ -260,7 +324,7 @@ def main(argv=None) -> int:
                 out.write(json.dumps(row) + "\n")
             out.flush()
             bar.update(len(todo[i:i + cfg.batch_size]))
-    print(json.dumps(counts))
+    print(json.dumps({**counts, **getattr(backend, "counts", {})}))  # choices asked vs received: a server may cap n
     return 0
 
 

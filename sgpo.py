@@ -19,6 +19,7 @@ Resume the latest checkpoint of a run: add --resume (or --resume out/sgpo/checkp
 """
 import datetime
 import json
+import logging
 import math
 import os
 import random
@@ -38,7 +39,8 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from inputs import UsageError, config_from_args, load_problems  # noqa: F401 (also used as sgpo.X by the scripts)
+from inputs import (UsageError, check_fits, check_writable_dir, config_from_args, has_usable_strategy,  # noqa: F401
+                    latest_checkpoint, load_problems, require, resolve_resume, sync_to_disk)  # (some: sgpo.X in scripts)
 
 AUTO_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 # The guided prompt is the strategy followed by the autonomous prompt, word for word: the problem and the
@@ -181,15 +183,8 @@ def parse_args(argv=None) -> Config:
     checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
                ("{problem}" in cfg.guided_prompt_template and "{strategy}" in cfg.guided_prompt_template,
                 "guided_prompt_template", "must contain {problem} and {strategy}")]
-    for ok, name, what in checks:
-        if not ok:
-            raise UsageError(f"--{name}: {what}")
+    require(checks)
     return cfg
-
-
-def has_usable_strategy(problem: dict) -> bool:
-    """A non-empty strategy that extract_strategies.py kept (rows from elsewhere carry no status)."""
-    return bool(problem.get("strategy", "").strip()) and problem.get("strategy_status", "kept") == "kept"
 
 
 def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
@@ -202,6 +197,13 @@ def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
 
 
 # ==== Reward: math-verify, bounded and crash-proof. Shared with evaluate.py.
+def _short_log(record):  # math-verify logs a timed-out input whole ("Timeout during parsing: <a 1 MB response>")
+    record.msg, record.args = record.getMessage()[:300], ()
+    return True
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_short_log)
 @lru_cache(maxsize=65536)
 def _parse_gold(answer: str, timeout: int):
     from math_verify import parse
@@ -390,6 +392,8 @@ def load_model(path: str, dtype, device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {path}: cannot load ({str(e).splitlines()[0][:200]})") from None
+    if not tokenizer.chat_template:  # prompts are chat-templated: fail here, not at the first prompt of the run
+        raise UsageError(f"--model {path}: its tokenizer has no chat template (an instruct/chat model is needed)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Sampling must be exactly what the config says: the model's own generation defaults (e.g. a
@@ -698,12 +702,6 @@ def optimizer_step(raw_model, optimizer, scheduler, cfg: Config):
 
 
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
-def latest_checkpoint(output_dir: str):
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()] \
-        if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
 def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state: dict, master: bool):
     """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it. The weights are
     the fp32 master weights (an exact resume needs them); under FSDP they are gathered to rank 0's CPU, and every
@@ -712,40 +710,39 @@ def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, stat
                               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
     tmp, weights = final + ".tmp", None
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+    try:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        if cfg.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import StateDictOptions as Opts, get_model_state_dict, get_optimizer_state_dict
+            weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(
+                model, options=Opts(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
+            if optimizer.state:  # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
+                dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+        if master:
+            raw_model.save_pretrained(tmp, state_dict=weights)
+            raw_model.original_generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            optim_state = {} if cfg.fsdp else {"optimizer": optimizer.state_dict()}  # FSDP: the shards above
+            torch.save({**state, **optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(cfg)},
+                       os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
+                json.dump(asdict(cfg), f, indent=1)
+            sync_to_disk(tmp)  # (DCP syncs its own files)
+        barrier()  # every rank's optimizer shard is written
+        if master:
+            if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a crash above leaves the previous checkpoint intact
+            sync_to_disk(cfg.output_dir, recursive=False)  # the rename itself
+    except BaseException:  # a crash or Ctrl-C while writing: remove the partial folder (the earlier ones are whole)
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
-    if cfg.fsdp:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions as Opts, get_model_state_dict, get_optimizer_state_dict
-        weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(
-            model, options=Opts(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
-        if optimizer.state:  # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
-            dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
-    if master:
-        raw_model.save_pretrained(tmp, state_dict=weights)
-        raw_model.original_generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        optim_state = {} if cfg.fsdp else {"optimizer": optimizer.state_dict()}  # FSDP: the shards above
-        torch.save({**state, **optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(cfg)},
-                   os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-    barrier()  # every rank's optimizer shard is written
-    if master:
-        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a crash above leaves the previous checkpoint intact
-    barrier()
-
-
-def load_sharded_optimizer(model, optimizer, path: str):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    state = get_optimizer_state_dict(model, optimizer)  # initialises AdamW's state: dcp.load fills it in place
-    dcp.load(state, checkpoint_id=path)
-    set_optimizer_state_dict(model, optimizer, state)
 
 
 def make_optimizer(raw_model, lr, cfg: Config):
@@ -819,8 +816,7 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     t_score = time.time()
 
     model.train()
-    old_logps, grad_norm = {}, 0.0
-    rows = auto_rows + kd_rows
+    old_logps, grad_norm, rows = {}, 0.0, auto_rows + kd_rows
     for _ in range(cfg.num_iterations):
         if accumulate_gradients(model, backbone_raw, head, rows, cfg, pad_id, device, stats, old_logps, ref):
             grad_norm = optimizer_step(raw_model, optimizer, scheduler, cfg)
@@ -877,48 +873,44 @@ def main(argv=None) -> int:
         for path, rows in ((cfg.data, problems), (cfg.sft_data or cfg.data, sft_problems or problems)):
             if len(rows) < global_batch:
                 raise UsageError(f"{path}: {len(rows)} problems, fewer than the global batch {global_batch}")
-        resume = None
-        if cfg.resume:
-            resume = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else cfg.resume
-            if resume is None or not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
-                raise UsageError(f"--resume {cfg.resume}: no checkpoint found (looked for {resume or cfg.output_dir + '/checkpoint-*'}/trainer_state.pt)")
-            if json.load(open(os.path.join(resume, "sgpo_config.json"))).get("fsdp", False) != cfg.fsdp:  # optimizer
-                raise UsageError(f"--resume {resume}: written with --fsdp {'false' if cfg.fsdp else 'true'}; resume with it")
-        elif (os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")) or latest_checkpoint(cfg.output_dir)) \
-                and not cfg.overwrite_output_dir:
-            raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or --overwrite_output_dir")
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        # --resume (latest) passes over a damaged newest checkpoint (killed mid-write, cut file) to the newest whole one
+        resume, saved = resolve_resume(cfg.resume, cfg.output_dir, cfg.fsdp) if cfg.resume else (None, None)
+        if not resume and not cfg.overwrite_output_dir and (latest_checkpoint(cfg.output_dir) or (
+                os.path.isfile(metrics_path) and os.path.getsize(metrics_path))):  # an empty metrics file holds nothing
+            raise UsageError(f"--output_dir {cfg.output_dir}: already holds a run; pass --resume or "
+                             "--overwrite_output_dir")
+        check_writable_dir(cfg.output_dir, "--output_dir")
         if cfg.fsdp and "RANK" not in os.environ:
             raise UsageError("--fsdp: needs a process group; launch with torchrun (--nproc_per_node=1 for one GPU)")
         ddp, rank, world, device = setup_distributed(cfg.ddp_timeout)
         # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its GPU
         raw_model, tokenizer = load_model(resume or cfg.model, torch.float32, "cpu" if cfg.fsdp else device)
+        fit = dict(prompt_len=lambda q, guided: len(prompt_ids(tokenizer, cfg, q, guided)), budget=cfg.max_completion_length,
+                   context=getattr(raw_model.config, "max_position_embeddings", math.inf))  # every row, before the run
+        check_fits(cfg.data, problems, **fit)
+        check_fits(cfg.eval_data, eval_problems, **fit)
+        check_fits(cfg.sft_data or cfg.data, sft_problems, **fit, text_len=lambda t: len(tokenizer(t, add_special_tokens=False).input_ids))
     except UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     master = rank == 0
-    if cfg.gradient_checkpointing:
-        set_activation_checkpointing(raw_model, True)
-    head = raw_model.get_output_embeddings()
-    backbone = Backbone(raw_model)
-    if cfg.fsdp:
-        model = shard_fsdp(backbone, cfg, device)
-    else:
-        model = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
+    set_activation_checkpointing(raw_model, cfg.gradient_checkpointing)
+    head, backbone = raw_model.get_output_embeddings(), Backbone(raw_model)
+    model = shard_fsdp(backbone, cfg, device) if cfg.fsdp else \
+        DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
     ref = None
     if cfg.beta > 0:  # frozen reference = the initial policy, never trained: compute dtype, replicated
         ref_model, _ = load_model(cfg.model, compute_dtype(cfg.dtype), device)
         ref_model.eval().requires_grad_(False)
         ref = (Backbone(ref_model), ref_model.get_output_embeddings())
 
-    saved = resume and torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if master:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if not resume:  # --overwrite_output_dir: no stale checkpoint may be resumed later
-            for d in os.listdir(cfg.output_dir):
-                if d.startswith("checkpoint-"):
-                    shutil.rmtree(os.path.join(cfg.output_dir, d))
+        for d in os.listdir(cfg.output_dir):  # --overwrite_output_dir: no stale checkpoint may be resumed later;
+            if d.startswith("checkpoint-") and (not resume or d.endswith(".tmp")):  # resume: a killed run's partial one
+                shutil.rmtree(os.path.join(cfg.output_dir, d))
         # On resume, drop the lines written after the checkpoint by the killed run.
         kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= saved["step"]] \
             if resume and os.path.exists(metrics_path) else []
@@ -936,7 +928,11 @@ def main(argv=None) -> int:
         if not cfg.fsdp:
             optimizer.load_state_dict(saved["optimizer"])
         elif os.path.isdir(os.path.join(resume, "optimizer")):  # (none if saved before the first step)
-            load_sharded_optimizer(model, optimizer, os.path.join(resume, "optimizer"))
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+            sharded = get_optimizer_state_dict(model, optimizer)  # initialises AdamW's state: dcp.load fills it in
+            dcp.load(sharded, checkpoint_id=os.path.join(resume, "optimizer"))
+            set_optimizer_state_dict(model, optimizer, sharded)
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved.get(k, v) for k, v in state.items()}
         if len(saved["rng"]) == world:
@@ -996,4 +992,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a checkpoint being written was removed)
+        print("\ninterrupted: the checkpoints in --output_dir are whole; continue with --resume", file=sys.stderr)
+        sys.exit(130)
