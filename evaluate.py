@@ -171,10 +171,12 @@ def main(argv=None) -> int:
             raise sgpo.UsageError(f"--output_dir {cfg.output_dir}: already holds samples; pass --resume or another --output_dir")
         sgpo.check_writable_dir(cfg.output_dir, "--output_dir")
         ddp, rank, world, device = sgpo.setup_distributed()
-        model, tokenizer = sgpo.load_model(cfg.model, sgpo.compute_dtype(cfg.dtype), device)
-        for (_, path, _), (_, problems, _) in zip(specs, benches):  # every prompt tokenizes and leaves room to answer
-            sgpo.check_fits(path, problems, lambda q, guided: len(sgpo.prompt_ids(tokenizer, cfg, q, guided)), budget=1,
-                            context=getattr(model.config, "max_position_embeddings", float("inf")), guided=cfg.guided)
+
+        def check_rows(tokenizer, config):  # every prompt tokenizes and leaves room to answer (before the weights load)
+            for (_, path, _), (_, problems, _) in zip(specs, benches):
+                sgpo.check_fits(path, problems, lambda q, guided: len(sgpo.prompt_ids(tokenizer, cfg, q, guided)), budget=1,
+                                context=getattr(config, "max_position_embeddings", float("inf")), guided=cfg.guided)
+        model, tokenizer = sgpo.load_model(cfg.model, sgpo.compute_dtype(cfg.dtype), device, check_rows)
     except sgpo.UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)

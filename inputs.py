@@ -231,10 +231,11 @@ def resolve_resume(resume: str, output_dir: str, fsdp: bool):
     intact checkpoint-N of output_dir and warns (rank 0) of the damaged ones it passed over; a folder given by name
     must be intact. Its --fsdp must be this run's (the optimizer state is saved sharded or whole)."""
     import torch
-    paths = checkpoints(output_dir) if resume == "latest" else [resume]
+    latest = resume == "latest"
+    paths = checkpoints(output_dir) if latest else [resume]
     if not paths or not os.path.isdir(paths[0]):
-        raise UsageError(f"--resume {resume}: " + ("not a folder" if paths else
-                         f"no checkpoint in {output_dir} (to start over there: --overwrite_output_dir)"))
+        raise UsageError(f"--resume: no checkpoint in {output_dir} (to start over there: --overwrite_output_dir)" if latest
+                         else f"--resume {resume}: not a folder")
     damaged = []
     for path in paths:
         damage = checkpoint_damage(path)
@@ -244,10 +245,12 @@ def resolve_resume(resume: str, output_dir: str, fsdp: bool):
                 break
             except Exception as e:  # a cut zip archive, an empty file, a pickle error
                 damage = f"trainer_state.pt: cannot be loaded ({type(e).__name__})"
+        if not latest:
+            raise UsageError(f"--resume {resume}: {damage}")
         damaged.append(f"{path}/{damage}")
     else:
-        raise UsageError(f"--resume {resume}: {'; '.join(damaged)}" + ("" if resume != "latest" else
-                         " (no whole checkpoint left; to start over: --overwrite_output_dir)"))
+        raise UsageError(f"--resume: no whole checkpoint in {output_dir} ({'; '.join(damaged)}); "
+                         "to start over: --overwrite_output_dir")
     with open(os.path.join(path, "sgpo_config.json")) as f:
         if json.load(f).get("fsdp", False) != fsdp:
             raise UsageError(f"--resume {path}: written with --fsdp {str(not fsdp).lower()}; resume with it")

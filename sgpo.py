@@ -75,8 +75,7 @@ class Config:
     """Compute dtype (autocast): auto (bf16 on a GPU that supports it, else fp32), bf16, fp32. Parameters, gradients
     and AdamW state are fp32 always: a bf16 weight does not move under an lr-1e-6 update (README)."""
     fsdp: bool = False
-    """Shard parameters, gradients and AdamW state over ranks (torch FSDP2) instead of replicating them (DDP): for
-    models whose 16 bytes/parameter do not fit one GPU (7B on 80 GB). Checkpoints stay HF folders."""
+    """Shard weights, gradients and AdamW state over ranks (FSDP2), not replicate them (DDP): 7B on 80 GB (README)."""
     ddp_timeout: int = 1800
     """Seconds a collective waits for the slowest rank (e.g. one still generating) before the run aborts."""
     # ---- prompts ----
@@ -300,8 +299,7 @@ def update_alpha(alpha, p_guided, p_auto, gamma=0.1, alpha_max=0.8):
 
 def k3_kl(logp, ref_logp):
     """Per-token k3 estimator of KL(pi || ref): exp(r - l) - (r - l) - 1."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
 # ==== Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
@@ -385,15 +383,18 @@ def response_hidden(backbone, rows, pad_id, device):
     return hidden.reshape(-1, hidden.shape[-1])[pred_idx], targets
 
 
-def load_model(path: str, dtype, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def load_model(path: str, dtype, device, check=None):
+    """Tokenizer and model; check(tokenizer, model config) validates data before the weights load (minutes for 7B)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if not tokenizer.chat_template:  # prompts are chat-templated: fail here, not at the first prompt of the run
+            raise UsageError(f"--model {path}: its tokenizer has no chat template (an instruct/chat model is needed)")
+        if check:
+            check(tokenizer, AutoConfig.from_pretrained(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {path}: cannot load ({str(e).splitlines()[0][:200]})") from None
-    if not tokenizer.chat_template:  # prompts are chat-templated: fail here, not at the first prompt of the run
-        raise UsageError(f"--model {path}: its tokenizer has no chat template (an instruct/chat model is needed)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Sampling must be exactly what the config says: the model's own generation defaults (e.g. a
@@ -405,12 +406,9 @@ def load_model(path: str, dtype, device):
     return model, tokenizer
 
 
-def set_activation_checkpointing(model, on: bool):
+def enable_activation_checkpointing(model):
     """HF activation (a.k.a. gradient) checkpointing, non-reentrant; the old name is deprecated in transformers 5."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False}) if on else model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_enable({"use_reentrant": False}) if on else model.gradient_checkpointing_disable()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
 
 
 # ==== Rollouts: one batched generate per step for both modes.
@@ -884,19 +882,22 @@ def main(argv=None) -> int:
         if cfg.fsdp and "RANK" not in os.environ:
             raise UsageError("--fsdp: needs a process group; launch with torchrun (--nproc_per_node=1 for one GPU)")
         ddp, rank, world, device = setup_distributed(cfg.ddp_timeout)
+
+        def check_rows(tokenizer, config):  # every row fits the context and tokenizes: checked before the run
+            fit = dict(prompt_len=lambda q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
+                       context=getattr(config, "max_position_embeddings", math.inf), budget=cfg.max_completion_length)
+            check_fits(cfg.data, problems, **fit)
+            check_fits(cfg.eval_data, eval_problems, **fit)
+            check_fits(cfg.sft_data or cfg.data, sft_problems, **fit, text_len=lambda t: len(tokenizer(t).input_ids))
         # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its GPU
-        raw_model, tokenizer = load_model(resume or cfg.model, torch.float32, "cpu" if cfg.fsdp else device)
-        fit = dict(prompt_len=lambda q, guided: len(prompt_ids(tokenizer, cfg, q, guided)), budget=cfg.max_completion_length,
-                   context=getattr(raw_model.config, "max_position_embeddings", math.inf))  # every row, before the run
-        check_fits(cfg.data, problems, **fit)
-        check_fits(cfg.eval_data, eval_problems, **fit)
-        check_fits(cfg.sft_data or cfg.data, sft_problems, **fit, text_len=lambda t: len(tokenizer(t, add_special_tokens=False).input_ids))
+        raw_model, tokenizer = load_model(resume or cfg.model, torch.float32, "cpu" if cfg.fsdp else device, check_rows)
     except UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     master = rank == 0
-    set_activation_checkpointing(raw_model, cfg.gradient_checkpointing)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(raw_model)
     head, backbone = raw_model.get_output_embeddings(), Backbone(raw_model)
     model = shard_fsdp(backbone, cfg, device) if cfg.fsdp else \
         DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
@@ -965,28 +966,26 @@ def main(argv=None) -> int:
         log({"step": 0, **evaluate()})
     if warming_up:  # checkpoint-0: the warm model, and its evaluation (not repeated on a resume from it)
         save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
-    batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
-    while state["step"] < cfg.max_steps:
-        if state["position"] >= len(batches):
-            state["epoch"], state["position"] = state["epoch"] + 1, 0
-            batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
-        batch = [problems[i] for i in batches[state["position"]]]
-        metrics = rl_step(batch, model, raw_model, head, tokenizer, optimizer, scheduler, state["alpha"], cfg, device, ref)
-        state["position"] += 1
-        state["step"] += 1
-        if eval_problems and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or state["step"] == cfg.max_steps):
-            metrics.update(evaluate())
-        log({"step": state["step"], "epoch": state["epoch"], **metrics})
-        bar.update(1)
-        bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}", r_guided=f"{metrics['reward/guided_mean']:.2f}",
-                        kd=f"{metrics['kd/target_frac']:.2f}")
-        if state["step"] % cfg.save_steps == 0 or state["step"] == cfg.max_steps:
-            save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
-    bar.close()
+    with tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo") as bar:  # (closed on Ctrl-C)
+        batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
+        while state["step"] < cfg.max_steps:
+            if state["position"] >= len(batches):
+                state["epoch"], state["position"] = state["epoch"] + 1, 0
+                batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
+            batch = [problems[i] for i in batches[state["position"]]]
+            metrics = rl_step(batch, model, raw_model, head, tokenizer, optimizer, scheduler, state["alpha"], cfg, device, ref)
+            state["position"] += 1
+            state["step"] += 1
+            if eval_problems and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or state["step"] == cfg.max_steps):
+                metrics.update(evaluate())
+            log({"step": state["step"], "epoch": state["epoch"], **metrics})
+            bar.update(1)
+            bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}", r_guided=f"{metrics['reward/guided_mean']:.2f}",
+                            kd=f"{metrics['kd/target_frac']:.2f}")
+            if state["step"] % cfg.save_steps == 0 or state["step"] == cfg.max_steps:
+                save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
     if ddp:
-        del model, backbone, raw_model, head, optimizer  # they hold the process group (DDP; FSDP's shards): released
-        # first, destroy_process_group() frees it and no gloo thread outlives the interpreter
+        del model, backbone, raw_model, head, optimizer  # they hold the process group: freed first, no gloo thread stays
         dist.destroy_process_group()
     return 0
 

@@ -1,6 +1,7 @@
 """extract_strategies.py against a stub OpenAI-compatible server on 127.0.0.1 and with the tiny local model."""
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -151,3 +152,148 @@ def test_readme_prints_the_prompts():
     readme = (ROOT / "README.md").read_text()
     assert ex.STRATEGY_PROMPT in readme and ex.RANK_PROMPT.split("{candidates}")[0] in readme
     assert sgpo.AUTO_TEMPLATE in readme and sgpo.GUIDED_TEMPLATE in readme
+
+
+class Faulty(BaseHTTPRequestHandler):
+    """A server that misbehaves as real ones do: it ignores n (one choice per reply), answers 200 with no choices
+    (problem f1) or a null content (f2), and 429 with Retry-After: 3 before its first answer about f3."""
+    requests, seen = [], set()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        Faulty.requests.append((prompt.split(":")[0] if prompt.startswith("Below") else prompt.split("Problem:\n")[1][:2],
+                                body["n"]))
+        if "f3:" in prompt and "f3" not in Faulty.seen:
+            Faulty.seen.add("f3")
+            self.send_response(429)
+            self.send_header("Retry-After", "3")
+            self.end_headers()
+            return
+        texts = ["I pick BEST: 1"] if prompt.startswith("Below are") else [GOOD]
+        reply = {"choices": [] if "f1:" in prompt else [{"message": {"role": "assistant", "content": None if "f2:" in prompt
+                                                                      else t}} for t in texts]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _serve(handler):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+
+
+def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed(tmp_path, monkeypatch, capsys):
+    Faulty.requests, Faulty.seen = [], set()
+    httpd, url = _serve(Faulty)
+    slept = []
+    monkeypatch.setattr(ex.time, "sleep", slept.append)
+    rows = [{"id": f"f{i}", "problem": f"f{i}: solve 2x = 85", "answer": "42.5", "solution": "x = 42.5"} for i in range(4)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url", url, "--model", "m",
+            "--num_candidates", "3", "--batch_size", "1", "--timeout", "10"]
+    try:
+        assert ex.main(args) == 0
+        got = {r["id"]: r for r in _read(out)}
+        assert got["f0"]["strategy"] == GOOD and got["f3"]["strategy"] == GOOD  # 3 candidates, then a ranking
+        assert [n for p, n in Faulty.requests if p == "f0"] == [3, 2, 1]  # asked again for what the server left out
+        for fid in ("f1", "f2"):  # an empty reply is the endpoint's fault: failed (redone later), not rejected
+            assert got[fid]["strategy_status"] == "failed" and "no usable choice" in got[fid]["strategy_error"]
+        assert slept == [3.0]  # the server's Retry-After, not the 1 s backoff
+        counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (counts["kept"], counts["failed"]) == (2, 2)
+        assert counts["choices_asked"] == 3 + 2 + 1 + 1 + 3 + 3 + 3 + 2 + 1 + 1 and counts["choices_received"] == 8
+        Faulty.requests = []
+        assert ex.main(args + ["--retry_failed"]) == 0
+        assert {p for p, _ in Faulty.requests} == {"f1", "f2"}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_retry_delay_honours_retry_after_bounded_by_timeout():
+    import email.message
+    import email.utils
+    import urllib.error
+
+    def error(code, value):
+        headers = email.message.Message()
+        if value is not None:
+            headers["Retry-After"] = value
+        return urllib.error.HTTPError("http://x", code, "busy", headers, None)
+    assert ex.retry_delay(error(429, "7"), 1.0, 120.0) == 7.0
+    assert ex.retry_delay(error(503, "7"), 1.0, 5.0) == 5.0  # never past --timeout
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < ex.retry_delay(error(503, later), 1.0, 120.0) <= 30
+    assert ex.retry_delay(error(500, None), 2.0, 120.0) == 2.0  # no header: the backoff
+    assert ex.retry_delay(ConnectionError(), 4.0, 120.0) == 4.0
+
+
+def test_resume_after_a_line_cut_inside_a_string(tmp_path):
+    """A killed run's last line may end in '}' inside a string (a strategy with LaTeX): parsed, not guessed."""
+    out = tmp_path / "out.jsonl"
+    whole = json.dumps({"id": "p1", "problem": "q", "strategy": "s", "strategy_status": "kept"})
+    out.write_text(whole + "\n" + '{"id": "p2", "problem": "q", "strategy": "use \\\\frac{1}')
+    done = ex.done_rows(ex.ExtractConfig(output=str(out)))
+    assert list(done) == ["p1"] and out.read_text() == whole + "\n"
+
+
+def test_leak_guard_sees_nested_braces_and_display_fractions():
+    gold = "\\frac{3}{4}"
+    assert ex.boxed_spans("so \\boxed{\\dfrac{3}{4}} and \\boxed{x}") == ["\\dfrac{3}{4}", "x"]
+    assert ex.leaks_answer("Steps:\n- it is \\boxed{\\dfrac{3}{4}}", gold)  # boxed, nested braces
+    assert ex.leaks_answer("Steps:\n- the ratio is \\tfrac{3}{4}", gold)  # literal, display form
+    assert ex.leaks_answer("Steps:\n- answer \\boxed{0.75}", gold)  # an equal value in a nested-free box
+    assert not ex.leaks_answer("Steps:\n- write the ratio as \\boxed{\\frac{a}{b}}", gold)
+
+
+def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
+    """A real OpenAI-compatible server, `transformers serve` on the cups model (skipped without transformers' serving
+    extras): it ignores `n` (one choice per request), so each problem's --num_candidates 2 take 2 requests."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import shutil
+    import socket
+    import subprocess
+    import urllib.request
+    from tests.conftest import ROOT
+    if not shutil.which("transformers"):
+        pytest.skip("no transformers CLI")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = str(ROOT / "toy" / "cups_data" / "model")
+    server = subprocess.Popen(["transformers", "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device",
+                               "cpu", "--default-seed", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "transformers serve did not start"
+                time.sleep(1)
+        rows = [{"id": f"c{i}", "problem": f"Ball under cup {i}. Swaps: 12 23. Which cup?", "answer": "3",
+                 "solution": "12:1 23:1 \\boxed{1}"} for i in (1, 2)]
+        write_jsonl(tmp_path / "in.jsonl", rows)
+        out = tmp_path / "out.jsonl"
+        assert ex.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url",
+                        f"http://127.0.0.1:{port}/v1", "--model", model, "--num_candidates", "2",
+                        "--max_new_tokens", "24", "--batch_size", "2", "--timeout", "60"]) == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # per problem: a request for 2 that brings 1 choice, then one for the missing 1 (the cups model writes no
+    # strategy block, so the candidates are malformed and no ranking request follows)
+    assert (counts["requests"], counts["choices_asked"], counts["choices_received"]) == (4, 6, 4), counts
+    assert [r["strategy_status"] for r in _read(out)] == ["rejected", "rejected"]

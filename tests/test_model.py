@@ -121,7 +121,7 @@ def test_gradient_checkpointing_same_gradients_and_generation_still_works():
     greedy = lambda: [o["ids"] for o in sgpo.generate(model, [rows[0]["prompt"]] * 2, tok.pad_token_id, [tok.eos_token_id],  # noqa: E731
                                                       "cpu", 0.0, 8)]
     reference = greedy()
-    sgpo.set_activation_checkpointing(model, True)
+    sgpo.enable_activation_checkpointing(model)
     assert model.is_activation_checkpointing
     model.train()
     ckpt = _grads(model, rows, cfg, tok)
