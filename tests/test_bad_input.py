@@ -311,3 +311,16 @@ def test_unparsable_gold_answers_are_counted_and_named(warm_dir, tmp_path, capsy
                           "--max_new_tokens", "4"]) == 0
     assert (f"warning: {bench}: 2 of 3 gold answers math-verify cannot parse into a value (lines 1, 3): only a "
             "response with the same text can match them") in capsys.readouterr().err.splitlines()
+
+
+def test_read_only_output_dir(tmp_path, data_file, tiny_dir, monkeypatch, capsys):
+    """A read-only filesystem (EROFS, which a container cannot mount for the test: the probe's error is simulated)."""
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(inputs.tempfile, "mkstemp", read_only)
+    for script, args in (("sgpo.py", ["--model", str(tiny_dir), "--data", str(data_file)]),
+                         ("evaluate.py", ["--bench", f"b={_bench(tmp_path)}:1"])):
+        assert SCRIPTS[script].main(args + ["--output_dir", str(tmp_path / "ro")]) == 2
+        assert capsys.readouterr().err == f"error: --output_dir {tmp_path / 'ro'}: cannot write there (Read-only file system)\n"
