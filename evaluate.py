@@ -181,9 +181,9 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    for (_, path, _), (_, problems, _) in zip(specs, benches):
+    for (_, path, _), (_, problems, _) in zip(specs, benches) if rank == 0 else []:  # a warning: rank 0 only
         bad = unparsable_answers(problems, cfg.reward_timeout)
-        if bad and rank == 0:
+        if bad:
             print(f"warning: {path}: {len(bad)} of {len(problems)} gold answers math-verify cannot parse into a value "
                   f"(lines {', '.join(map(str, bad[:20]))}{', ...' if len(bad) > 20 else ''}): only a response with the "
                   "same text can match them", file=sys.stderr)

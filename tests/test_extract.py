@@ -2,6 +2,7 @@
 import json
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -16,46 +17,63 @@ LEAKY = "Problem type: linear equation\nStrategy: solve it.\nSteps:\n- get $x = 
 LITERAL = "Problem type: linear equation\nStrategy: note the answer 42.5 early.\nSteps:\n- check"
 
 
-class Stub(BaseHTTPRequestHandler):
-    """Canned chat completions: candidates by problem, a ranking, and one 500 before answering problem p2."""
-    requests, failed_once = [], set()
+class ChatServer(BaseHTTPRequestHandler):
+    """A stub chat-completions endpoint: subclasses answer(body, prompt) with (status, reply dict or None, headers)."""
 
     def log_message(self, *args):
         pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
+        status, reply, headers = self.answer(body, body["messages"][0]["content"])
+        data = json.dumps(reply).encode() if reply is not None else b""
+        self.send_response(status)
+        for key, value in {**headers, **({"Content-Type": "application/json"} if reply is not None else {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def choices(texts):
+    return {"choices": [{"message": {"role": "assistant", "content": t}} for t in texts]}
+
+
+@contextmanager
+def serving(handler):
+    """handler on 127.0.0.1 (a free port) for the block; yields the base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Stub(ChatServer):
+    """Canned chat completions: candidates by problem, a ranking, and one 500 before answering problem p2."""
+    requests, failed_once = [], set()
+
+    def answer(self, body, prompt):
         Stub.requests.append((self.headers.get("Authorization"), prompt))
         if "p2:" in prompt and "p2" not in Stub.failed_once:
             Stub.failed_once.add("p2")
-            self.send_response(500)
-            self.end_headers()
-            return
+            return 500, None, {}
         if prompt.startswith("Below are"):
             texts = ["I pick BEST: 2"] if "p3:" not in prompt else ["no idea"]
         elif "p4:" in prompt:
             texts = [LEAKY, LITERAL] * 3
         else:
             texts = [GOOD, LEAKY, BETTER, "garbage", LITERAL][: body["n"]]
-        reply = {"choices": [{"message": {"role": "assistant", "content": t}} for t in texts]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        return 200, choices(texts), {}
 
 
 @pytest.fixture
 def server():
     Stub.requests, Stub.failed_once = [], set()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Stub) as url:
+        yield url
 
 
 def _input(tmp_path):
@@ -154,52 +172,33 @@ def test_readme_prints_the_prompts():
     assert sgpo.AUTO_TEMPLATE in readme and sgpo.GUIDED_TEMPLATE in readme
 
 
-class Faulty(BaseHTTPRequestHandler):
+class Faulty(ChatServer):
     """A server that misbehaves as real ones do: it ignores n (one choice per reply), answers 200 with no choices
     (problem f1) or a null content (f2), and 429 with Retry-After: 3 before its first answer about f3."""
     requests, seen = [], set()
 
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
+    def answer(self, body, prompt):
         Faulty.requests.append((prompt.split(":")[0] if prompt.startswith("Below") else prompt.split("Problem:\n")[1][:2],
                                 body["n"]))
         if "f3:" in prompt and "f3" not in Faulty.seen:
             Faulty.seen.add("f3")
-            self.send_response(429)
-            self.send_header("Retry-After", "3")
-            self.end_headers()
-            return
-        texts = ["I pick BEST: 1"] if prompt.startswith("Below are") else [GOOD]
-        reply = {"choices": [] if "f1:" in prompt else [{"message": {"role": "assistant", "content": None if "f2:" in prompt
-                                                                      else t}} for t in texts]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def _serve(handler):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+            return 429, None, {"Retry-After": "3"}
+        if "f1:" in prompt:
+            return 200, {"choices": []}, {}
+        return 200, choices([None if "f2:" in prompt else "I pick BEST: 1" if prompt.startswith("Below are") else GOOD]), {}
 
 
 def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed(tmp_path, monkeypatch, capsys):
     Faulty.requests, Faulty.seen = [], set()
-    httpd, url = _serve(Faulty)
     slept = []
     monkeypatch.setattr(ex.time, "sleep", slept.append)
     rows = [{"id": f"f{i}", "problem": f"f{i}: solve 2x = 85", "answer": "42.5", "solution": "x = 42.5"} for i in range(4)]
     write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url", url, "--model", "m",
-            "--num_candidates", "3", "--batch_size", "1", "--timeout", "10"]
-    try:
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "m", "--num_candidates", "3",
+            "--batch_size", "1", "--timeout", "10"]
+    with serving(Faulty) as url:
+        args += ["--base_url", url]
         assert ex.main(args) == 0
         got = {r["id"]: r for r in _read(out)}
         assert got["f0"]["strategy"] == GOOD and got["f3"]["strategy"] == GOOD  # 3 candidates, then a ranking
@@ -213,9 +212,6 @@ def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed
         Faulty.requests = []
         assert ex.main(args + ["--retry_failed"]) == 0
         assert {p for p, _ in Faulty.requests} == {"f1", "f2"}
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_retry_delay_honours_retry_after_bounded_by_timeout():
