@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import reward
 import sgpo
 
 
@@ -76,7 +77,7 @@ def unparsable_answers(problems: list, timeout: int) -> list:
     bad = []
     for q in problems:
         try:
-            ok = len(sgpo._parse_gold(q["answer"], timeout)) >= 2  # [value, text] when it parses
+            ok = len(reward._parse_gold(q["answer"], timeout)) >= 2  # [value, text] when it parses
         except Exception:
             ok = False
         if not ok:
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
                                     cfg.temperature, cfg.max_new_tokens, cfg.top_p, cfg.top_k)
             for it, res in zip(batch, results):
                 text = tokenizer.decode(res["ids"], skip_special_tokens=True)
-                correct = sgpo.math_reward(text, answers[(it["bench"], it["id"])], cfg.reward_timeout)
+                correct = reward.math_reward(text, answers[(it["bench"], it["id"])], cfg.reward_timeout)
                 out.write(json.dumps({**{k: it[k] for k in ("bench", "id", "mode", "sample")}, "correct": correct,
                                       "length": len(res["ids"]), "truncated": res["truncated"], "response": text}) + "\n")
             out.flush()

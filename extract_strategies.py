@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+import reward
 import sgpo
 
 STRATEGY_PROMPT = """You are given a math problem and a reference solution written by a strong solver. Describe the reusable strategy behind the solution, so that a student could solve this problem and similar ones with it.
@@ -230,10 +231,10 @@ def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
     if len(gold) >= 2 and gold in _norm(text):
         return True
     for span in [next(g for g in m.groups() if g is not None) for m in MATH_SPANS.finditer(text)] + boxed_spans(text):
-        if sgpo.math_reward(f"${span}$", answer, timeout):
+        if reward.math_reward(f"${span}$", answer, timeout):
             return True
         for side in span.split("=")[1:]:  # "x = 42" states 42
-            if sgpo.math_reward(f"${side}$", answer, timeout):
+            if reward.math_reward(f"${side}$", answer, timeout):
                 return True
     return False
 

@@ -19,7 +19,6 @@ Resume the latest checkpoint of a run: add --resume (or --resume out/sgpo/checkp
 """
 import datetime
 import json
-import logging
 import math
 import os
 import random
@@ -29,18 +28,17 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from inputs import (UsageError, check_fits, check_writable_dir, config_from_args, has_usable_strategy,  # noqa: F401
                     latest_checkpoint, load_problems, require, resolve_resume, sync_to_disk)  # (some: sgpo.X in scripts)
+from reward import Grader, default_workers  # math-verify, in a process pool; shared with evaluate.py
 
 AUTO_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 # The guided prompt is the strategy followed by the autonomous prompt, word for word: the problem and the
@@ -106,6 +104,8 @@ class Config:
     """Exclude truncated autonomous rollouts from the loss (their reward still counts in the group)."""
     reward_timeout: int = 5
     """Seconds math-verify may spend parsing and again verifying one answer (SIGALRM; main thread)."""
+    reward_workers: int = -1
+    """Processes grading rollouts (math-verify) in parallel; -1: this rank's share of the cores, at most 8; 0: inline."""
     # ---- optimisation ----
     max_steps: int = 80
     """RL steps (one rollout batch each)."""
@@ -152,7 +152,7 @@ class Config:
     """Alpha step per visit."""
     alpha_max: float = 0.8
     """Alpha ceiling."""
-    kd_chunk_size: int = 512
+    kd_chunk_size: int = 256
     """Positions per chunk of the LM head in the loss: memory O(chunk x vocab), flat in length."""
     # ---- SFT warm-up ----
     sft_epochs: int = 0
@@ -177,6 +177,7 @@ def parse_args(argv=None) -> Config:
     checks += [(getattr(cfg, k) >= 1, k, "must be >= 1") for k in
                ("batch_size", "num_generations", "max_completion_length", "micro_batch_size", "num_iterations",
                 "kd_chunk_size", "save_steps", "ddp_timeout")]
+    checks += [(cfg.reward_workers >= -1, "reward_workers", "must be >= -1 (-1: one per core)")]
     checks += [(getattr(cfg, k) >= 0, k, "must be >= 0")
                for k in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps", "generation_batch_size")]
     checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
@@ -193,41 +194,6 @@ def prompt_ids(tokenizer, cfg: Config, problem: dict, guided: bool) -> list:
     messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
     messages.append({"role": "user", "content": user})
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-
-
-# ==== Reward: math-verify, bounded and crash-proof. Shared with evaluate.py.
-def _short_log(record):  # math-verify logs a timed-out input whole ("Timeout during parsing: <a 1 MB response>")
-    record.msg, record.args = record.getMessage()[:300], ()
-    return True
-
-
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_short_log)
-@lru_cache(maxsize=65536)
-def _parse_gold(answer: str, timeout: int):
-    from math_verify import parse
-    return parse(f"${answer}$", parsing_timeout=timeout)
-
-
-def math_reward(response: str, answer: str, timeout: int = 5) -> float:
-    """1.0 if the response's final answer (boxed first, then any LaTeX/expression) equals the gold answer.
-
-    Never raises and never hangs past ~2 x timeout seconds: math-verify bounds parse and verify with
-    SIGALRM (so call it from the main thread), and any exception means reward 0. A parsed value of an
-    untrusted answer is never str()-ed (sympy can take unbounded time printing it).
-    """
-    try:
-        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-        gold = _parse_gold(answer, timeout)
-        pred = parse(response, extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
-                                                  ExprExtractionConfig()], parsing_timeout=timeout)
-        if not gold or not pred:
-            return 0.0
-        return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
-    except BaseException as e:  # math-verify's timeout and sympy errors alike; never the user's Ctrl-C
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        return 0.0
 
 
 # ==== Pure loss functions (no model; unit-tested against hand-computed values).
@@ -302,45 +268,89 @@ def k3_kl(logp, ref_logp):
     return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
-# ==== Chunked LM head: the [M, V] fp32 logits of the loss exist one chunk at a time, recomputed in backward.
-# Inside a checkpointed chunk, whatever is not on the gradient path is computed under no_grad: a tensor
-# saved for a backward that never runs would be recomputed and then held until the whole backward ends,
-# i.e. one [chunk, V] tensor per chunk: O(T x V) again (measured: tests/bench_kd_memory.py).
-def _head_logp_entropy(hidden, targets, head, temperature):
-    logp_all = (head(hidden).float() / temperature).log_softmax(-1)  # [c, V]
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+# ==== The LM head, chunk by chunk, with a hand-written gradient. The loss needs full-vocabulary log-probs at every
+# response position: [M, V] fp32 is 0.6 MB a token at Qwen's V = 151,936. ChunkedHead applies the head to chunk_size
+# positions at a time and saves only the [M, H] hidden states; backward recomputes a chunk's logits and writes the
+# gradient with respect to them analytically (s = logits / T; a, b: the upstream gradients of D_t and log p_s(y)):
+#     d log p_s(y) / ds = onehot(y) - p_s        d KL(p_t || p_s) / ds = p_s - p_t
+#     d KL(p_s || p_t) / ds = p_s * (log p_s - log p_t - KL(p_s || p_t))
+# so that no more than ~3 [chunk, V] fp32 tensors live at once, forward or backward (autograd through a checkpointed
+# chunk held ~7: tests/bench_kd_memory.py). Matmuls run in the autocast dtype, softmaxes and sums in fp32.
+def _chunk_log_softmax(hidden, weight, temperature):
+    return (hidden @ weight.T).float().div_(temperature).log_softmax(-1)  # [c, V]
 
 
-def _head_kd(s_hidden, t_hidden, targets, head, temperature, kind):
-    s_logits = head(s_hidden).float() / temperature  # [c, V]
-    with torch.no_grad():
-        t_logits = head(t_hidden).float() / temperature
-    with nullcontext() if kind == "sft" else torch.no_grad():  # the student log-prob has a gradient only for sft
-        logp = s_logits.gather(-1, targets[:, None]).squeeze(-1) - s_logits.logsumexp(-1)
-    div = torch.zeros_like(logp) if kind == "sft" else per_token_kl(s_logits, t_logits, kind)
-    return div, logp
+def _rowdot(x, y):  # [c, V] x2 -> [c]: sum_v x * y, without a [c, V] product
+    return torch.einsum("cv,cv->c", x, y)
 
 
-def _chunked(fn, chunk_size, *tensors, extra=()):
-    """Apply fn to row chunks of the tensors, checkpointed when grad is on; concatenate each output."""
-    outs = []
-    for i in range(0, tensors[0].shape[0], chunk_size):
-        args = [t[i:i + chunk_size] for t in tensors] + list(extra)
-        grad = torch.is_grad_enabled() and tensors[0].requires_grad
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-    return [torch.cat(o) for o in zip(*outs)]
+def _chunk_forward(h, t_h, y, w, temperature, kind):
+    """One chunk: [c] log p_s(y), D_t, entropy. A function so that its [c, V] tensors die when it returns."""
+    log_s = _chunk_log_softmax(h, w, temperature)
+    logp, entropy = log_s.gather(-1, y[:, None]).squeeze(-1), -_rowdot(log_s.exp(), log_s)
+    if kind not in ("fkl", "rkl"):
+        return logp, torch.zeros_like(logp), entropy
+    log_t = _chunk_log_softmax(t_h, w, temperature)
+    log_p, log_q = (log_t, log_s) if kind == "fkl" else (log_s, log_t)
+    p = log_p.exp()
+    return logp, _rowdot(p, log_p) - _rowdot(p, log_q), entropy  # KL(p || q) = sum p log p - sum p log q
+
+
+def _chunk_backward(h, t_h, y, w, temperature, kind, a, b, div, g_weight):
+    """One chunk: adds d loss / d weight to g_weight, returns d loss / d h; a, b: [c, 1] upstream gradients."""
+    log_s = _chunk_log_softmax(h, w, temperature)
+    if kind == "fkl":  # (a - b) p_s - a p_t + b onehot(y)
+        grad = log_s.exp_().mul_(a - b).sub_(_chunk_log_softmax(t_h, w, temperature).exp_().mul_(a))
+    elif kind == "rkl":  # p_s (a (log p_s - log p_t - D) - b) + b onehot(y)
+        x = _chunk_log_softmax(t_h, w, temperature).neg_().add_(log_s).sub_(div[:, None]).mul_(a).sub_(b)
+        grad = log_s.exp_().mul_(x)
+    else:  # log-prob only: b (onehot(y) - p_s)
+        grad = log_s.exp_().mul_(-b)
+    grad[torch.arange(len(y)), y] += b.squeeze(-1)
+    grad = grad.div_(temperature).to(w.dtype)  # [c, V]: d loss / d logits
+    g_weight += grad.T @ h
+    return grad @ w
+
+
+class ChunkedHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, targets, temperature, kind, chunk_size):
+        """[M, H] hidden, [V, H] head weight, [M, H] teacher hidden (None unless kind is fkl/rkl), [M] targets ->
+        [M] log p_s(target), [M] divergence D_t (0 unless fkl/rkl), [M] entropy of p_s (no gradient)."""
+        dev = hidden.device.type
+        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        ctx.args = temperature, kind, chunk_size
+        w, t_hidden = weight.to(ctx.dtype), hidden if t_hidden is None else t_hidden
+        with torch.autocast(dev, enabled=False):
+            outs = [_chunk_forward(hidden[i:i + chunk_size].to(ctx.dtype), t_hidden[i:i + chunk_size].to(ctx.dtype),
+                                   targets[i:i + chunk_size], w, temperature, kind) for i in range(0, len(targets), chunk_size)]
+        logp, div, entropy = (torch.cat(o) for o in zip(*outs))
+        ctx.save_for_backward(hidden, weight, t_hidden, targets, div)
+        ctx.mark_non_differentiable(entropy)
+        return logp, div, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_div, _):
+        hidden, weight, t_hidden, targets, div = ctx.saved_tensors
+        (temperature, kind, chunk_size), w = ctx.args, weight.to(ctx.dtype)
+        g_weight = torch.zeros_like(weight)
+        g_hidden = torch.cat([_chunk_backward(
+            hidden[c].to(ctx.dtype), t_hidden[c].to(ctx.dtype), targets[c], w, temperature, kind,
+            g_div[c, None].float(), g_logp[c, None].float(), div[c], g_weight)
+            for c in (slice(i, i + chunk_size) for i in range(0, len(targets), chunk_size))])
+        return g_hidden.to(hidden.dtype), g_weight, None, None, None, None, None
 
 
 def token_logps(hidden, targets, head, temperature, chunk_size=512):
     """[M, H] hidden states predicting [M] tokens -> ([M] log-probs, [M] entropies), temperature-scaled, fp32."""
-    return _chunked(_head_logp_entropy, chunk_size, hidden, targets, extra=(head, temperature))
+    logp, _, entropy = ChunkedHead.apply(hidden, head.weight, None, targets, temperature, "logp", chunk_size)
+    return logp, entropy
 
 
 def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", chunk_size=512):
     """[M, H] student and teacher hidden states on the same target tokens -> ([M] D_t, [M] student log-probs)."""
-    return _chunked(_head_kd, chunk_size, s_hidden, t_hidden.detach(), targets, extra=(head, temperature, kind))
+    logp, div, _ = ChunkedHead.apply(s_hidden, head.weight, t_hidden.detach(), targets, temperature, kind, chunk_size)
+    return div, logp
 
 
 # ==== Model plumbing.
@@ -483,18 +493,18 @@ def mean_logps(backbone, head, rows, cfg: Config, pad_id, device) -> list:
 
 
 @torch.no_grad()
-def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank, world) -> dict:
+def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank, world, grade=None) -> dict:
     """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided; rows are sharded
-    over ranks, generation_batch_size at a time."""
-    counts = []
+    over ranks, generation_batch_size at a time. grade: a Grader (default: in this process)."""
+    counts, grade = [], grade or Grader(0, cfg.reward_timeout)
     for guided in (False, True):
         rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
         with autocast(cfg, device):
             outs = generate(raw_model, [prompt_ids(tokenizer, cfg, q, guided) for q in rows], tokenizer.pad_token_id,
                             raw_model.generation_config.eos_token_id, device, 0.0, cfg.max_completion_length,
                             batch_size=cfg.generation_batch_size)
-        counts += [sum(math_reward(tokenizer.decode(o["ids"], skip_special_tokens=True), q["answer"], cfg.reward_timeout)
-                       for o, q in zip(outs, rows)), len(rows)]
+        counts += [sum(grade([tokenizer.decode(o["ids"], skip_special_tokens=True) for o in outs], [q["answer"] for q in rows])),
+                   len(rows)]
     c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
     return {f"eval/{mode}_acc": c[2 * k] / c[2 * k + 1] for k, mode in enumerate(("unguided", "guided")) if c[2 * k + 1]}
 
@@ -758,7 +768,7 @@ def batches_of(n_items: int, cfg: Config, rank: int, world: int, epoch: int):
 
 
 # ==== One RL step, the SFT warm-up, and the main loop.
-def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, alpha, cfg: Config, device, ref=None):
+def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, alpha, cfg: Config, device, grade, ref=None):
     """Rollout -> reward -> advantages, alpha, targets -> update. Returns the step's metrics (all ranks)."""
     stats, t0 = Stats(), time.time()
     pad_id, eos_ids = tokenizer.pad_token_id, raw_model.generation_config.eos_token_id
@@ -766,18 +776,20 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     auto_prompts = [prompt_ids(tokenizer, cfg, q, guided=False) for q in problems]
     guided_prompts = [prompt_ids(tokenizer, cfg, q, guided=True) for q in problems]
     backbone_raw = model.module if isinstance(model, DDP) else model
+    # One generate call (or generation_batch_size-sized calls) per mode: a call runs until its longest sequence ends,
+    # and guided rollouts, which write the strategy's working, run longer than the unguided ones (README "Speed").
     with full_weights(model), autocast(cfg, device):  # FSDP: the weights are gathered once for all generate calls
-        rollouts = generate(raw_model, [p for a, g in zip(auto_prompts, guided_prompts) for p in [a] * g1 + [g] * g2],
-                            pad_id, eos_ids, device, cfg.temperature, cfg.max_completion_length, cfg.top_p, cfg.top_k,
-                            cfg.generation_batch_size)
+        outs = [generate(raw_model, [p for p in prompts for _ in range(g)], pad_id, eos_ids, device, cfg.temperature,
+                         cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
+                for prompts, g in ((auto_prompts, g1), (guided_prompts, g2))]
+    rollouts = [outs[0][b * g1:(b + 1) * g1] + outs[1][b * g2:(b + 1) * g2] for b in range(len(problems))]  # [B][G1 + G2]
     t_gen = time.time()
 
-    texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in rollouts]  # for grading only
-    rewards = torch.tensor([math_reward(t, problems[i // (g1 + g2)]["answer"], cfg.reward_timeout)
-                            for i, t in enumerate(texts)]).view(len(problems), g1 + g2)
+    rewards = torch.tensor(grade([tokenizer.decode(r["ids"], skip_special_tokens=True) for rs in rollouts for r in rs],
+                                 [q["answer"] for q in problems for _ in range(g1 + g2)])).view(len(problems), g1 + g2)
     r_auto, r_guided = rewards[:, :g1], rewards[:, g1:]  # [B, G1], [B, G2]
     advantages = grpo_advantages(r_auto)
-    rollouts = [rollouts[i * (g1 + g2):(i + 1) * (g1 + g2)] for i in range(len(problems))]
+    t_grade = time.time()
 
     # Adaptive alpha: every rank applies every rank's updates in the same order -> identical tables.
     p_auto, p_guided = r_auto.mean(1), (r_guided.mean(1) if g2 else r_auto.mean(1))
@@ -820,7 +832,6 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
             grad_norm = optimizer_step(raw_model, optimizer, scheduler, cfg)
     t_end = time.time()
 
-    n_gen = sum(len(r["ids"]) for rs in rollouts for r in rs)
     stats.add("reward/autonomous_mean", r_auto, r_auto.numel())
     stats.add("reward/guided_mean", r_guided, r_guided.numel())
     stats.add("pass_gap", p_guided - p_auto, len(problems))
@@ -829,11 +840,13 @@ def rl_step(problems, model, raw_model, head, tokenizer, optimizer, scheduler, a
     stats.add("frac_reward_zero_std", (r_auto.std(1) == 0).float() if g1 > 1 else torch.ones(len(problems)), len(problems))
     stats.add("completions/mean_length", sum(len(r["ids"]) for rs in rollouts for r in rs[:g1]), len(problems) * g1)
     stats.add("completions/clipped_ratio", sum(r["truncated"] for rs in rollouts for r in rs[:g1]), len(problems) * g1)
-    stats.add("perf/generated_tokens", n_gen, 0)
+    stats.add("perf/generated_tokens", sum(len(r["ids"]) for rs in rollouts for r in rs), 0)  # up to the first EOS
+    stats.add("perf/trained_tokens", sum(len(r["response"]) for r in rows), 0)
     metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **stats.reduce(device)}
     metrics.update({k: metrics[k] / cfg.num_iterations for k in ("loss/grpo", "loss/kd")})  # summed over the mu passes
-    metrics.update({"grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": metrics.pop("perf/generated_tokens") / (t_end - t0),
-                    "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/update": t_end - t_score})
+    metrics.update({"grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "time/generate": t_gen - t0,
+                    "perf/gen_tokens_per_s": metrics["perf/generated_tokens"] / (t_gen - t0),
+                    "time/grade": t_grade - t_gen, "time/select": t_score - t_grade, "time/update": t_end - t_score})
     return metrics
 
 
@@ -948,6 +961,7 @@ def main(argv=None) -> int:
         torch.manual_seed(cfg.seed + rank)  # different samples on each rank
         random.seed(cfg.seed + rank)
 
+    grade = Grader(default_workers() if cfg.reward_workers == -1 else cfg.reward_workers, cfg.reward_timeout)
     warming_up = not state["sft_done"]
     if warming_up:
         sft_warmup(sft_problems, model, raw_model, head, tokenizer, cfg, device, rank, world, log)
@@ -955,7 +969,7 @@ def main(argv=None) -> int:
 
     def evaluate() -> dict:  # greedy held-out accuracy: printed next to the one before RL, logged with the step
         with full_weights(model):
-            result = evaluate_accuracy(raw_model, tokenizer, eval_problems, cfg, device, rank, world)
+            result = evaluate_accuracy(raw_model, tokenizer, eval_problems, cfg, device, rank, world, grade)
         start = state["eval_start"] = state["eval_start"] or result
         if master:
             tqdm.write(f"step {state['step']}, greedy accuracy on {len(eval_problems)} problems of {cfg.eval_data}: " + ", ".join(
@@ -973,7 +987,7 @@ def main(argv=None) -> int:
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
                 batches = batches_of(len(problems), cfg, rank, world, state["epoch"])
             batch = [problems[i] for i in batches[state["position"]]]
-            metrics = rl_step(batch, model, raw_model, head, tokenizer, optimizer, scheduler, state["alpha"], cfg, device, ref)
+            metrics = rl_step(batch, model, raw_model, head, tokenizer, optimizer, scheduler, state["alpha"], cfg, device, grade, ref)
             state["position"] += 1
             state["step"] += 1
             if eval_problems and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or state["step"] == cfg.max_steps):
@@ -984,6 +998,7 @@ def main(argv=None) -> int:
                             kd=f"{metrics['kd/target_frac']:.2f}")
             if state["step"] % cfg.save_steps == 0 or state["step"] == cfg.max_steps:
                 save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state, master)
+    grade.close()
     if ddp:
         del model, backbone, raw_model, head, optimizer  # they hold the process group: freed first, no gloo thread stays
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Peak memory of the KD loss (forward + backward) on CPU, chunked vs plain, at Qwen's vocabulary size.
+"""Peak memory and time of the KD loss (forward + backward) on CPU, chunked vs plain, at Qwen's vocabulary size.
 
     python tests/bench_kd_memory.py            # prints a table; each case runs in a fresh process
     python tests/bench_kd_memory.py chunked 4096 20000 128   # one case: mode, positions, vocabulary, chunk
@@ -9,11 +9,12 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 H = 64
 
 
-def case(mode: str, T: int, V: int = 151_936, chunk: int = 512) -> None:
+def case(mode: str, T: int, V: int = 151_936, chunk: int = 256) -> None:
     import torch
     sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
     import sgpo
@@ -22,22 +23,24 @@ def case(mode: str, T: int, V: int = 151_936, chunk: int = 512) -> None:
     s_h = torch.randn(T, H, requires_grad=True)
     t_h = torch.randn(T, H)
     targets = torch.randint(V, (T,))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     if mode == "chunked":
         div, _ = sgpo.kd_divergence(s_h, t_h, targets, head, 1.0, "fkl", chunk_size=chunk)
     else:
         div = sgpo.per_token_kl(head(s_h), head(t_h).detach())
     div.clamp(max=1.0).sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{mode}\t{T}\t{(peak - base) / 2**20:.2f}")
+    print(f"{mode}\t{T}\t{chunk if mode == 'chunked' else '-'}\t{(peak - base) / 2**20:.3f}\t{time.perf_counter() - t0:.1f}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3:  # one case: mode, positions[, vocabulary, chunk]
         case(sys.argv[1], *map(int, sys.argv[2:]))
     else:
-        print("mode\ttokens\textra peak GiB (V=151936, fp32)")
-        for mode, T in [("plain", 1024), ("plain", 2048), ("plain", 4096), ("chunked", 1024), ("chunked", 4096), ("chunked", 16384)]:
-            out = subprocess.run([sys.executable, __file__, mode, str(T)], capture_output=True, text=True,
+        print("mode\ttokens\tchunk\textra peak GiB (V=151936, fp32)\tseconds")
+        cases = [("plain", 1024, 0), ("plain", 2048, 0), ("plain", 4096, 0)] + [
+            ("chunked", T, c) for T in (2048, 8192) for c in (128, 256, 512, 1024)]
+        for mode, T, c in cases:
+            out = subprocess.run([sys.executable, __file__, mode, str(T), "151936", str(c)], capture_output=True, text=True,
                                  env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
             print(out.stdout.strip() or out.stderr.strip().splitlines()[-1])

@@ -6,9 +6,9 @@
 Arithmetic (bytes): fp32 master weights 4/param, fp32 gradients 4, AdamW moments 8 (DDP: all on every GPU; FSDP:
 divided by the world size); bf16 compute copy of the weights 2/param (DDP: autocast's cast cache during a forward;
 FSDP: the full weights gathered for generation); KV cache of one generate call = sequences x (prompt + new tokens)
-x 2 (K, V) x layers x kv_heads x head_dim x 2 (bf16); KD loss chunk = kd_chunk_size x vocab x 4 (fp32) x 7 live
-tensors (measured, tests/bench_kd_memory.py); activations under gradient checkpointing (estimate) = micro-batch
-tokens x (hidden x layers + ~3 x intermediate + ~8 x hidden of the recomputed layer) x 2.
+x 2 (K, V) x layers x kv_heads x head_dim x 2 (bf16); KD loss chunk = kd_chunk_size x vocab x 14 (3 fp32 and one bf16
+[chunk, V] tensors live, measured: tests/bench_kd_memory.py); activations under gradient checkpointing (estimate) =
+micro-batch tokens x (hidden x layers + ~3 x intermediate + ~8 x hidden of the recomputed layer) x 2.
 """
 import argparse
 
@@ -36,7 +36,7 @@ def plan(config, args) -> dict:
     mb_tokens = args.micro_batch_size * seq
     act = mb_tokens * (config.hidden_size * config.num_hidden_layers + 3 * config.intermediate_size + 8 * config.hidden_size) * 2
     kv_call = args.generation_batch_size * seq * kv_per_token
-    kd_chunk = args.kd_chunk_size * config.vocab_size * 4 * 7
+    kd_chunk = args.kd_chunk_size * config.vocab_size * 14
     out = {"parameters (B)": n / 1e9, "KV cache per token (KB)": kv_per_token / 1e3}
     for mode, shard in (("DDP", 1), (f"FSDP x{args.world}", args.world)):
         states = 16 * n / shard
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--prompt_tokens", type=int, default=512, help="longest prompt (guided: problem + strategy)")
     p.add_argument("--max_completion_length", type=int, default=8192)
     p.add_argument("--micro_batch_size", type=int, default=2)
-    p.add_argument("--kd_chunk_size", type=int, default=512)
+    p.add_argument("--kd_chunk_size", type=int, default=256)
     args = p.parse_args()
     configs = {args.config: AutoConfig.from_pretrained(args.config)} if args.config else \
         {k: AutoConfig.for_model(**v) for k, v in CONFIGS.items()}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import reward
 import sgpo
 from tests.conftest import ROOT, read_metrics, run_sgpo, tiny_rows
 from toy.tiny import build_model, build_tokenizer
@@ -19,9 +20,9 @@ COMMON = ["--batch_size", 4, "--num_generations", 4, "--num_guided_generations",
           "--learning_rate", 1e-3, "--micro_batch_size", 6, "--kl_clip", 1.0, "--eval_data", ""]
 REQUIRED = ["reward/autonomous_mean", "reward/guided_mean", "pass_gap", "alpha/mean", "kd/target_frac", "loss/grpo",
             "loss/kd", "clip_ratio", "kd/kl_clip_frac", "entropy", "completions/mean_length", "completions/clipped_ratio",
-            "frac_reward_zero_std", "rollout_probs_diff_max", "perf/tokens_per_s", "time/generate", "time/score",
+            "frac_reward_zero_std", "rollout_probs_diff_max", "perf/gen_tokens_per_s", "time/generate", "time/grade", "time/select",
             "time/update"]
-TIMING = ("perf/tokens_per_s", "time/generate", "time/score", "time/update")
+TIMING = ("perf/gen_tokens_per_s", "time/generate", "time/grade", "time/select", "time/update")
 
 
 def test_warmup_learned_the_format(warm_dir):
@@ -61,7 +62,7 @@ def _accuracy_one_at_a_time(model, tok, rows, cfg, guided):
     for q in rows:  # no batching, no padding
         out = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided)], tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0,
                             cfg.max_completion_length)[0]
-        correct += sgpo.math_reward(tok.decode(out["ids"], skip_special_tokens=True), q["answer"])
+        correct += reward.math_reward(tok.decode(out["ids"], skip_special_tokens=True), q["answer"])
     return correct / len(rows)
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import evaluate
-import sgpo
+import reward
 from tests.conftest import run_sgpo, write_jsonl
 
 
@@ -52,7 +52,7 @@ def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
     assert len(samples) == 6 + 4  # unguided for all, guided for the 4 with a strategy
     for r in samples:  # the stored verdict is the shared grader's
         answer = "37"[int(r["id"][1:]) % 2]
-        assert r["correct"] == sgpo.math_reward(r["response"], answer)
+        assert r["correct"] == reward.math_reward(r["response"], answer)
     summary = json.load(open(tmp_path / "one" / "summary.json"))["results"]
     assert summary == json.loads(json.dumps(evaluate.aggregate(samples)))
     assert "| tiny | 1 | unguided | 6 |" in (tmp_path / "one" / "summary.md").read_text()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import sgpo
+import reward
 
 CASES = [
     ("so the answer is \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
@@ -60,12 +60,12 @@ CASES = [
 
 @pytest.mark.parametrize("response,answer,expected", CASES)
 def test_math_reward(response, answer, expected):
-    assert sgpo.math_reward(response, answer) == expected
+    assert reward.math_reward(response, answer) == expected
 
 
 def test_power_tower_is_bounded():
     start = time.time()
-    assert sgpo.math_reward("\\boxed{9^{9^{9^{9^{9}}}}}", "9^{9^{9^{9}}}", timeout=1) == 0.0
+    assert reward.math_reward("\\boxed{9^{9^{9^{9^{9}}}}}", "9^{9^{9^{9}}}", timeout=1) == 0.0
     assert time.time() - start < 5  # parse and verify are each bounded by the timeout
 
 
@@ -77,11 +77,41 @@ def test_math500_reference_solutions():
     """The grader accepts the reference solutions (the open-r1-style bar is 492/500) and none of them when
     paired with another problem's (different) answer."""
     rows = [json.loads(line) for line in open(MATH500)]
-    accepted = sum(sgpo.math_reward(r["solution"], r["answer"]) for r in rows)
+    accepted = sum(reward.math_reward(r["solution"], r["answer"]) for r in rows)
     assert accepted >= 492, accepted
     wrong = []
     for i, r in enumerate(rows):
         other = rows[(i + 7) % len(rows)]["answer"]
-        if other != r["answer"] and sgpo.math_reward(r["solution"], other):
+        if other != r["answer"] and reward.math_reward(r["solution"], other):
             wrong.append((r["id"], other))
     assert not wrong, wrong[:5]
+
+
+def test_grader_pool_equals_serial_and_keeps_the_timeout():
+    """--reward_workers: the pool returns exactly the serial rewards in order; its workers' SIGALRM timeout bounds
+    a power tower (it would hang a worker without it); a pool of 1 or a batch no larger than the pool runs inline."""
+    responses = [r for r, _, _ in CASES] * 3 + ["\\boxed{9^{9^{9^{9^{9}}}}}"]
+    answers = [a for _, a, _ in CASES] * 3 + ["9^{9^{9^{9}}}"]
+    serial = [reward.math_reward(r, a, 1) for r, a in zip(responses, answers)]
+    assert serial == [e for _, _, e in CASES] * 3 + [0.0]
+    grader = reward.Grader(2, timeout=1)
+    try:
+        start = time.time()
+        assert grader(responses, answers) == serial
+        assert grader.pool is not None and time.time() - start < 30
+        assert grader(responses[::-1], answers[::-1]) == serial[::-1]  # the same pool, reused
+    finally:
+        grader.close()
+    inline = reward.Grader(1)
+    assert inline(responses[:5], answers[:5]) == serial[:5] and inline.pool is None
+    assert reward.Grader(8)(responses[:5], answers[:5]) == serial[:5]  # 5 responses, 8 workers: not worth a pool
+
+
+def test_default_workers_share_the_cores(monkeypatch):
+    monkeypatch.setattr(reward.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert reward.default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert reward.default_workers() == 4
+    monkeypatch.setattr(reward.os, "sched_getaffinity", lambda pid: {0})
+    assert reward.default_workers() == 1

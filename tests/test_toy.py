@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import reward
 import sgpo
 from toy.cups import STRATEGY, make_split
 
@@ -24,8 +25,8 @@ def test_cups_problems_are_consistent_and_graded_by_math_verify():
     assert len({r["id"] for r in rows}) == 200
     for r in rows:
         assert r["answer"] == str(_simulate(r["problem"]))
-        assert sgpo.math_reward(r["solution"], r["answer"]) == 1.0  # the worked solution earns the reward
-        assert sgpo.math_reward(f"\\boxed{{{int(r['answer']) % 3 + 1}}}", r["answer"]) == 0.0
+        assert reward.math_reward(r["solution"], r["answer"]) == 1.0  # the worked solution earns the reward
+        assert reward.math_reward(f"\\boxed{{{int(r['answer']) % 3 + 1}}}", r["answer"]) == 0.0
         steps = r["solution"].split(" \\boxed")[0].split()
         assert 4 <= len(steps) <= 6 and steps[-1].endswith(":" + r["answer"])
         assert r["strategy"] == STRATEGY
