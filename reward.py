@@ -4,6 +4,7 @@ in a pool of processes when there are many responses to grade (grading 1,536 MAT
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 
@@ -51,23 +52,30 @@ def default_workers() -> int:
 
 
 class Grader:
-    """grader(responses, answers) -> [math_reward of each pair], in `workers` processes, or in this one when workers
-    <= 1: the same values in the same order. Workers come from a forkserver that imports this module only (a fork of
-    a process running CUDA or gloo threads is unsafe), and each calls math-verify in its main thread, where its
-    SIGALRM timeout works. Started at the first call with more than one response per worker; close() ends them."""
+    """grader(responses, answers) -> [math_reward of each pair], in `workers` processes, or in this one: the same
+    values in the same order. A pool costs ~1 s to start and ~1 ms a chunk: it starts once one call graded inline
+    has taken more than `pool_after` seconds (short answers, as in toy/, never pay for it). Workers come from a
+    forkserver that imports this module only (a fork of a process running CUDA or gloo threads is unsafe), and each
+    calls math-verify in its main thread, where its SIGALRM timeout works. close() ends them."""
 
-    def __init__(self, workers: int, timeout: int = 5):
-        self.workers, self.timeout, self.pool = workers, timeout, None
+    def __init__(self, workers: int, timeout: int = 5, pool_after: float = 0.5):
+        self.workers, self.timeout, self.pool_after, self.pool = workers, timeout, pool_after, None
 
     def __call__(self, responses: list, answers: list) -> list:
-        if self.workers <= 1 or len(responses) <= self.workers:
-            return [math_reward(r, a, self.timeout) for r, a in zip(responses, answers)]
+        if self.pool is None:
+            start = time.perf_counter()
+            rewards = [math_reward(r, a, self.timeout) for r, a in zip(responses, answers)]
+            if self.workers > 1 and time.perf_counter() - start > self.pool_after:
+                self.start_pool()
+            return rewards
+        chunk = -(-len(responses) // (4 * self.workers))  # a few chunks a worker: balance at little IPC cost
+        return list(self.pool.map(math_reward, responses, answers, [self.timeout] * len(responses), chunksize=chunk))
+
+    def start_pool(self):
         if self.pool is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["reward"])
             self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
-        chunk = -(-len(responses) // (4 * self.workers))  # a few chunks a worker: balance at little IPC cost
-        return list(self.pool.map(math_reward, responses, answers, [self.timeout] * len(responses), chunksize=chunk))
 
     def close(self):
         if self.pool is not None:

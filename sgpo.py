@@ -313,6 +313,8 @@ def _chunk_backward(h, t_h, y, w, temperature, kind, a, b, div, g_weight):
 
 
 class ChunkedHead(torch.autograd.Function):
+    """The LM head's per-token log-probs, divergences and entropies, chunk_size positions at a time (see above)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, t_hidden, targets, temperature, kind, chunk_size):
         """[M, H] hidden, [V, H] head weight, [M, H] teacher hidden (None unless kind is fkl/rkl), [M] targets ->
@@ -341,15 +343,21 @@ class ChunkedHead(torch.autograd.Function):
         return g_hidden.to(hidden.dtype), g_weight, None, None, None, None, None
 
 
-def token_logps(hidden, targets, head, temperature, chunk_size=512):
+def _weight(head):
+    if getattr(head, "bias", None) is not None:  # none in Qwen, Llama, ...: ChunkedHead applies the weight only
+        raise ValueError("LM heads with a bias are not supported")
+    return head.weight
+
+
+def token_logps(hidden, targets, head, temperature, chunk_size=256):
     """[M, H] hidden states predicting [M] tokens -> ([M] log-probs, [M] entropies), temperature-scaled, fp32."""
-    logp, _, entropy = ChunkedHead.apply(hidden, head.weight, None, targets, temperature, "logp", chunk_size)
+    logp, _, entropy = ChunkedHead.apply(hidden, _weight(head), None, targets, temperature, "logp", chunk_size)
     return logp, entropy
 
 
-def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", chunk_size=512):
+def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", chunk_size=256):
     """[M, H] student and teacher hidden states on the same target tokens -> ([M] D_t, [M] student log-probs)."""
-    logp, div, _ = ChunkedHead.apply(s_hidden, head.weight, t_hidden.detach(), targets, temperature, kind, chunk_size)
+    logp, div, _ = ChunkedHead.apply(s_hidden, _weight(head), t_hidden.detach(), targets, temperature, kind, chunk_size)
     return div, logp
 
 
@@ -447,20 +455,28 @@ def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperatu
     """Left-pad the prompts, sample (greedy at temperature 0), and return per sequence its response ids (up to
     and including the first EOS, never re-tokenised), whether it was truncated, and the sampler's log-probs
     of its tokens (of logits / temperature; of the raw logits when greedy). At most batch_size sequences (0: all)
-    per HF generate call: a call's KV cache is sequences x tokens x bytes/token (README)."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    per HF generate call: a call's KV cache is sequences x tokens x bytes/token (README). A prompt repeated in a
+    call (the G rollouts of a problem) is prefilled once and its KV cache copied: HF would prefill every copy."""
+    from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
     gen_cfg = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
-    results, was_training, step = [], model.training, batch_size or len(prompts)
+    results, was_training, step = [], model.training, batch_size or max(1, len(prompts))
     for batch in (prompts[i:i + step] for i in range(0, len(prompts), step)):
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in batch], device=device)  # [N, P]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        recorder = SamplerLogprobs(temperature if temperature > 0 else 1.0)
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, batch)))}  # prompt -> row, in order
+        width = max(len(p) for p in distinct)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in distinct], device=device)  # [U, P]
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct], device=device)
+        rows = torch.tensor([distinct[tuple(p)] for p in batch], device=device)  # [N] -> row of its prompt
+        recorder, cache = SamplerLogprobs(temperature if temperature > 0 else 1.0), None
         model.eval()  # also turns HF activation checkpointing off (it acts in training mode only): the KV cache works
         try:
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gen_cfg,
-                                 logits_processor=LogitsProcessorList([recorder]))
+            if len(distinct) < len(batch) and width > 1:  # prefill all but the last token (generate runs that one)
+                cache = DynamicCache(config=model.config)
+                model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
+                      position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0))
+                cache.batch_select_indices(rows)
+            out = model.generate(input_ids=input_ids[rows], attention_mask=mask[rows], past_key_values=cache,
+                                 generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]))
         finally:
             model.train(was_training)
         completions = out[:, width:]  # [N, T]

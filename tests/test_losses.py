@@ -219,3 +219,8 @@ def test_chunked_head_under_bf16_autocast_matches_autograd():
     assert torch.allclose(div, div_ref, atol=1e-3)
     for x, ref in zip(g, (s_h.grad, head.weight.grad)):
         assert torch.allclose(x, ref, atol=2e-2, rtol=2e-2), (x - ref).abs().max()
+
+
+def test_head_with_a_bias_is_refused():  # ChunkedHead applies the weight only: a bias would be silently dropped
+    with pytest.raises(ValueError, match="bias"):
+        sgpo.token_logps(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.nn.Linear(4, 5), 1.0)

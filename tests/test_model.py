@@ -38,8 +38,8 @@ def test_first_eos_lengths_keep_eos_when_pad_is_eos():
 def test_sampler_logps_equal_trainer_logps_left_padded(arch):
     torch.manual_seed(0)
     tok, model, cfg = tiny_setup(pad_is_eos=True, arch=arch)
-    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True)]
-    assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch
+    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True) for _ in range(2)]
+    assert len({len(p) for p in prompts}) > 1  # a genuinely left-padded batch, each prompt twice (prefilled once)
     rollouts = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", cfg.temperature,
                              cfg.max_completion_length)
     assert any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
@@ -169,3 +169,23 @@ def test_bf16_compute_moves_weights_at_lr_1e6_and_matches_fp32():
     diff = sum(((bf16_grads[n] - g) ** 2).sum() for n, g in fp32_grads.items()).sqrt()
     assert diff / sum((g ** 2).sum() for g in fp32_grads.values()).sqrt() < 0.02
     assert any((bf16_grads[n] - g).abs().max() > 0 for n, g in fp32_grads.items())  # autocast did compute in bf16
+
+
+def test_prefill_once_per_distinct_prompt_samples_what_hf_generate_samples():
+    """generate() prefills a repeated prompt once and copies its KV cache: same seed, same samples and the same
+    sampler log-probs as HF's own generate on the full left-padded batch (which prefills every copy)."""
+    from transformers import GenerationConfig
+    tok, model, cfg = tiny_setup()
+    prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True) for _ in range(3)]
+    torch.manual_seed(5)
+    ours = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 12)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(5)
+    out = model.eval().generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+                                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12,
+                                    eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id))
+    lengths, _ = sgpo.first_eos_lengths(out[:, width:], [tok.eos_token_id])
+    assert [r["ids"] for r in ours] == [out[i, width:width + n].tolist() for i, n in enumerate(lengths)]
+    assert len({tuple(r["ids"]) for r in ours}) > 3  # the copies of a prompt sample different continuations

@@ -88,23 +88,24 @@ def test_math500_reference_solutions():
 
 
 def test_grader_pool_equals_serial_and_keeps_the_timeout():
-    """--reward_workers: the pool returns exactly the serial rewards in order; its workers' SIGALRM timeout bounds
-    a power tower (it would hang a worker without it); a pool of 1 or a batch no larger than the pool runs inline."""
+    """--reward_workers: the pool returns exactly the serial rewards in order, and its workers' SIGALRM timeout
+    bounds a power tower (it would hang a worker without it). The pool starts once a call graded inline was slow."""
     responses = [r for r, _, _ in CASES] * 3 + ["\\boxed{9^{9^{9^{9^{9}}}}}"]
     answers = [a for _, a, _ in CASES] * 3 + ["9^{9^{9^{9}}}"]
     serial = [reward.math_reward(r, a, 1) for r, a in zip(responses, answers)]
     assert serial == [e for _, _, e in CASES] * 3 + [0.0]
     grader = reward.Grader(2, timeout=1)
     try:
+        assert grader(responses[:4], answers[:4]) == serial[:4] and grader.pool is None  # fast: stays inline
+        assert grader(responses, answers) == serial and grader.pool is not None  # the tower took > 0.5 s: a pool
         start = time.time()
         assert grader(responses, answers) == serial
-        assert grader.pool is not None and time.time() - start < 30
         assert grader(responses[::-1], answers[::-1]) == serial[::-1]  # the same pool, reused
+        assert time.time() - start < 30
     finally:
         grader.close()
-    inline = reward.Grader(1)
-    assert inline(responses[:5], answers[:5]) == serial[:5] and inline.pool is None
-    assert reward.Grader(8)(responses[:5], answers[:5]) == serial[:5]  # 5 responses, 8 workers: not worth a pool
+    inline = reward.Grader(1, timeout=1)
+    assert inline(responses, answers) == serial and inline.pool is None  # one worker: never a pool
 
 
 def test_default_workers_share_the_cores(monkeypatch):
