@@ -4,6 +4,7 @@ in a pool of processes when there are many responses to grade (grading 1,536 MAT
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
@@ -51,12 +52,26 @@ def default_workers() -> int:
     return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
+def _exit_with(trainer_pid: int):
+    """A worker's initializer: end the worker when the trainer is gone (killed: it never called close()), which a
+    pool's worker, blocked on its task queue, would otherwise outlive."""
+    def watch():
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(trainer_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class Grader:
     """grader(responses, answers) -> [math_reward of each pair], in `workers` processes, or in this one: the same
     values in the same order. A pool costs ~1 s to start and ~1 ms a chunk: it starts once one call graded inline
     has taken more than `pool_after` seconds (short answers, as in toy/, never pay for it). Workers come from a
-    forkserver that imports this module only (a fork of a process running CUDA or gloo threads is unsafe), and each
-    calls math-verify in its main thread, where its SIGALRM timeout works. close() ends them."""
+    forkserver (a fork of a process running CUDA or gloo threads is unsafe; like any such child, each imports the
+    main script, whose `if __name__ == "__main__"` guard keeps it from running), and each calls math-verify in its
+    main thread, where its SIGALRM timeout works. close() ends them; so does the trainer's death."""
 
     def __init__(self, workers: int, timeout: int = 5, pool_after: float = 0.5):
         self.workers, self.timeout, self.pool_after, self.pool = workers, timeout, pool_after, None
@@ -75,7 +90,8 @@ class Grader:
         if self.pool is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["reward"])
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_exit_with,
+                                            initargs=(os.getpid(),))
 
     def close(self):
         if self.pool is not None:

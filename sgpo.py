@@ -26,18 +26,19 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from inputs import (UsageError, check_fits, check_writable_dir, config_from_args, has_usable_strategy,  # noqa: F401
-                    latest_checkpoint, load_problems, require, resolve_resume, sync_to_disk)  # (some: sgpo.X in scripts)
+                    latest_checkpoint, load_problems, require, resolve_resume)  # (some: sgpo.X in scripts)
+from runtime import (Stats, all_gather_objects, all_reduce, full_weights, restore_checkpoint, save_checkpoint,
+                     shard_fsdp)  # collectives, FSDP, checkpoints: the plumbing, apart from the method
 from reward import Grader, default_workers  # math-verify, in a process pool; shared with evaluate.py
 
 AUTO_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -525,7 +526,7 @@ def evaluate_accuracy(raw_model, tokenizer, problems, cfg: Config, device, rank,
     return {f"eval/{mode}_acc": c[2 * k] / c[2 * k + 1] for k, mode in enumerate(("unguided", "guided")) if c[2 * k + 1]}
 
 
-# ==== Distributed helpers (no-ops in one process).
+# ==== The DDP preamble and mixed precision (collectives, FSDP and checkpoints: runtime.py).
 def setup_distributed(timeout_s: int = 1800):
     """DDP preamble: the same file runs under `python` (rank 0 of 1) and `torchrun` (NCCL on GPU, gloo on CPU).
     Returns (ddp, rank, world size, device). timeout_s: how long a collective waits for the slowest rank."""
@@ -553,85 +554,6 @@ def autocast(cfg: Config, device):
     log-softmax, KL and losses are fp32 by explicit casts; backward runs outside (as torch recommends)."""
     dtype = compute_dtype(cfg.dtype)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def shard_fsdp(backbone, cfg: Config, device):
-    """FSDP2: every decoder layer is one unit, the Backbone (embeddings, final norm, LM head) the root. (fully_shard on
-    the HF model itself fails: Backbone calls get_decoder(), bypassing that root's hooks.) Shards stay fp32; forwards
-    all-gather them in the compute dtype and gradients are reduce-scattered in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    kw = dict(mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
-              mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype(cfg.dtype), reduce_dtype=torch.float32))
-    for layer in backbone.lm.get_decoder().layers:
-        fully_shard(layer, **kw)
-    fully_shard(backbone, **kw)
-    with torch.no_grad():  # FSDP makes the first module to run forward the root: the Backbone, not a layer
-        backbone(*torch.ones((2, 1, 1), dtype=torch.long, device=device))  # input_ids, attention_mask [1, 1]
-    backbone.reshard()  # the root keeps its weights gathered after a forward: the optimizer must get the shards
-    return backbone
-
-
-@contextmanager
-def full_weights(model):
-    """FSDP: all-gather every unit once and keep the full (compute-dtype) weights until the block ends, so that the
-    forwards of generate, scoring and evaluation are local: ranks may run different numbers of them (no collective,
-    no synced_gpus). Costs one full copy of the weights per GPU while it lasts. DDP and one process: nothing."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root keeps its weights
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, op=op)
-    return x
-
-
-def all_gather_objects(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class Stats:
-    """Metrics reduced over ranks at log time: a mean (sum / count), a global sum (count 0) or a maximum."""
-
-    def __init__(self):
-        self.sums, self.counts, self.maxes = {}, {}, {}
-
-    def add(self, name, value, count=1):
-        value = float(value.sum()) if isinstance(value, torch.Tensor) else float(value)
-        self.sums[name] = self.sums.get(name, 0.0) + value
-        self.counts[name] = self.counts.get(name, 0.0) + count
-
-    def max(self, name, value):
-        self.maxes[name] = max(self.maxes.get(name, -math.inf), float(value))
-
-    def reduce(self, device) -> dict:
-        # Ranks may hold different names (a rank with no KD target has no KD metrics): reduce over the union.
-        keys, mkeys = (sorted(set().union(*all_gather_objects(sorted(d)))) for d in (self.sums, self.maxes))
-        sc = all_reduce(torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in keys] or [[0.0, 0.0]],
-                                     device=device, dtype=torch.float64))
-        mx = all_reduce(torch.tensor([self.maxes.get(k, -math.inf) for k in mkeys] or [0.0], device=device,
-                                     dtype=torch.float64), dist.ReduceOp.MAX)
-        out = {k: (sc[i, 0] / sc[i, 1] if sc[i, 1] > 0 else sc[i, 0]).item() for i, k in enumerate(keys)}
-        out.update({k: mx[i].item() for i, k in enumerate(mkeys)})
-        return out
 
 
 # ==== The update: forward/backward over micro-batches of training rows.
@@ -723,50 +645,6 @@ def optimizer_step(raw_model, optimizer, scheduler, cfg: Config):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-
-
-# ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
-def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state: dict, master: bool):
-    """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it. The weights are
-    the fp32 master weights (an exact resume needs them); under FSDP they are gathered to rank 0's CPU, and every
-    rank writes its shard of the optimizer state (torch.distributed.checkpoint: loadable on another world size)."""
-    rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
-    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
-    tmp, weights = final + ".tmp", None
-    try:
-        if master:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier()
-        if cfg.fsdp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import StateDictOptions as Opts, get_model_state_dict, get_optimizer_state_dict
-            weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(
-                model, options=Opts(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
-            if optimizer.state:  # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
-                dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
-        if master:
-            raw_model.save_pretrained(tmp, state_dict=weights)
-            raw_model.original_generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            optim_state = {} if cfg.fsdp else {"optimizer": optimizer.state_dict()}  # FSDP: the shards above
-            torch.save({**state, **optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(cfg)},
-                       os.path.join(tmp, "trainer_state.pt"))
-            with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
-                json.dump(asdict(cfg), f, indent=1)
-            sync_to_disk(tmp)  # (DCP syncs its own files)
-        barrier()  # every rank's optimizer shard is written
-        if master:
-            if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a crash above leaves the previous checkpoint intact
-            sync_to_disk(cfg.output_dir, recursive=False)  # the rename itself
-    except BaseException:  # a crash or Ctrl-C while writing: remove the partial folder (the earlier ones are whole)
-        if master:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    barrier()
 
 
 def make_optimizer(raw_model, lr, cfg: Config):
@@ -928,7 +806,7 @@ def main(argv=None) -> int:
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(raw_model)
     head, backbone = raw_model.get_output_embeddings(), Backbone(raw_model)
-    model = shard_fsdp(backbone, cfg, device) if cfg.fsdp else \
+    model = shard_fsdp(backbone, compute_dtype(cfg.dtype), device) if cfg.fsdp else \
         DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if ddp else backbone
     ref = None
     if cfg.beta > 0:  # frozen reference = the initial policy, never trained: compute dtype, replicated
@@ -954,24 +832,8 @@ def main(argv=None) -> int:
 
     optimizer, scheduler = make_optimizer(raw_model, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs, eval_start={})
-    if resume:
-        if not cfg.fsdp:
-            optimizer.load_state_dict(saved["optimizer"])
-        elif os.path.isdir(os.path.join(resume, "optimizer")):  # (none if saved before the first step)
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-            sharded = get_optimizer_state_dict(model, optimizer)  # initialises AdamW's state: dcp.load fills it in
-            dcp.load(sharded, checkpoint_id=os.path.join(resume, "optimizer"))
-            set_optimizer_state_dict(model, optimizer, sharded)
-        scheduler.load_state_dict(saved["scheduler"])
-        state = {k: saved.get(k, v) for k, v in state.items()}
-        if len(saved["rng"]) == world:
-            torch.set_rng_state(saved["rng"][rank]["torch"])
-            random.setstate(saved["rng"][rank]["python"])
-            if device.type == "cuda" and saved["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
-        elif master:
-            print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, this run {world}: sampling reseeded")
+    if resume:  # optimizer, scheduler, RNG of every rank; returns the loop's state (step, data position, alpha, ...)
+        state = restore_checkpoint(resume, saved, model, optimizer, scheduler, state, cfg.fsdp, rank, world, device)
         del saved  # the optimizer state now lives in the optimizer (on its device); free the CPU copy
     else:
         torch.manual_seed(cfg.seed + rank)  # different samples on each rank

@@ -25,7 +25,7 @@ if "RANK" in os.environ:
     last = [r for r in rows if r["kind"] == "auto"][-2:]
     rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
     fsdp = sys.argv[2:] == ["fsdp"]
-    wrapped = sgpo.shard_fsdp(backbone, cfg, torch.device("cpu")) if fsdp else DDP(backbone)
+    wrapped = sgpo.shard_fsdp(backbone, sgpo.compute_dtype(cfg.dtype), torch.device("cpu")) if fsdp else DDP(backbone)
 else:
     wrapped = backbone
 stats = sgpo.Stats()

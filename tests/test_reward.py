@@ -116,3 +116,27 @@ def test_default_workers_share_the_cores(monkeypatch):
     assert reward.default_workers() == 4
     monkeypatch.setattr(reward.os, "sched_getaffinity", lambda pid: {0})
     assert reward.default_workers() == 1
+
+
+def test_grader_workers_end_when_the_trainer_is_killed(tmp_path):
+    """A SIGKILLed trainer never closes its pool: the workers notice and exit instead of waiting forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\nsys.path.insert(0, %r)\nimport reward\nif __name__ == '__main__':\n"
+        "    g = reward.Grader(2, 1)\n    g.start_pool()\n    g(['\\\\boxed{1}'] * 8, ['1'] * 8)\n"
+        "    print(*[p.pid for p in g.pool._processes.values()], flush=True)\n    time.sleep(600)\n"
+        % str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
+                                         for w in workers):
+        time.sleep(0.2)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
