@@ -430,7 +430,7 @@ def enable_activation_checkpointing(model):
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
 
 
-# ==== Rollouts: one batched generate per step for both modes.
+# ==== Rollouts: batched HF generate calls, the sampler's log-probs recorded.
 class SamplerLogprobs:
     """Logits processor recording log softmax(logits / T) of each sampled token; holds one step's [N, V].
     It runs before HF's temperature/top-k/top-p warpers, so it sees the raw logits; the token sampled at

@@ -57,3 +57,12 @@ def test_reference_kl_term():
     assert kl > 0
     n_tok = sum(len(r["response"]) for r in rows)
     assert torch.allclose(far - base, torch.tensor(0.5 * kl * n_tok * rows[0]["weight"]), rtol=1e-4)
+
+
+def test_toy_ablation_rows_are_valid_sgpo_flags():
+    """Every row of toy/ablation.py parses as sgpo.py flags, and the SFT rows warm up on answer-only solutions."""
+    from toy.ablation import ROWS, SFT
+    for label, flags in ROWS.values():
+        cfg = sgpo.parse_args([f.format(strong="strong.jsonl") for f in flags])
+        assert (cfg.sft_epochs > 0) == (flags[:len(SFT)] == SFT), label
+    assert sgpo.parse_args(ROWS["no_proximal"][1]).kd_trust_region is False

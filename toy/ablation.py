@@ -1,11 +1,14 @@
 """
-The ablation table of the cups testbed: each row is sgpo.py's default run plus one flag, over several seeds;
-prints greedy held-out accuracy (unguided and guided) after RL, mean +- standard deviation over seeds.
+The ablation table of the cups testbed: each row is sgpo.py's default run plus flags, over several seeds; prints
+greedy held-out accuracy (unguided and guided) after RL, mean +- standard deviation over seeds, and the unguided
+accuracy on a generalisation split the training never sees in kind (7-10 swaps; training has 4-6).
 
-    python toy/ablation.py                        # 6 rows x 3 seeds, ~2 min a run on 2 cores (~40 min)
+    python toy/ablation.py                        # the ablation rows x 3 seeds, ~3 min a run on 2 cores
+    python toy/ablation.py --rows sft_solutions sft_grpo sgpo   # the main table in miniature
     python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40   # a subset; extra sgpo.py flags after --
 
-Finished runs (out/ablation/<row>-seed<k>/metrics.jsonl with its final evaluation) are read, not rerun.
+Finished runs (out/ablation/<row>-seed<k>/metrics.jsonl with its final evaluation) are read, not rerun; so is their
+generalisation accuracy (generalisation.json next to them).
 """
 import argparse
 import json
@@ -14,9 +17,17 @@ import statistics
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sgpo  # noqa: E402
+from toy.cups import make_split  # noqa: E402
+from toy.tiny import write_jsonl  # noqa: E402
+
+# SFT on a strong model's solutions: the answer alone, reached "in its head", the way a strong model that needs no
+# written working would answer; the small model cannot imitate the computation it does not see (README).
+SFT = ["--sft_epochs", "2", "--sft_data", "{strong}", "--sft_learning_rate", "1e-4"]
 ROWS = {  # name -> (label, sgpo.py flags)
     "sgpo": ("SGPO (defaults)", []),
     "grpo_only": ("GRPO only", ["--use_kd", "false"]),
@@ -24,7 +35,13 @@ ROWS = {  # name -> (label, sgpo.py flags)
     "reverse_kl": ("reverse KL", ["--kd_loss", "rkl"]),
     "fixed_alpha": ("fixed alpha", ["--adaptive_alpha", "false"]),
     "kl_clip_1": ("KL clipping at the paper's delta = 1", ["--kl_clip", "1"]),
+    "no_proximal": ("w/o all proximal constraints", ["--kl_clip", "inf", "--target_selection", "false",
+                                                     "--kd_trust_region", "false"]),
+    "sft_solutions": ("SFT on the strong model's solutions", SFT + ["--max_steps", "0"]),
+    "sft_grpo": ("SFT, then GRPO", SFT + ["--use_kd", "false"]),
+    "sft_sgpo": ("SFT, then SGPO", SFT),
 }
+DEFAULT_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1"]
 
 
 def final_eval(out: str):
@@ -36,6 +53,31 @@ def final_eval(out: str):
     return evals[0], evals[-1]
 
 
+def generalisation_splits() -> dict:
+    """Held-out problems unlike the training ones in kind (training: 'Ball under cup S. Swaps: ... Which cup?', 4-6
+    swaps): longer sequences, and the same lengths written differently. No strategy: unguided accuracy only."""
+    longer = make_split(106, seed=3, prefix="long", swaps_range=(7, 10))
+    same = make_split(106, seed=4, prefix="reworded")
+    return {"7-10 swaps": longer,
+            "start written out": [{**q, "problem": q["problem"].replace("Ball under", "The ball starts under")} for q in same],
+            "question reworded": [{**q, "problem": q["problem"].replace("Which cup?", "Where is the ball now?")} for q in same]}
+
+
+def generalisation(out: str, splits: dict) -> dict:
+    """{split: unguided greedy accuracy} of a finished run's final weights (cached in out/generalisation.json)."""
+    path = os.path.join(out, "generalisation.json")
+    done = {k: v for k, v in json.load(open(path)).items() if k in splits} if os.path.exists(path) else {}
+    if set(splits) - set(done):
+        model, tok = sgpo.load_model(sgpo.latest_checkpoint(out), torch.float32, "cpu")
+        cfg = sgpo.Config(max_completion_length=96)  # 10 swaps of working: ~60 tokens
+        for name in set(splits) - set(done):
+            problems = [{**q, "strategy": ""} for q in splits[name]]
+            done[name] = sgpo.evaluate_accuracy(model, tok, problems, cfg, "cpu", 0, 1)["eval/unguided_acc"]
+        with open(path, "w") as f:
+            json.dump(done, f, indent=1)
+    return done
+
+
 def mean_sd(values):
     values = [100 * v for v in values]
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -45,31 +87,39 @@ def mean_sd(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
     parser.add_argument("--output_dir", default="out/ablation")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
+    os.makedirs(args.output_dir, exist_ok=True)
+    strong = os.path.join(args.output_dir, "strong_solutions.jsonl")  # train.jsonl with answer-only solutions
+    write_jsonl(strong, [{**q, "solution": f"\\boxed{{{q['answer']}}}"} for q in map(json.loads, open(
+        os.path.join(ROOT, "toy", "cups_data", "train.jsonl")))])
+    splits = generalisation_splits()
     results = {}
     for row in args.rows:
         for seed in args.seeds:
             out = os.path.join(args.output_dir, f"{row}-seed{seed}")
             if final_eval(out) is None:
                 cmd = [sys.executable, os.path.join(ROOT, "sgpo.py"), "--seed", str(seed), "--output_dir", out,
-                       "--overwrite_output_dir", *ROWS[row][1], *extra]
+                       "--overwrite_output_dir", *[f.format(strong=strong) for f in ROWS[row][1]], *extra]
                 print(" ".join(cmd), flush=True)
                 os.makedirs(out, exist_ok=True)
                 with open(os.path.join(out, "log.txt"), "w") as log:  # the run's output (progress bars included)
                     subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            results[row, seed] = final_eval(out)
-    before = [results[row, s][0] for row in args.rows for s in args.seeds]
-    print(f"\nseeds {args.seeds}; before RL: unguided {mean_sd([b['eval/unguided_acc'] for b in before])}, "
-          f"guided {mean_sd([b['eval/guided_acc'] for b in before])}")
-    print("| run | flags | unguided | guided | unguided per seed |\n|---|---|---|---|---|")
+            results[row, seed] = (*final_eval(out), generalisation(out, splits))
+    base = [results[row, s][0] for row in args.rows for s in args.seeds if "--sft_epochs" not in ROWS[row][1]]
+    print(f"\nseeds {args.seeds}; the warm checkpoint, before RL: unguided {mean_sd([b['eval/unguided_acc'] for b in base])}, "
+          f"guided {mean_sd([b['eval/guided_acc'] for b in base])}")
+    print("| run | flags | unguided | guided | unguided per seed | " + " | ".join(f"unguided, {k}" for k in splits) + " |")
+    print("|---" * (5 + len(splits)) + "|")
     for row in args.rows:
         ends = [results[row, s][1] for s in args.seeds]
-        print(f"| {ROWS[row][0]} | `{' '.join(ROWS[row][1]) or '-'}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
+        flags = " ".join(ROWS[row][1]).replace("{strong}", "strong_solutions.jsonl") or "-"
+        print(f"| {ROWS[row][0]} | `{flags}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
               f"| {mean_sd([e['eval/guided_acc'] for e in ends])} "
-              f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} |")
+              f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} "
+              "| " + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits) + " |")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
 STRATEGY = "After each swap, write the swap and the cup the ball is under now, like 13:2. The last cup is the answer."
 
 
-def make_problem(rng: random.Random, idx: int, prefix: str) -> dict:
-    """One instance: a start cup and 4-6 swaps of two of the three cups."""
+def make_problem(rng: random.Random, idx: int, prefix: str, swaps_range=(4, 6)) -> dict:
+    """One instance: a start cup and 4-6 (swaps_range) swaps of two of the three cups."""
     start = cup = rng.randint(1, 3)
     swaps, steps = [], []
-    for _ in range(rng.randint(4, 6)):
+    for _ in range(rng.randint(*swaps_range)):
         a, b = sorted(rng.sample([1, 2, 3], 2))
         cup = b if cup == a else a if cup == b else cup
         swaps.append(f"{a}{b}")
@@ -36,9 +36,9 @@ def make_problem(rng: random.Random, idx: int, prefix: str) -> dict:
             "answer": str(cup), "strategy": STRATEGY, "solution": f"{' '.join(steps)} \\boxed{{{cup}}}"}
 
 
-def make_split(n: int, seed: int, prefix: str) -> list:
+def make_split(n: int, seed: int, prefix: str, swaps_range=(4, 6)) -> list:
     rng = random.Random(seed)
-    return [make_problem(rng, i, prefix) for i in range(n)]
+    return [make_problem(rng, i, prefix, swaps_range) for i in range(n)]
 
 
 def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print):
