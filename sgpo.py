@@ -8,7 +8,7 @@ where L_KD is a per-token full-vocabulary forward KL from the model *with* the s
 (teacher, stop-gradient) to the model *without* it (student), on the guided rollout that the unguided
 policy finds most likely among the correct ones. See ../shared/SGPO_METHOD.md and README.md.
 
-The defaults run the CPU testbed of toy/ (ball under cups, a 117k-parameter model; ~2 min on 2 cores), printing
+The defaults run the CPU testbed of toy/ (ball under cups, a 117k-parameter model; ~3 min on 2 cores), printing
 greedy held-out accuracy, unguided and guided, before and after RL; paper.args holds the paper's setting:
     python sgpo.py                                   # the CPU testbed, no download
     python sgpo.py @paper.args --fsdp false --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl   # one GPU
