@@ -78,6 +78,12 @@ def generalisation(out: str, splits: dict) -> dict:
     return done
 
 
+def entropy(out: str) -> str:
+    """Mean per-token entropy of the unguided rollouts over the first and the last 10 RL steps ('-' without RL)."""
+    steps = [m["entropy"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "entropy" in m]
+    return f"{statistics.mean(steps[:10]):.2f} -> {statistics.mean(steps[-10:]):.2f}" if steps else "-"
+
+
 def mean_sd(values):
     values = [100 * v for v in values]
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -111,15 +117,17 @@ def main():
     base = [results[row, s][0] for row in args.rows for s in args.seeds if "--sft_epochs" not in ROWS[row][1]]
     print(f"\nseeds {args.seeds}; the warm checkpoint, before RL: unguided {mean_sd([b['eval/unguided_acc'] for b in base])}, "
           f"guided {mean_sd([b['eval/guided_acc'] for b in base])}")
-    print("| run | flags | unguided | guided | unguided per seed | " + " | ".join(f"unguided, {k}" for k in splits) + " |")
-    print("|---" * (5 + len(splits)) + "|")
+    print("| run | flags | unguided | guided | unguided per seed | " + " | ".join(f"unguided, {k}" for k in splits)
+          + " | entropy, first -> last 10 steps (seed 0) |")
+    print("|---" * (6 + len(splits)) + "|")
     for row in args.rows:
         ends = [results[row, s][1] for s in args.seeds]
         flags = " ".join(ROWS[row][1]).replace("{strong}", "strong_solutions.jsonl") or "-"
         print(f"| {ROWS[row][0]} | `{flags}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
               f"| {mean_sd([e['eval/guided_acc'] for e in ends])} "
               f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} "
-              "| " + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits) + " |")
+              "| " + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits)
+              + f" | {entropy(os.path.join(args.output_dir, f'{row}-seed{args.seeds[0]}'))} |")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ def main():
         for ax, mode in zip(axes, ("unguided", "guided")):
             steps = runs[0][mode][0]
             values = list(zip(*[r[mode][1] for r in runs if r[mode][0] == steps]))  # per step, one value per seed
-            line, = ax.plot(steps, [sum(v) / len(v) for v in values], marker="o", ms=3, label=f"{ROWS[row][0]} ({len(runs)})")
+            label, mean = f"{ROWS[row][0]} ({len(runs)})", [sum(v) / len(v) for v in values]
+            if len(steps) == 1:  # no RL steps (the SFT baseline): its one evaluation, as a level
+                ax.axhline(mean[0], ls="--", lw=1, color="gray", label=label)
+                continue
+            line, = ax.plot(steps, mean, marker="o", ms=3, label=label)
             ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.15)
     for ax, mode in zip(axes, ("unguided", "guided")):
         ax.set(title=f"{mode} greedy accuracy, held-out cups problems", xlabel="RL step", ylim=(0, 102))
