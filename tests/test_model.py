@@ -172,8 +172,8 @@ def test_bf16_compute_moves_weights_at_lr_1e6_and_matches_fp32():
 
 
 def test_prefill_once_per_distinct_prompt_samples_what_hf_generate_samples():
-    """generate() prefills a repeated prompt once and copies its KV cache: same seed, same samples and the same
-    sampler log-probs as HF's own generate on the full left-padded batch (which prefills every copy)."""
+    """generate() prefills a repeated prompt once and copies its KV cache: with the same seed it samples exactly what
+    HF's own generate samples on the full left-padded batch (which prefills every copy)."""
     from transformers import GenerationConfig
     tok, model, cfg = tiny_setup()
     prompts = [sgpo.prompt_ids(tok, cfg, q, guided=g) for q in tiny_rows(3) for g in (False, True) for _ in range(3)]

@@ -21,6 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import reward  # noqa: E402
 import sgpo  # noqa: E402
 from toy.cups import make_split  # noqa: E402
 from toy.tiny import write_jsonl  # noqa: E402
@@ -40,6 +41,9 @@ ROWS = {  # name -> (label, sgpo.py flags)
     "sft_solutions": ("SFT on the strong model's solutions", SFT + ["--max_steps", "0"]),
     "sft_grpo": ("SFT, then GRPO", SFT + ["--use_kd", "false"]),
     "sft_sgpo": ("SFT, then SGPO", SFT),
+    # adaptive alpha needs revisits: 128 problems, 16 a step, 80 steps = 10 epochs
+    "sgpo_128": ("SGPO, 128 problems x 10 epochs", ["--data", "{small}"]),
+    "fixed_alpha_128": ("fixed alpha, 128 problems x 10 epochs", ["--data", "{small}", "--adaptive_alpha", "false"]),
 }
 DEFAULT_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1"]
 
@@ -99,8 +103,10 @@ def main():
     extra = [a for a in extra if a != "--"]
     os.makedirs(args.output_dir, exist_ok=True)
     strong = os.path.join(args.output_dir, "strong_solutions.jsonl")  # train.jsonl with answer-only solutions
-    write_jsonl(strong, [{**q, "solution": f"\\boxed{{{q['answer']}}}"} for q in map(json.loads, open(
-        os.path.join(ROOT, "toy", "cups_data", "train.jsonl")))])
+    train = [json.loads(line) for line in open(os.path.join(ROOT, "toy", "cups_data", "train.jsonl"))]
+    write_jsonl(strong, [{**q, "solution": f"\\boxed{{{q['answer']}}}"} for q in train])
+    small = os.path.join(args.output_dir, "train_128.jsonl")
+    write_jsonl(small, train[:128])
     splits = generalisation_splits()
     results = {}
     for row in args.rows:
@@ -108,7 +114,7 @@ def main():
             out = os.path.join(args.output_dir, f"{row}-seed{seed}")
             if final_eval(out) is None:
                 cmd = [sys.executable, os.path.join(ROOT, "sgpo.py"), "--seed", str(seed), "--output_dir", out,
-                       "--overwrite_output_dir", *[f.format(strong=strong) for f in ROWS[row][1]], *extra]
+                       "--overwrite_output_dir", *[f.format(strong=strong, small=small) for f in ROWS[row][1]], *extra]
                 print(" ".join(cmd), flush=True)
                 os.makedirs(out, exist_ok=True)
                 with open(os.path.join(out, "log.txt"), "w") as log:  # the run's output (progress bars included)
@@ -122,12 +128,32 @@ def main():
     print("|---" * (6 + len(splits)) + "|")
     for row in args.rows:
         ends = [results[row, s][1] for s in args.seeds]
-        flags = " ".join(ROWS[row][1]).replace("{strong}", "strong_solutions.jsonl") or "-"
+        flags = " ".join(ROWS[row][1]).replace("{strong}", "strong_solutions.jsonl").replace("{small}", "train_128.jsonl") or "-"
         print(f"| {ROWS[row][0]} | `{flags}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
               f"| {mean_sd([e['eval/guided_acc'] for e in ends])} "
               f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} "
               "| " + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits)
               + f" | {entropy(os.path.join(args.output_dir, f'{row}-seed{args.seeds[0]}'))} |")
+    for row in [r for r in args.rows if r.endswith("_128")]:
+        for seed in args.seeds:
+            print(f"{row} seed {seed}: {alpha_report(os.path.join(args.output_dir, f'{row}-seed{seed}'), train[:128])}")
+
+
+def alpha_report(out: str, problems: list) -> str:
+    """How alpha moved in a run: the batch mean every 10 steps, and at the end the mean alpha of the training problems
+    the final policy solves unguided (greedy) vs those it does not."""
+    curve = [m["alpha/mean"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "alpha/mean" in m]
+    ckpt = sgpo.latest_checkpoint(out)
+    alpha = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["alpha"]
+    model, tok = sgpo.load_model(ckpt, torch.float32, "cpu")
+    cfg, solved = sgpo.Config(), {True: [], False: []}
+    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, False) for q in problems], tok.pad_token_id,
+                         model.generation_config.eos_token_id, "cpu", 0.0, cfg.max_completion_length)
+    for q, o in zip(problems, outs):
+        solved[reward.math_reward(tok.decode(o["ids"], skip_special_tokens=True), q["answer"]) > 0].append(alpha[q["id"]])
+    return (f"alpha/mean every 10 steps: {' '.join(f'{a:.2f}' for a in curve[::10] + curve[-1:])}; at the end, solved "
+            f"unguided: {statistics.mean(solved[True] or [0]):.2f} ({len(solved[True])} problems), not solved: "
+            f"{statistics.mean(solved[False] or [0]):.2f} ({len(solved[False])})")
 
 
 if __name__ == "__main__":
