@@ -44,8 +44,8 @@ def run(folder, fsdp):
     if int(os.environ.get("RANK", 0)) == 0:
         last = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "n/a (CPU)"
-        keys = ("time/generate", "time/grade", "time/select", "time/update", "perf/gen_tokens_per_s", "kd/target_frac", "loss/kd",
-                "rollout_probs_diff_max", "grad_norm")
+        keys = ("time/generate", "time/grade", "time/select", "time/update", "perf/gen_tokens_per_s", "kd/target_frac",
+                "loss/kd", "rollout_probs_diff_max", "grad_norm")
         print(f"gpu_check fsdp={fsdp} device={torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'} "
               f"peak_allocated={peak} " + " ".join(f"{k}={last[k]:.4g}" for k in keys), flush=True)
 
