@@ -266,7 +266,8 @@ def update_alpha(alpha, p_guided, p_auto, gamma=0.1, alpha_max=0.8):
 
 def k3_kl(logp, ref_logp):
     """Per-token k3 estimator of KL(pi || ref): exp(r - l) - (r - l) - 1."""
-    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
 
 
 # ==== The LM head, chunk by chunk, with a hand-written gradient. The loss needs full-vocabulary log-probs at every
