@@ -63,6 +63,8 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
     """Every row of toy/ablation.py parses as sgpo.py flags, and the SFT rows warm up on answer-only solutions."""
     from toy.ablation import ROWS, SFT
     for label, flags in ROWS.values():
-        cfg = sgpo.parse_args([f.format(strong="strong.jsonl", small="small.jsonl") for f in flags])
+        cfg = sgpo.parse_args([f.format(strong="strong.jsonl", small="small.jsonl", spread="spread") for f in flags])
         assert (cfg.sft_epochs > 0) == (flags[:len(SFT)] == SFT), label
     assert sgpo.parse_args(ROWS["no_proximal"][1]).kd_trust_region is False
+    spread = [sgpo.parse_args([f.format(spread="s") for f in ROWS[row][1]]) for row in ("sgpo_spread", "direct_sft_spread")]
+    assert spread[0].model == spread[1].model == "s/model" and (spread[0].kd_loss, spread[1].kd_loss) == ("fkl", "sft")

@@ -5,6 +5,7 @@ accuracy on a generalisation split the training never sees in kind (7-10 swaps; 
 
     python toy/ablation.py                        # the ablation rows x 3 seeds, ~3 min a run on 2 cores
     python toy/ablation.py --rows sft_solutions sft_grpo sgpo   # the main table in miniature
+    python toy/ablation.py --rows sgpo_spread direct_sft_spread   # forward KL vs direct SFT, teacher with spread
     python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40   # a subset; extra sgpo.py flags after --
 
 Finished runs (out/ablation/<row>-seed<k>/metrics.jsonl with its final evaluation) are read, not rerun; so is their
@@ -23,12 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reward  # noqa: E402
 import sgpo  # noqa: E402
-from toy.cups import make_split  # noqa: E402
+from toy.cups import make_split, spread_warmup  # noqa: E402
 from toy.tiny import write_jsonl  # noqa: E402
 
 # SFT on a strong model's solutions: the answer alone, reached "in its head", the way a strong model that needs no
 # written working would answer; the small model cannot imitate the computation it does not see (README).
 SFT = ["--sft_epochs", "2", "--sft_data", "{strong}", "--sft_learning_rate", "1e-4"]
+# A teacher with real spread (toy/cups.py spread_warmup, built once into <output_dir>/spread, ~2.5 min): three
+# notations per working step, so one sampled guided rollout is one of 3^(swaps) valid ones.
+SPREAD = ["--model", "{spread}/model", "--data", "{spread}/train.jsonl", "--eval_data", "{spread}/test.jsonl"]
 ROWS = {  # name -> (label, sgpo.py flags)
     "sgpo": ("SGPO (defaults)", []),
     "grpo_only": ("GRPO only", ["--use_kd", "false"]),
@@ -44,6 +48,8 @@ ROWS = {  # name -> (label, sgpo.py flags)
     # adaptive alpha needs revisits: 128 problems, 16 a step, 80 steps = 10 epochs
     "sgpo_128": ("SGPO, 128 problems x 10 epochs", ["--data", "{small}"]),
     "fixed_alpha_128": ("fixed alpha, 128 problems x 10 epochs", ["--data", "{small}", "--adaptive_alpha", "false"]),
+    "sgpo_spread": ("SGPO (forward KL), teacher with spread", SPREAD),
+    "direct_sft_spread": ("direct SFT on the selected guided targets, teacher with spread", SPREAD + ["--kd_loss", "sft"]),
 }
 DEFAULT_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1"]
 
@@ -107,28 +113,42 @@ def main():
     write_jsonl(strong, [{**q, "solution": f"\\boxed{{{q['answer']}}}"} for q in train])
     small = os.path.join(args.output_dir, "train_128.jsonl")
     write_jsonl(small, train[:128])
+    spread = os.path.join(args.output_dir, "spread")
+    if any("{spread}" in " ".join(ROWS[row][1]) for row in args.rows) and not os.path.exists(f"{spread}/spread.json"):
+        print(f"building the teacher with spread in {spread}", flush=True)
+        with open(f"{spread}.log", "w") as log:
+            found = spread_warmup(spread, log=lambda line: print(line, file=log, flush=True))
+        with open(f"{spread}/spread.json", "w") as f:
+            json.dump(found, f)
     splits = generalisation_splits()
     results = {}
     for row in args.rows:
         for seed in args.seeds:
             out = os.path.join(args.output_dir, f"{row}-seed{seed}")
             if final_eval(out) is None:
+                flags = [f.format(strong=strong, small=small, spread=spread) for f in ROWS[row][1]]
                 cmd = [sys.executable, os.path.join(ROOT, "sgpo.py"), "--seed", str(seed), "--output_dir", out,
-                       "--overwrite_output_dir", *[f.format(strong=strong, small=small) for f in ROWS[row][1]], *extra]
+                       "--overwrite_output_dir", *flags, *extra]
                 print(" ".join(cmd), flush=True)
                 os.makedirs(out, exist_ok=True)
                 with open(os.path.join(out, "log.txt"), "w") as log:  # the run's output (progress bars included)
                     subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             results[row, seed] = (*final_eval(out), generalisation(out, splits))
-    base = [results[row, s][0] for row in args.rows for s in args.seeds if "--sft_epochs" not in ROWS[row][1]]
-    print(f"\nseeds {args.seeds}; the warm checkpoint, before RL: unguided {mean_sd([b['eval/unguided_acc'] for b in base])}, "
-          f"guided {mean_sd([b['eval/guided_acc'] for b in base])}")
-    print("| run | flags | unguided | guided | unguided per seed | " + " | ".join(f"unguided, {k}" for k in splits)
+    for warm, rows in (("the warm checkpoint", [r for r in args.rows if not {"--sft_epochs", "--model"} & set(ROWS[r][1])]),
+                       ("the teacher with spread", [r for r in args.rows if ROWS[r][1][:len(SPREAD)] == SPREAD])):
+        base = [results[row, s][0] for row in rows for s in args.seeds]
+        if base:
+            print(f"seeds {args.seeds}; {warm}, before RL: unguided {mean_sd([b['eval/unguided_acc'] for b in base])}, "
+                  f"guided {mean_sd([b['eval/guided_acc'] for b in base])}")
+    if os.path.exists(f"{spread}/spread.json"):
+        print(f"the teacher with spread samples (guided, temperature 1): {open(f'{spread}/spread.json').read()}")
+    print("\n| run | flags | unguided | guided | unguided per seed | " + " | ".join(f"unguided, {k}" for k in splits)
           + " | entropy, first -> last 10 steps (seed 0) |")
     print("|---" * (6 + len(splits)) + "|")
     for row in args.rows:
         ends = [results[row, s][1] for s in args.seeds]
-        flags = " ".join(ROWS[row][1]).replace("{strong}", "strong_solutions.jsonl").replace("{small}", "train_128.jsonl") or "-"
+        flags = " ".join(ROWS[row][1]).replace("{strong}", "strong_solutions.jsonl").replace("{small}", "train_128.jsonl")
+        flags = flags.replace(" ".join(SPREAD), "--model/--data/--eval_data spread/...") or "-"
         print(f"| {ROWS[row][0]} | `{flags}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
               f"| {mean_sd([e['eval/guided_acc'] for e in ends])} "
               f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} "

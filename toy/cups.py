@@ -6,10 +6,15 @@ character-level Qwen3 to follow the strategy when the prompt gives it, and to an
 when it does not: the regime SGPO is for. Answers are graded by the same math-verify reward as real data.
 
     python toy/cups.py            # regenerates toy/cups_data/{model,train.jsonl,test.jsonl} (fixed seed, ~8 min on 2 cores)
+
+A variant whose teacher has real spread (toy/ablation.py builds it on demand; see spread_warmup): each swap's step
+may be written in three notations, 13:2, 13>2 or 13=2, drawn independently, so a problem of 5 swaps has 3^5 valid
+workings and one sampled guided rollout is one of many.
 """
 import json
 import os
 import random
+import re
 import sys
 import time
 
@@ -21,6 +26,9 @@ import sgpo  # noqa: E402
 from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
 
 STRATEGY = "After each swap, write the swap and the cup the ball is under now, like 13:2. The last cup is the answer."
+SPREAD_STRATEGY = ("After each swap, write the swap and the cup the ball is under now, like 13:2, 13>2 or 13=2. "
+                   "The last cup is the answer.")
+NOTATIONS = ":>="  # the spread variant's separators between a swap and the cup after it
 
 
 def make_problem(rng: random.Random, idx: int, prefix: str, swaps_range=(4, 6)) -> dict:
@@ -41,22 +49,29 @@ def make_split(n: int, seed: int, prefix: str, swaps_range=(4, 6)) -> list:
     return [make_problem(rng, i, prefix, swaps_range) for i in range(n)]
 
 
-def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print):
-    """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without working)."""
+def spread_working(solution: str, rng: random.Random) -> str:
+    """The worked solution with each step's separator drawn from NOTATIONS: '12:2 13:3 \\boxed{3}' -> '12>2 13=3 ...'."""
+    return re.sub(r"(?<=\d\d):(?=\d)", lambda _: rng.choice(NOTATIONS), solution)
+
+
+def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=None, tok=None, working=None):
+    """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without working).
+    model/tok: continue from these instead of a fresh model; working(solution): the guided target, redrawn each time
+    an example is picked (default: the solution as written)."""
     torch.manual_seed(seed)
-    tok = build_tokenizer()
-    model = build_model(tok, hidden=64, layers=3, seed=seed)
+    if model is None:
+        tok = build_tokenizer()
+        model = build_model(tok, hidden=64, layers=3, seed=seed)
     cfg = sgpo.Config(micro_batch_size=batch, kd_chunk_size=4096)
     eos = tok.eos_token_id
-    examples = []
-    for q in train:
-        examples.append((sgpo.prompt_ids(tok, cfg, q, True), tok(q["solution"], add_special_tokens=False)["input_ids"] + [eos]))
-        examples.append((sgpo.prompt_ids(tok, cfg, q, False), tok(f"\\boxed{{{q['answer']}}}", add_special_tokens=False)["input_ids"] + [eos]))
+    examples = [(q, guided) for q in train for guided in (True, False)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
     backbone, rng, t0 = sgpo.Backbone(model), random.Random(seed), time.time()
     for step in range(1, steps + 1):
-        picked = rng.sample(examples, batch)
+        picked = [(sgpo.prompt_ids(tok, cfg, q, guided), (working or str)(q["solution"]) if guided
+                   else f"\\boxed{{{q['answer']}}}") for q, guided in rng.sample(examples, batch)]
+        picked = [(p, tok(r, add_special_tokens=False)["input_ids"] + [eos]) for p, r in picked]
         n_tok = sum(len(r) for _, r in picked)
         rows = [dict(kind="sft", prompt=p, response=r, weight=1.0 / n_tok) for p, r in picked]
         model.train()
@@ -71,6 +86,38 @@ def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print):
             log(json.dumps({"step": step, "loss": round(stats.sums["loss/sft"], 4), "time_s": round(time.time() - t0),
                             **sgpo.evaluate_accuracy(model, tok, test[:128], cfg, "cpu", 0, 1)}))
     return model, tok
+
+
+def spread_warmup(out: str, steps: int = 300, seed: int = 0, log=print) -> dict:
+    """The spread variant's teacher: the committed warm checkpoint trained `steps` more with SPREAD_STRATEGY in the
+    guided prompts and a separator drawn per step in their workings (unguided prompts: the answer alone, as before).
+    Writes out/{model, train.jsonl, test.jsonl} (toy/cups_data's problems, strategy replaced); returns the notations
+    the teacher samples (temperature 1, guided, 64 test problems): separator counts and mean per-token -log p."""
+    data = os.path.join(ROOT, "toy", "cups_data")
+    train, test = ([{**json.loads(line), "strategy": SPREAD_STRATEGY} for line in open(os.path.join(data, name))]
+                   for name in ("train.jsonl", "test.jsonl"))
+    model, tok = sgpo.load_model(os.path.join(data, "model"), torch.float32, "cpu")
+    rng = random.Random(seed + 1)
+    model, tok = warmup(train, test, steps=steps, lr=1e-3, seed=seed, log=log, model=model, tok=tok,
+                        working=lambda solution: spread_working(solution, rng))
+    model.eval()
+    torch.manual_seed(seed)
+    cfg = sgpo.Config()
+    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, True) for q in test[:64]], tok.pad_token_id,
+                         [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length)
+    texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
+    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]  # each rollout's separators
+    spread = {"separators": {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS},
+              "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
+              # E[-log p(y)] over sampled tokens estimates the per-token entropy (0.0 for the one-notation teacher)
+              "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs)) / sum(len(o["ids"]) for o in outs)}
+    log(json.dumps(spread))
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(os.path.join(out, "model"))
+    tok.save_pretrained(os.path.join(out, "model"))
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
+    write_jsonl(os.path.join(out, "test.jsonl"), test)
+    return spread
 
 
 if __name__ == "__main__":
