@@ -64,13 +64,14 @@ def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=
         model = build_model(tok, hidden=64, layers=3, seed=seed)
     cfg = sgpo.Config(micro_batch_size=batch, kd_chunk_size=4096)
     eos = tok.eos_token_id
-    examples = [(q, guided) for q in train for guided in (True, False)]
+    # prompts tokenized once (the chat template is slow); the responses per pick, as `working` may redraw them
+    examples = [(sgpo.prompt_ids(tok, cfg, q, guided), q, guided) for q in train for guided in (True, False)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
     backbone, rng, t0 = sgpo.Backbone(model), random.Random(seed), time.time()
     for step in range(1, steps + 1):
-        picked = [(sgpo.prompt_ids(tok, cfg, q, guided), (working or str)(q["solution"]) if guided
-                   else f"\\boxed{{{q['answer']}}}") for q, guided in rng.sample(examples, batch)]
+        picked = [(p, (working or str)(q["solution"]) if guided else f"\\boxed{{{q['answer']}}}")
+                  for p, q, guided in rng.sample(examples, batch)]
         picked = [(p, tok(r, add_special_tokens=False)["input_ids"] + [eos]) for p, r in picked]
         n_tok = sum(len(r) for _, r in picked)
         rows = [dict(kind="sft", prompt=p, response=r, weight=1.0 / n_tok) for p, r in picked]
