@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reward  # noqa: E402
 import sgpo  # noqa: E402
-from toy.cups import make_split, spread_warmup  # noqa: E402
+from toy.cups import make_split, notation_spread, spread_warmup  # noqa: E402
 from toy.tiny import write_jsonl  # noqa: E402
 
 # SFT on a strong model's solutions: the answer alone, reached "in its head", the way a strong model that needs no
@@ -154,6 +154,12 @@ def main():
               f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} "
               "| " + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits)
               + f" | {entropy(os.path.join(args.output_dir, f'{row}-seed{args.seeds[0]}'))} |")
+    for row in [r for r in args.rows if ROWS[r][1][:len(SPREAD)] == SPREAD]:  # does the student keep the spread?
+        test = [json.loads(line) for line in open(f"{spread}/test.jsonl")][:64]
+        for seed in args.seeds:
+            model, tok = sgpo.load_model(sgpo.latest_checkpoint(os.path.join(args.output_dir, f"{row}-seed{seed}")),
+                                         torch.float32, "cpu")
+            print(f"{row} seed {seed}: unguided samples at the end: {notation_spread(model, tok, test, guided=False)}")
     for row in [r for r in args.rows if r.endswith("_128")]:
         for seed in args.seeds:
             print(f"{row} seed {seed}: {alpha_report(os.path.join(args.output_dir, f'{row}-seed{seed}'), train[:128])}")

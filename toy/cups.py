@@ -89,11 +89,27 @@ def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=
     return model, tok
 
 
+def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
+    """How a policy writes its working steps when sampling (temperature 1, one rollout per problem): the count of each
+    separator, the share of rollouts that mix notations, and the mean per-token -log p (a Monte-Carlo estimate of the
+    per-token entropy)."""
+    model.eval()
+    torch.manual_seed(seed)
+    cfg = sgpo.Config()
+    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided) for q in problems], tok.pad_token_id,
+                         [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length)
+    texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
+    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]  # each rollout's separators
+    return {"separators": {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS},
+            "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
+            "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs)) / sum(len(o["ids"]) for o in outs)}
+
+
 def spread_warmup(out: str, steps: int = 300, seed: int = 0, log=print) -> dict:
     """The spread variant's teacher: the committed warm checkpoint trained `steps` more with SPREAD_STRATEGY in the
     guided prompts and a separator drawn per step in their workings (unguided prompts: the answer alone, as before).
-    Writes out/{model, train.jsonl, test.jsonl} (toy/cups_data's problems, strategy replaced); returns the notations
-    the teacher samples (temperature 1, guided, 64 test problems): separator counts and mean per-token -log p."""
+    Writes out/{model, train.jsonl, test.jsonl} (toy/cups_data's problems, strategy replaced); returns the teacher's
+    notation_spread on 64 test problems."""
     data = os.path.join(ROOT, "toy", "cups_data")
     train, test = ([{**json.loads(line), "strategy": SPREAD_STRATEGY} for line in open(os.path.join(data, name))]
                    for name in ("train.jsonl", "test.jsonl"))
@@ -101,17 +117,7 @@ def spread_warmup(out: str, steps: int = 300, seed: int = 0, log=print) -> dict:
     rng = random.Random(seed + 1)
     model, tok = warmup(train, test, steps=steps, lr=1e-3, seed=seed, log=log, model=model, tok=tok,
                         working=lambda solution: spread_working(solution, rng))
-    model.eval()
-    torch.manual_seed(seed)
-    cfg = sgpo.Config()
-    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, True) for q in test[:64]], tok.pad_token_id,
-                         [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length)
-    texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
-    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]  # each rollout's separators
-    spread = {"separators": {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS},
-              "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
-              # E[-log p(y)] over sampled tokens estimates the per-token entropy (0.0 for the one-notation teacher)
-              "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs)) / sum(len(o["ids"]) for o in outs)}
+    spread = notation_spread(model, tok, test[:64], guided=True, seed=seed)
     log(json.dumps(spread))
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "model"))
