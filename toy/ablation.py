@@ -30,7 +30,7 @@ from toy.tiny import write_jsonl  # noqa: E402
 # SFT on a strong model's solutions: the answer alone, reached "in its head", the way a strong model that needs no
 # written working would answer; the small model cannot imitate the computation it does not see (README).
 SFT = ["--sft_epochs", "2", "--sft_data", "{strong}", "--sft_learning_rate", "1e-4"]
-# A teacher with real spread (toy/cups.py spread_warmup, built once into <output_dir>/spread, ~2.5 min): three
+# A teacher with real spread (toy/cups.py spread_warmup, built once into <output_dir>/spread, ~12 min): three
 # notations per working step, so one sampled guided rollout is one of 3^(swaps) valid ones.
 SPREAD = ["--model", "{spread}/model", "--data", "{spread}/train.jsonl", "--eval_data", "{spread}/test.jsonl"]
 ROWS = {  # name -> (label, sgpo.py flags)

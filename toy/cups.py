@@ -105,7 +105,7 @@ def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
             "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs)) / sum(len(o["ids"]) for o in outs)}
 
 
-def spread_warmup(out: str, steps: int = 300, seed: int = 0, log=print) -> dict:
+def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, log=print) -> dict:
     """The spread variant's teacher: the committed warm checkpoint trained `steps` more with SPREAD_STRATEGY in the
     guided prompts and a separator drawn per step in their workings (unguided prompts: the answer alone, as before).
     Writes out/{model, train.jsonl, test.jsonl} (toy/cups_data's problems, strategy replaced); returns the teacher's
@@ -115,7 +115,7 @@ def spread_warmup(out: str, steps: int = 300, seed: int = 0, log=print) -> dict:
                    for name in ("train.jsonl", "test.jsonl"))
     model, tok = sgpo.load_model(os.path.join(data, "model"), torch.float32, "cpu")
     rng = random.Random(seed + 1)
-    model, tok = warmup(train, test, steps=steps, lr=1e-3, seed=seed, log=log, model=model, tok=tok,
+    model, tok = warmup(train, test, steps=steps, lr=lr, seed=seed, log=log, model=model, tok=tok,
                         working=lambda solution: spread_working(solution, rng))
     spread = notation_spread(model, tok, test[:64], guided=True, seed=seed)
     log(json.dumps(spread))
