@@ -12,6 +12,7 @@ may be written in three notations, 13:2, 13>2 or 13=2, drawn independently, so a
 workings and one sampled guided rollout is one of many.
 """
 import json
+import math
 import os
 import random
 import re
@@ -91,8 +92,8 @@ def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=
 
 def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
     """How a policy writes its working steps when sampling (temperature 1, one rollout per problem): the count of each
-    separator, the share of rollouts that mix notations, and the mean per-token -log p (a Monte-Carlo estimate of the
-    per-token entropy)."""
+    separator and the entropy of their shares (log2(3) = 1.58 bits when uniform), the share of rollouts that mix
+    notations, and the mean per-token -log p (a Monte-Carlo estimate of the per-token entropy)."""
     model.eval()
     torch.manual_seed(seed)
     cfg = sgpo.Config()
@@ -100,7 +101,9 @@ def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
                          [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length)
     texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
     steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]  # each rollout's separators
-    return {"separators": {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS},
+    counts = {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS}
+    shares = [n / max(1, sum(counts.values())) for n in counts.values()]
+    return {"separators": counts, "separator_entropy_bits": -sum(p * math.log2(p) for p in shares if p > 0),
             "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
             "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs)) / sum(len(o["ids"]) for o in outs)}
 
