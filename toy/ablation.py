@@ -54,12 +54,22 @@ ROWS = {  # name -> (label, sgpo.py flags)
 DEFAULT_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1"]
 
 
+def records(out: str, key: str) -> list:
+    """The lines of a run's metrics.jsonl that hold `key` (evaluations: "eval/unguided_acc"; RL steps: "entropy")."""
+    return [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if key in m]
+
+
+def uses_spread(row: str) -> bool:
+    """Whether a row runs on the teacher with spread (its model and data)."""
+    return ROWS[row][1][:len(SPREAD)] == SPREAD
+
+
 def final_eval(out: str):
     """(eval before RL, eval at the end) of a run in out, or None if it has not finished."""
     ckpt = sgpo.latest_checkpoint(out)
     if ckpt is None or int(ckpt.rsplit("-", 1)[1]) != json.load(open(os.path.join(ckpt, "sgpo_config.json")))["max_steps"]:
         return None
-    evals = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval/unguided_acc" in m]
+    evals = records(out, "eval/unguided_acc")
     return evals[0], evals[-1]
 
 
@@ -90,7 +100,7 @@ def generalisation(out: str, splits: dict) -> dict:
 
 def entropy(out: str) -> str:
     """Mean per-token entropy of the unguided rollouts over the first and the last 10 RL steps ('-' without RL)."""
-    steps = [m["entropy"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "entropy" in m]
+    steps = [m["entropy"] for m in records(out, "entropy")]
     return f"{statistics.mean(steps[:10]):.2f} -> {statistics.mean(steps[-10:]):.2f}" if steps else "-"
 
 
@@ -113,8 +123,8 @@ def main():
     write_jsonl(strong, [{**q, "solution": f"\\boxed{{{q['answer']}}}"} for q in train])
     small = os.path.join(args.output_dir, "train_128.jsonl")
     write_jsonl(small, train[:128])
-    spread = os.path.join(args.output_dir, "spread")
-    if any("{spread}" in " ".join(ROWS[row][1]) for row in args.rows) and not os.path.exists(f"{spread}/spread.json"):
+    spread, spread_rows = os.path.join(args.output_dir, "spread"), [r for r in args.rows if uses_spread(r)]
+    if spread_rows and not os.path.exists(f"{spread}/spread.json"):
         print(f"building the teacher with spread in {spread}", flush=True)
         with open(f"{spread}.log", "w") as log:
             found = spread_warmup(spread, log=lambda line: print(line, file=log, flush=True))
@@ -135,7 +145,7 @@ def main():
                     subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             results[row, seed] = (*final_eval(out), generalisation(out, splits))
     for warm, rows in (("the warm checkpoint", [r for r in args.rows if not {"--sft_epochs", "--model"} & set(ROWS[r][1])]),
-                       ("the teacher with spread", [r for r in args.rows if ROWS[r][1][:len(SPREAD)] == SPREAD])):
+                       ("the teacher with spread", spread_rows)):
         base = [results[row, s][0] for row in rows for s in args.seeds]
         if base:
             print(f"seeds {args.seeds}; {warm}, before RL: unguided {mean_sd([b['eval/unguided_acc'] for b in base])}, "
@@ -154,8 +164,8 @@ def main():
               f"| {' / '.join('%.1f' % (100 * e['eval/unguided_acc']) for e in ends)} "
               "| " + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits)
               + f" | {entropy(os.path.join(args.output_dir, f'{row}-seed{args.seeds[0]}'))} |")
-    for row in [r for r in args.rows if ROWS[r][1][:len(SPREAD)] == SPREAD]:  # does the student keep the spread?
-        test = [json.loads(line) for line in open(f"{spread}/test.jsonl")][:64]
+    test = [json.loads(line) for line in open(f"{spread}/test.jsonl")][:64] if spread_rows else []
+    for row in spread_rows:  # does the student keep the teacher's spread?
         for seed in args.seeds:
             model, tok = sgpo.load_model(sgpo.latest_checkpoint(os.path.join(args.output_dir, f"{row}-seed{seed}")),
                                          torch.float32, "cpu")
@@ -168,7 +178,7 @@ def main():
 def alpha_report(out: str, problems: list) -> str:
     """How alpha moved in a run: the batch mean every 10 steps, and at the end the mean alpha of the training problems
     the final policy solves unguided (greedy) vs those it does not."""
-    curve = [m["alpha/mean"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "alpha/mean" in m]
+    curve = [m["alpha/mean"] for m in records(out, "alpha/mean")]
     ckpt = sgpo.latest_checkpoint(out)
     alpha = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["alpha"]
     model, tok = sgpo.load_model(ckpt, torch.float32, "cpu")

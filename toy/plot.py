@@ -6,18 +6,17 @@ a dependency of the project: `pip install matplotlib`).
     python toy/plot.py --rows sgpo grpo_only sft_grpo --out toy/main_table.png
 """
 import argparse
-import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import ROWS, final_eval  # noqa: E402
+from toy.ablation import ROWS, final_eval, records  # noqa: E402
 
 
 def curves(out: str) -> dict:
     """{mode: ([steps], [accuracy in %])} of one run's evaluations."""
-    evals = [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval/unguided_acc" in m]
+    evals = records(out, "eval/unguided_acc")
     return {mode: ([m["step"] for m in evals], [100 * m[f"eval/{mode}_acc"] for m in evals]) for mode in ("unguided", "guided")}
 
 
