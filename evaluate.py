@@ -1,14 +1,18 @@
 """
-Benchmark evaluation with the SGPO paper's protocol: k samples per problem at temperature 0.6, top-p 0.95,
-graded by math-verify (the same `math_reward` as training); reports avg@k (mean accuracy over the k
-samples, then over problems) and pass@k. Prompts, grading and model loading come from sgpo.py.
+Benchmark evaluation with the SGPO paper's protocol: k samples per problem at temperature 0.6, top-p
+0.95, graded by math-verify (the same `math_reward` as training); reports avg@k (mean accuracy over
+the k samples, then over problems) and pass@k. Prompts and generation come from engine.py, grading
+from reward.py.
 
     python evaluate.py --model out/sgpo/checkpoint-100 --output_dir out/eval \
-        --bench math500=../shared/benchmarks/math500.jsonl:4 --bench aime24=../shared/benchmarks/aime24.jsonl:32
+        --bench math500=../shared/benchmarks/math500.jsonl:4 --bench
+        aime24=../shared/benchmarks/aime24.jsonl:32
     torchrun --standalone --nproc_per_node=8 evaluate.py ...      # problems sharded over ranks
-    python evaluate.py ... --guided        # also with the strategy in the prompt: the "strategy benefit"
-    python evaluate.py ... --resume        # continue an interrupted run (finished samples are kept)
+    python evaluate.py ... --guided        # also with the strategy in the prompt: the "strategy
+    benefit" python evaluate.py ... --resume        # continue an interrupted run (finished samples
+    are kept)
 """
+
 import glob
 import json
 import os
@@ -19,8 +23,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import engine
+import inputs
 import reward
-import sgpo
+import runtime
 
 
 @dataclass
@@ -28,9 +34,11 @@ class EvalConfig:
     model: str = "toy/cups_data/model"
     """HF model directory or hub id (e.g. an sgpo.py checkpoint)."""
     bench: list = field(default_factory=list)
-    """NAME=PATH:K, repeatable: a JSONL of problem, answer (optional id, strategy) and its number of samples."""
+    """NAME=PATH:K, repeatable: a JSONL of problem, answer (optional id, strategy) and its number of
+    samples."""
     output_dir: str = "out/eval"
-    """samples-rank*.jsonl (one line per sample, appended as they finish), summary.json, summary.md."""
+    """samples-rank*.jsonl (one line per sample, appended as they finish), summary.json,
+    summary.md."""
     temperature: float = 0.6
     """Sampling temperature (paper: 0.6); 0 = greedy."""
     top_p: float = 0.95
@@ -40,21 +48,24 @@ class EvalConfig:
     max_new_tokens: int = 32768
     """Response budget (paper: 32K); a response that reaches it counts as truncated."""
     batch_size: int = 16
-    """Sequences per generate call on each rank: its KV cache is batch x tokens x KB/token (7B: 57 KB/token, so 16 x
-    32K tokens = 30 GB next to 15 GB of bf16 weights on an 80 GB GPU; 64 would need 121 GB)."""
+    """Sequences per generate call on each rank: its KV cache is batch x tokens x KB/token (7B: 57
+    KB/token, so 16 x 32K tokens = 30 GB next to 15 GB of bf16 weights on an 80 GB GPU; 64 would
+    need 121 GB)."""
     guided: bool = False
-    """Also evaluate with the strategy in the prompt (problems that have one), side by side with unguided."""
+    """Also evaluate with the strategy in the prompt (problems that have one), side by side with
+    unguided."""
     resume: bool = False
     """Keep the samples already in output_dir and generate only the missing ones."""
     seed: int = 0
     """Sampling seed (offset by rank)."""
     dtype: str = "auto"
-    """Weights and compute: auto (bf16 on a GPU that supports it), bf16 or fp32 (inference only: no fp32 master copy)."""
+    """Weights and compute: auto (bf16 on a GPU that supports it), bf16 or fp32 (inference only: no
+    fp32 master copy)."""
     system_prompt: str = ""
     """As in sgpo.py."""
-    prompt_template: str = sgpo.AUTO_TEMPLATE
+    prompt_template: str = engine.AUTO_TEMPLATE
     """As in sgpo.py: the unguided user message."""
-    guided_prompt_template: str = sgpo.GUIDED_TEMPLATE
+    guided_prompt_template: str = engine.GUIDED_TEMPLATE
     """As in sgpo.py: the guided user message."""
     reward_timeout: int = 5
     """Seconds for math-verify per parse and per verify."""
@@ -65,15 +76,16 @@ def parse_bench(spec: str):
     name, eq, rest = spec.partition("=")
     path, colon, k = rest.rpartition(":")
     if not eq or not name or not colon or not path:
-        raise sgpo.UsageError(f"--bench {spec}: expected NAME=PATH:K")
+        raise inputs.UsageError(f"--bench {spec}: expected NAME=PATH:K")
     if not k.lstrip("-").isdigit() or int(k) < 1:
-        raise sgpo.UsageError(f"--bench {spec}: k must be an integer >= 1, got {k!r}")
+        raise inputs.UsageError(f"--bench {spec}: k must be an integer >= 1, got {k!r}")
     return name, path, int(k)
 
 
 def unparsable_answers(problems: list, timeout: int) -> list:
-    """Line numbers of the rows whose gold answer math-verify parses into no value (it keeps the raw text alone, or
-    nothing): a correct response written any other way is graded wrong, silently, so the user is told."""
+    """Line numbers of the rows whose gold answer math-verify parses into no value (it keeps the raw
+    text alone, or nothing): a correct response written any other way is graded wrong, silently, so
+    the user is told."""
     bad = []
     for q in problems:
         try:
@@ -86,12 +98,17 @@ def unparsable_answers(problems: list, timeout: int) -> list:
 
 
 def work_items(benches, guided: bool) -> list:
-    """Every (bench, problem, mode, sample) to generate; guided only for problems with a strategy."""
+    """Every (bench, problem, mode, sample) to generate; guided only for problems with a
+    strategy."""
     items = []
     for name, problems, k in benches:
         for q in problems:
-            modes = ["unguided"] + (["guided"] if guided and sgpo.has_usable_strategy(q) else [])
-            items += [dict(bench=name, id=q["id"], mode=m, sample=s, problem=q) for m in modes for s in range(k)]
+            modes = ["unguided"] + (["guided"] if guided and inputs.has_usable_strategy(q) else [])
+            items += [
+                dict(bench=name, id=q["id"], mode=m, sample=s, problem=q)
+                for m in modes
+                for s in range(k)
+            ]
     return items
 
 
@@ -102,9 +119,10 @@ def item_key(r) -> tuple:
 def aggregate(samples: list) -> dict:
     """Per-sample results -> {bench: {mode: avg@k, pass@k, problems, mean_length, truncation_rate}}.
 
-    avg@k: mean over problems of the fraction of its k samples that are correct; pass@k: fraction of problems
-    with at least one correct sample. With guided results, 'unguided_same_problems' restricts unguided to the
-    problems that have a guided result, and 'strategy_benefit' = guided avg@k - that."""
+    avg@k: mean over problems of the fraction of its k samples that are correct; pass@k: fraction of
+    problems with at least one correct sample. With guided results, 'unguided_same_problems'
+    restricts unguided to the problems that have a guided result, and 'strategy_benefit' = guided
+    avg@k - that."""
     by = {}
     for r in samples:
         by.setdefault(r["bench"], {}).setdefault(r["mode"], {}).setdefault(r["id"], []).append(r)
@@ -114,94 +132,136 @@ def aggregate(samples: list) -> dict:
         for mode, problems in modes.items():
             out[bench][mode] = _scores(problems)
         if "guided" in modes:
-            same = {pid: rs for pid, rs in modes.get("unguided", {}).items() if pid in modes["guided"]}
+            same = {
+                pid: rs for pid, rs in modes.get("unguided", {}).items() if pid in modes["guided"]
+            }
             out[bench]["unguided_same_problems"] = _scores(same)
-            out[bench]["strategy_benefit"] = out[bench]["guided"]["avg@k"] - out[bench]["unguided_same_problems"]["avg@k"]
+            out[bench]["strategy_benefit"] = (
+                out[bench]["guided"]["avg@k"] - out[bench]["unguided_same_problems"]["avg@k"]
+            )
     return out
 
 
 def _scores(problems: dict) -> dict:
     rows = [r for rs in problems.values() for r in rs]
     n = max(len(problems), 1)
-    return {"avg@k": sum(sum(r["correct"] for r in rs) / len(rs) for rs in problems.values()) / n,
-            "pass@k": sum(any(r["correct"] for r in rs) for rs in problems.values()) / n,
-            "problems": len(problems), "samples": len(rows),
-            "mean_length": sum(r["length"] for r in rows) / max(len(rows), 1),
-            "truncation_rate": sum(r["truncated"] for r in rows) / max(len(rows), 1)}
+    return {
+        "avg@k": sum(sum(r["correct"] for r in rs) / len(rs) for rs in problems.values()) / n,
+        "pass@k": sum(any(r["correct"] for r in rs) for rs in problems.values()) / n,
+        "problems": len(problems),
+        "samples": len(rows),
+        "mean_length": sum(r["length"] for r in rows) / max(len(rows), 1),
+        "truncation_rate": sum(r["truncated"] for r in rows) / max(len(rows), 1),
+    }
 
 
 def markdown(summary: dict, ks: dict) -> str:
-    lines = ["| benchmark | k | mode | problems | avg@k | pass@k | mean length | truncated |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| benchmark | k | mode | problems | avg@k | pass@k | mean length | truncated |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for bench, modes in summary.items():
         for mode in ("unguided", "unguided_same_problems", "guided"):
             if mode in modes:
                 m = modes[mode]
-                lines.append(f"| {bench} | {ks[bench]} | {mode} | {m['problems']} | {100 * m['avg@k']:.1f} | "
-                             f"{100 * m['pass@k']:.1f} | {m['mean_length']:.0f} | {100 * m['truncation_rate']:.1f}% |")
+                cells = [bench, ks[bench], mode, m["problems"], f"{100 * m['avg@k']:.1f}",
+                         f"{100 * m['pass@k']:.1f}", f"{m['mean_length']:.0f}",
+                         f"{100 * m['truncation_rate']:.1f}%"]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
         if "strategy_benefit" in modes:
-            lines.append(f"| {bench} | {ks[bench]} | strategy benefit | | {100 * modes['strategy_benefit']:+.1f} | | | |")
+            benefit = f"{100 * modes['strategy_benefit']:+.1f}"
+            lines.append(f"| {bench} | {ks[bench]} | strategy benefit | | {benefit} | | | |")
     return "\n".join(lines) + "\n"
 
 
 def read_samples(output_dir: str, rank=None) -> list:
     """Samples in output_dir: of every rank's file, or of one rank's."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(output_dir, f"samples-rank{'*' if rank is None else rank}.jsonl"))):
+    for path in sorted(
+        glob.glob(os.path.join(output_dir, f"samples-rank{'*' if rank is None else rank}.jsonl"))
+    ):
         with open(path) as f:
             for line in f:
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a killed run may be cut: regenerate it
+                # the last line of a killed run may be cut: regenerate it
+                except json.JSONDecodeError:
                     pass
     return rows
 
 
 def main(argv=None) -> int:
     try:
-        cfg = sgpo.config_from_args(EvalConfig, argv, "SGPO benchmark evaluation")
+        cfg = inputs.config_from_args(EvalConfig, argv, "SGPO benchmark evaluation")
         if not cfg.bench:
-            raise sgpo.UsageError("--bench: at least one NAME=PATH:K is required")
+            raise inputs.UsageError("--bench: at least one NAME=PATH:K is required")
         if cfg.temperature < 0 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-            raise sgpo.UsageError("--temperature must be >= 0, --max_new_tokens and --batch_size >= 1")
+            raise inputs.UsageError(
+                "--temperature must be >= 0, --max_new_tokens and --batch_size >= 1"
+            )
         specs = [parse_bench(s) for s in cfg.bench]
-        benches = [(name, sgpo.load_problems(path, required=("problem", "answer")), k) for name, path, k in specs]
+        benches = [
+            (name, inputs.load_problems(path, required=("problem", "answer")), k)
+            for name, path, k in specs
+        ]
         if len({name for name, _, _ in specs}) < len(specs):
-            raise sgpo.UsageError("--bench: benchmark names must be distinct")
+            raise inputs.UsageError("--bench: benchmark names must be distinct")
         existing = read_samples(cfg.output_dir)
         if existing and not cfg.resume:
-            raise sgpo.UsageError(f"--output_dir {cfg.output_dir}: already holds samples; pass --resume or another --output_dir")
-        sgpo.check_writable_dir(cfg.output_dir, "--output_dir")
-        ddp, rank, world, device = sgpo.setup_distributed()
+            raise inputs.UsageError(
+                f"--output_dir {cfg.output_dir}: already holds samples; pass --resume or another "
+                "--output_dir"
+            )
+        inputs.check_writable_dir(cfg.output_dir, "--output_dir")
+        ddp, rank, world, device = runtime.setup_distributed()
 
-        def check_rows(tokenizer, config):  # every prompt tokenizes and leaves room to answer (before the weights load)
+        # every prompt tokenizes and leaves room to answer (before the weights load)
+        def check_rows(tokenizer, config):
             for (_, path, _), (_, problems, _) in zip(specs, benches):
-                sgpo.check_fits(path, problems, lambda q, guided: len(sgpo.prompt_ids(tokenizer, cfg, q, guided)), budget=1,
-                                context=getattr(config, "max_position_embeddings", float("inf")), guided=cfg.guided)
-        model, tokenizer = sgpo.load_model(cfg.model, sgpo.compute_dtype(cfg.dtype), device, check_rows)
-    except sgpo.UsageError as e:
+                inputs.check_fits(
+                    path,
+                    problems,
+                    lambda q, guided: len(engine.prompt_ids(tokenizer, cfg, q, guided)),
+                    budget=1,
+                    context=getattr(config, "max_position_embeddings", float("inf")),
+                    guided=cfg.guided,
+                )
+
+        model, tokenizer = engine.load_model(
+            cfg.model, runtime.compute_dtype(cfg.dtype), device, check_rows
+        )
+    except inputs.UsageError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    for (_, path, _), (_, problems, _) in zip(specs, benches) if rank == 0 else []:  # a warning: rank 0 only
+    # a warning: rank 0 only
+    for (_, path, _), (_, problems, _) in zip(specs, benches) if rank == 0 else []:
         bad = unparsable_answers(problems, cfg.reward_timeout)
         if bad:
-            print(f"warning: {path}: {len(bad)} of {len(problems)} gold answers math-verify cannot parse into a value "
-                  f"(lines {', '.join(map(str, bad[:20]))}{', ...' if len(bad) > 20 else ''}): only a response with the "
-                  "same text can match them", file=sys.stderr)
+            shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+            print(
+                f"warning: {path}: {len(bad)} of {len(problems)} gold answers math-verify cannot "
+                f"parse into a value (lines {shown}): only a response with the same text can "
+                "match them",
+                file=sys.stderr,
+            )
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     done = {item_key(r) for r in existing}
     items = [it for it in work_items(benches, cfg.guided)[rank::world] if item_key(it) not in done]
     for it in items:
-        it["prompt"] = sgpo.prompt_ids(tokenizer, cfg, it["problem"], guided=it["mode"] == "guided")
+        it["prompt"] = engine.prompt_ids(
+            tokenizer, cfg, it["problem"], guided=it["mode"] == "guided"
+        )
     items.sort(key=lambda it: len(it["prompt"]))  # similar lengths per batch: less padding
     eos_ids = model.generation_config.eos_token_id
     answers = {(name, q["id"]): q["answer"] for name, problems, _ in benches for q in problems}
     bar = tqdm(total=len(items), disable=rank != 0, desc=f"eval (rank 0 of {world})")
     path = os.path.join(cfg.output_dir, f"samples-rank{rank}.jsonl")
     if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:  # a run killed mid-line: start a new line, the cut one is ignored
+        # a run killed mid-line: start a new line, the cut one is ignored
+        with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             cut = f.read(1) != b"\n"
         if cut:
@@ -209,31 +269,68 @@ def main(argv=None) -> int:
                 f.write("\n")
     with open(path, "a") as out:
         for i in range(0, len(items), cfg.batch_size):
-            batch = items[i:i + cfg.batch_size]
-            results = sgpo.generate(model, [it["prompt"] for it in batch], tokenizer.pad_token_id, eos_ids, device,
-                                    cfg.temperature, cfg.max_new_tokens, cfg.top_p, cfg.top_k)
+            batch = items[i : i + cfg.batch_size]
+            results = engine.generate(
+                model,
+                [it["prompt"] for it in batch],
+                tokenizer.pad_token_id,
+                eos_ids,
+                device,
+                cfg.temperature,
+                cfg.max_new_tokens,
+                cfg.top_p,
+                cfg.top_k,
+            )
             for it, res in zip(batch, results):
                 text = tokenizer.decode(res["ids"], skip_special_tokens=True)
-                correct = reward.math_reward(text, answers[(it["bench"], it["id"])], cfg.reward_timeout)
-                out.write(json.dumps({**{k: it[k] for k in ("bench", "id", "mode", "sample")}, "correct": correct,
-                                      "length": len(res["ids"]), "truncated": res["truncated"], "response": text}) + "\n")
+                correct = reward.math_reward(
+                    text, answers[(it["bench"], it["id"])], cfg.reward_timeout
+                )
+                out.write(
+                    json.dumps(
+                        {
+                            **{k: it[k] for k in ("bench", "id", "mode", "sample")},
+                            "correct": correct,
+                            "length": len(res["ids"]),
+                            "truncated": res["truncated"],
+                            "response": text,
+                        }
+                    )
+                    + "\n"
+                )
             out.flush()
             bar.update(len(batch))
     bar.close()
-    # Gather every rank's verdicts (no responses) to rank 0, which also reads the files it can see (e.g. of an
-    # earlier run with more ranks); a sample is counted once.
-    mine = [{k: v for k, v in r.items() if k != "response"} for r in read_samples(cfg.output_dir, rank)]
-    gathered = sgpo.all_gather_objects(mine)
+    # Gather every rank's verdicts (no responses) to rank 0, which also reads the files it can see
+    # (e.g. of an earlier run with more ranks); a sample is counted once.
+    mine = [
+        {k: v for k, v in r.items() if k != "response"} for r in read_samples(cfg.output_dir, rank)
+    ]
+    gathered = runtime.all_gather_objects(mine)
     if rank == 0:
         ks = {name: k for name, _, k in specs}
-        wanted = {item_key(it) for it in work_items(benches, cfg.guided)}  # not a sample of another configuration
-        samples = {item_key(r): r for r in read_samples(cfg.output_dir) + [r for part in gathered for r in part]
-                   if item_key(r) in wanted}
+        # not a sample of another configuration
+        wanted = {item_key(it) for it in work_items(benches, cfg.guided)}
+        samples = {
+            item_key(r): r
+            for r in read_samples(cfg.output_dir) + [r for part in gathered for r in part]
+            if item_key(r) in wanted
+        }
         summary = aggregate(list(samples.values()))
         table = markdown(summary, ks)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-            json.dump({"model": cfg.model, "k": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                       "max_new_tokens": cfg.max_new_tokens, "results": summary}, f, indent=1)
+            json.dump(
+                {
+                    "model": cfg.model,
+                    "k": ks,
+                    "temperature": cfg.temperature,
+                    "top_p": cfg.top_p,
+                    "max_new_tokens": cfg.max_new_tokens,
+                    "results": summary,
+                },
+                f,
+                indent=1,
+            )
         with open(os.path.join(cfg.output_dir, "summary.md"), "w") as f:
             f.write(table)
         print(table)

@@ -1,16 +1,20 @@
 """
-Offline strategy extraction for SGPO: for each problem with a strong model's reference solution, sample
---num_candidates structured strategies (problem type / strategy / high-level steps, no computation, no
-answer), reject candidates that leak the gold answer, let the model rank the rest on four criteria, keep the
-best. The output is the input rows plus `strategy` (and `strategy_status`), ready for sgpo.py.
+Offline strategy extraction for SGPO: for each problem with a strong model's reference solution,
+sample --num_candidates structured strategies (problem type / strategy / high-level steps, no
+computation, no answer), reject candidates that leak the gold answer, let the model rank the rest on
+four criteria, keep the best. The output is the input rows plus `strategy` (and `strategy_status`),
+ready for sgpo.py.
 
-    # an OpenAI-compatible server (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`), key from $OPENAI_API_KEY if set
-    python extract_strategies.py --input train.jsonl --output train_strategies.jsonl \
+    # an OpenAI-compatible server (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`), key from
+    $OPENAI_API_KEY if set python extract_strategies.py --input train.jsonl --output
+    train_strategies.jsonl \
         --backend openai --base_url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
-    # a local HF model (batched generate)
-    python extract_strategies.py --input train.jsonl --output train_strategies.jsonl --backend hf --model Qwen/Qwen2.5-7B-Instruct
-Rerunning the same command resumes: ids already in --output are skipped (--retry_failed redoes failed rows).
+    # a local HF model (batched generate) python extract_strategies.py --input train.jsonl --output
+    train_strategies.jsonl --backend hf --model Qwen/Qwen2.5-7B-Instruct
+Rerunning the same command resumes: ids already in --output are skipped (--retry_failed redoes
+failed rows).
 """
+
 import datetime
 import email.utils
 import json
@@ -26,10 +30,14 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+import engine
+import inputs
 import reward
-import sgpo
+import runtime
 
-STRATEGY_PROMPT = """You are given a math problem and a reference solution written by a strong solver. Describe the reusable strategy behind the solution, so that a student could solve this problem and similar ones with it.
+STRATEGY_PROMPT = """You are given a math problem and a reference solution written by a strong \
+solver. Describe the reusable strategy behind the solution, so that a student could solve this \
+problem and similar ones with it.
 
 Write exactly three fields:
 Problem type: <the kind of problem, in one line>
@@ -38,7 +46,8 @@ Steps:
 - <high-level step>
 - <high-level step>
 
-Rules: no numbers computed from this problem's data, no intermediate results, and never the final answer. The steps say what to do, not what comes out.
+Rules: no numbers computed from this problem's data, no intermediate results, and never the final \
+answer. The steps say what to do, not what comes out.
 
 Problem:
 {problem}
@@ -46,7 +55,8 @@ Problem:
 Reference solution:
 {solution}"""
 
-RANK_PROMPT = """Below are {n} candidate strategy descriptions for the same math problem and reference solution. Judge them on four criteria:
+RANK_PROMPT = """Below are {n} candidate strategy descriptions for the same math problem and \
+reference solution. Judge them on four criteria:
 1. Faithful: it describes the approach the reference solution actually uses.
 2. General: it is reusable on similar problems, not tied to this instance.
 3. No leakage: it contains no computed values, intermediate results or final answer.
@@ -68,9 +78,11 @@ class ExtractConfig:
     input: str = ""
     """JSONL with a problem, its gold answer and a reference solution per line."""
     output: str = ""
-    """Output JSONL: input rows + strategy + strategy_status (kept / rejected / failed); appended as rows finish."""
+    """Output JSONL: input rows + strategy + strategy_status (kept / rejected / failed); appended as
+    rows finish."""
     backend: str = "openai"
-    """openai (an OpenAI-compatible chat completions endpoint) or hf (a local transformers model)."""
+    """openai (an OpenAI-compatible chat completions endpoint) or hf (a local transformers
+    model)."""
     model: str = ""
     """Model name at the endpoint, or HF directory / hub id."""
     base_url: str = "http://localhost:8000/v1"
@@ -90,7 +102,8 @@ class ExtractConfig:
     solution_field: str = "solution"
     """Input field holding the strong model's reference solution."""
     batch_size: int = 8
-    """Problems processed together (one batched generate, or this many requests in flight at most)."""
+    """Problems processed together (one batched generate, or this many requests in flight at
+    most)."""
     timeout: float = 120.0
     """Seconds per HTTP request."""
     retries: int = 3
@@ -107,7 +120,8 @@ class ExtractConfig:
 
 
 def reply_texts(reply) -> list:
-    """The non-empty message texts of a chat-completions reply; anything malformed counts as no choice."""
+    """The non-empty message texts of a chat-completions reply; anything malformed counts as no
+    choice."""
     texts, choices = [], reply.get("choices") if isinstance(reply, dict) else None
     for choice in choices if isinstance(choices, list) else []:
         message = choice.get("message") if isinstance(choice, dict) else None
@@ -118,14 +132,22 @@ def reply_texts(reply) -> list:
 
 
 def retry_delay(error, backoff: float, cap: float) -> float:
-    """Seconds to wait before retrying: the server's Retry-After (seconds or an HTTP date) on a 429/503, as
-    OpenAI-compatible clients honour it, else the exponential backoff; never more than cap (--timeout)."""
-    value = error.headers.get("Retry-After") if isinstance(error, urllib.error.HTTPError) and error.headers else None
+    """Seconds to wait before retrying: the server's Retry-After (seconds or an HTTP date) on a
+    429/503, as OpenAI-compatible clients honour it, else the exponential backoff; never more than
+    cap (--timeout)."""
+    value = (
+        error.headers.get("Retry-After")
+        if isinstance(error, urllib.error.HTTPError) and error.headers
+        else None
+    )
     try:
         delay = float(value)
     except (TypeError, ValueError):
         try:
-            delay = (email.utils.parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            delay = (
+                email.utils.parsedate_to_datetime(value)
+                - datetime.datetime.now(datetime.timezone.utc)
+            ).total_seconds()
         except (TypeError, ValueError):
             delay = backoff
     return min(max(delay, 0.0), cap)
@@ -134,38 +156,63 @@ def retry_delay(error, backoff: float, cap: float) -> float:
 class OpenAIBackend:
     def __init__(self, cfg: ExtractConfig):
         self.cfg, self.key = cfg, os.environ.get(cfg.api_key_env, "")
-        self.counts, self.lock = {"requests": 0, "choices_asked": 0, "choices_received": 0}, threading.Lock()
+        self.counts, self.lock = (
+            {"requests": 0, "choices_asked": 0, "choices_received": 0},
+            threading.Lock(),
+        )
 
     def _post(self, payload: dict) -> dict:
         url = self.cfg.base_url.rstrip("/") + "/chat/completions"
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
+        headers = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {self.key}"} if self.key else {}),
+        }
         for attempt in range(self.cfg.retries + 1):
             try:
-                req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+                req = urllib.request.Request(
+                    url, data=json.dumps(payload).encode(), headers=headers, method="POST"
+                )
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
                     return json.loads(resp.read())
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
-                retryable = not isinstance(e, urllib.error.HTTPError) or e.code >= 500 or e.code == 429
+            except (
+                urllib.error.URLError,
+                TimeoutError,
+                ConnectionError,
+                json.JSONDecodeError,
+            ) as e:
+                retryable = (
+                    not isinstance(e, urllib.error.HTTPError) or e.code >= 500 or e.code == 429
+                )
                 if not retryable or attempt == self.cfg.retries:
                     raise RuntimeError(f"{url}: {e}") from None
-                time.sleep(retry_delay(e, self.cfg.backoff * 2 ** attempt, self.cfg.timeout))
+                time.sleep(retry_delay(e, self.cfg.backoff * 2**attempt, self.cfg.timeout))
 
     def _one(self, prompt: str, n: int, temperature: float) -> list:
-        """n completions of one prompt. Servers that ignore or cap `n` answer with fewer choices: ask again for the
-        rest. A reply with no usable choice (choices [], content null or empty) is the endpoint's failure: it raises,
-        and the row is recorded as failed (--retry_failed redoes it), never as a candidate that leaked."""
+        """n completions of one prompt. Servers that ignore or cap `n` answer with fewer choices:
+        ask again for the rest. A reply with no usable choice (choices [], content null or empty) is
+        the endpoint's failure: it raises, and the row is recorded as failed (--retry_failed redoes
+        it), never as a candidate that leaked."""
         texts = []
         while len(texts) < n:
-            out = self._post({"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
-                              "n": n - len(texts), "temperature": temperature, "max_tokens": self.cfg.max_new_tokens})
+            out = self._post(
+                {
+                    "model": self.cfg.model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "n": n - len(texts),
+                    "temperature": temperature,
+                    "max_tokens": self.cfg.max_new_tokens,
+                }
+            )
             got = reply_texts(out)
             with self.lock:
                 self.counts["requests"] += 1
                 self.counts["choices_asked"] += n - len(texts)
                 self.counts["choices_received"] += len(got)
             if not got:
-                raise RuntimeError(f"the endpoint returned no usable choice ({json.dumps(out)[:200]})")
-            texts += got[:n - len(texts)]
+                raise RuntimeError(
+                    f"the endpoint returned no usable choice ({json.dumps(out)[:200]})"
+                )
+            texts += got[: n - len(texts)]
         return texts
 
     def chat(self, prompts: list, n: int, temperature: float) -> list:
@@ -174,23 +221,44 @@ class OpenAIBackend:
                 return self._one(p, n, temperature)
             except Exception as e:  # recorded on the row as failed, never dropped
                 return e
-        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:  # at most batch_size in flight
+
+        # at most batch_size in flight
+        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
             return list(pool.map(safe, prompts))
 
 
 class HFBackend:
     def __init__(self, cfg: ExtractConfig):
         import torch
+
         self.cfg, self.device = cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tok = sgpo.load_model(cfg.model, sgpo.compute_dtype("auto"), self.device)
+        self.model, self.tok = engine.load_model(
+            cfg.model, runtime.compute_dtype("auto"), self.device
+        )
 
     def chat(self, prompts: list, n: int, temperature: float) -> list:
-        ids = [list(self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)) for p in prompts]
-        outs = sgpo.generate(self.model, [x for x in ids for _ in range(n)], self.tok.pad_token_id,
-                             self.model.generation_config.eos_token_id, self.device, temperature, self.cfg.max_new_tokens)
+        ids = [
+            list(
+                self.tok.apply_chat_template(
+                    [{"role": "user", "content": p}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            )
+            for p in prompts
+        ]
+        outs = engine.generate(
+            self.model,
+            [x for x in ids for _ in range(n)],
+            self.tok.pad_token_id,
+            self.model.generation_config.eos_token_id,
+            self.device,
+            temperature,
+            self.cfg.max_new_tokens,
+        )
         texts = [self.tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 # ---- candidate handling (main thread: math-verify's timeout needs it) ----
@@ -207,30 +275,36 @@ MATH_SPANS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", 
 
 
 def boxed_spans(text: str) -> list:
-    """The contents of every \\boxed{...}, nested braces included (\\boxed{\\dfrac{3}{4}}: \\dfrac{3}{4})."""
+    """The contents of every \\boxed{...}, nested braces included (\\boxed{\\dfrac{3}{4}}:
+    \\dfrac{3}{4})."""
     spans = []
     for m in re.finditer(r"\\boxed\s*\{", text):
         depth = 1
         for i in range(m.end(), len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                spans.append(text[m.end():i])
+                spans.append(text[m.end() : i])
                 break
     return spans
 
 
-def _norm(s: str) -> str:  # spacing, $, sizing and the display forms of \frac do not change what is stated
-    return re.sub(r"\\[dt]frac", r"\\frac", re.sub(r"\s+|\$|\\left|\\right|\\!|\\,|\\displaystyle", "", s))
+# spacing, $, sizing and the display forms of \frac do not change what is stated
+def _norm(s: str) -> str:
+    return re.sub(
+        r"\\[dt]frac", r"\\frac", re.sub(r"\s+|\$|\\left|\\right|\\!|\\,|\\displaystyle", "", s)
+    )
 
 
 def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
-    """True if the text states the gold answer: literally (whitespace and $ ignored; answers of two or more
-    characters, since a lone digit appears in any text) or as an equal expression in one of its math spans
-    ($...$, \\(...\\), \\[...\\], \\boxed{...}), checked with math-verify."""
+    """True if the text states the gold answer: literally (whitespace and $ ignored; answers of two
+    or more characters, since a lone digit appears in any text) or as an equal expression in one of
+    its math spans ($...$, \\(...\\), \\[...\\], \\boxed{...}), checked with math-verify."""
     gold = _norm(answer)
     if len(gold) >= 2 and gold in _norm(text):
         return True
-    for span in [next(g for g in m.groups() if g is not None) for m in MATH_SPANS.finditer(text)] + boxed_spans(text):
+    for span in [
+        next(g for g in m.groups() if g is not None) for m in MATH_SPANS.finditer(text)
+    ] + boxed_spans(text):
         if reward.math_reward(f"${span}$", answer, timeout):
             return True
         for side in span.split("=")[1:]:  # "x = 42" states 42
@@ -245,7 +319,8 @@ def parse_best(text: str, n: int):
 
 
 def done_rows(cfg: ExtractConfig) -> dict:
-    """Rows already in --output by id; with --retry_failed the failed ones are removed from the file first."""
+    """Rows already in --output by id; with --retry_failed the failed ones are removed from the file
+    first."""
     if not os.path.exists(cfg.output):
         return {}
     rows = []
@@ -253,7 +328,8 @@ def done_rows(cfg: ExtractConfig) -> dict:
         for line in f:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # the line a killed run was writing: parsed, not guessed; its row is redone
+            # the line a killed run was writing: parsed, not guessed; its row is redone
+            except json.JSONDecodeError:
                 continue
             if isinstance(row, dict) and "id" in row:
                 rows.append(row)
@@ -267,7 +343,10 @@ def done_rows(cfg: ExtractConfig) -> dict:
 
 def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
     """Candidates -> leak guard -> ranking -> one output row per input row."""
-    prompts = [STRATEGY_PROMPT.format(problem=r[cfg.problem_field], solution=r[cfg.solution_field]) for r in batch]
+    prompts = [
+        STRATEGY_PROMPT.format(problem=r[cfg.problem_field], solution=r[cfg.solution_field])
+        for r in batch
+    ]
     outs = backend.chat(prompts, cfg.num_candidates, cfg.temperature)
     results, to_rank = [None] * len(batch), []
     for i, (row, out) in enumerate(zip(batch, outs)):
@@ -275,22 +354,40 @@ def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
             results[i] = dict(strategy="", strategy_status="failed", strategy_error=str(out)[:300])
             continue
         parsed = [parse_candidate(t) for t in out]
-        ok = [c for c in parsed if c and not leaks_answer(c, row[cfg.answer_field], cfg.reward_timeout)]
+        ok = [
+            c
+            for c in parsed
+            if c and not leaks_answer(c, row[cfg.answer_field], cfg.reward_timeout)
+        ]
         counts["rejected_candidates"] += len(out) - len(ok)
         if not ok:
-            results[i] = dict(strategy="", strategy_status="rejected", strategy_error="every candidate leaked or was malformed")
+            results[i] = dict(
+                strategy="",
+                strategy_status="rejected",
+                strategy_error="every candidate leaked or was malformed",
+            )
         elif len(ok) == 1:
             results[i] = dict(strategy=ok[0], strategy_status="kept")
         else:
             to_rank.append((i, ok))
     if to_rank:
-        rank_prompts = [RANK_PROMPT.format(n=len(ok), problem=batch[i][cfg.problem_field], solution=batch[i][cfg.solution_field],
-                                           candidates="\n\n".join(f"Candidate {k + 1}:\n{c}" for k, c in enumerate(ok)))
-                        for i, ok in to_rank]
+        rank_prompts = [
+            RANK_PROMPT.format(
+                n=len(ok),
+                problem=batch[i][cfg.problem_field],
+                solution=batch[i][cfg.solution_field],
+                candidates="\n\n".join(f"Candidate {k + 1}:\n{c}" for k, c in enumerate(ok)),
+            )
+            for i, ok in to_rank
+        ]
         for (i, ok), out in zip(to_rank, backend.chat(rank_prompts, 1, 0.0)):
             best = None if isinstance(out, Exception) else parse_best(out[0], len(ok))
             if best is None:
-                error = str(out)[:300] if isinstance(out, Exception) else f"unparsable ranking: {out[0][:200]!r}"
+                error = (
+                    str(out)[:300]
+                    if isinstance(out, Exception)
+                    else f"unparsable ranking: {out[0][:200]!r}"
+                )
                 results[i] = dict(strategy="", strategy_status="failed", strategy_error=error)
             else:
                 results[i] = dict(strategy=ok[best], strategy_status="kept")
@@ -299,33 +396,51 @@ def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
 
 def main(argv=None) -> int:
     try:
-        cfg = sgpo.config_from_args(ExtractConfig, argv, "SGPO strategy extraction")
+        cfg = inputs.config_from_args(ExtractConfig, argv, "SGPO strategy extraction")
         for name in ("input", "output", "model"):
             if not getattr(cfg, name):
-                raise sgpo.UsageError(f"--{name}: required")
+                raise inputs.UsageError(f"--{name}: required")
         if cfg.backend not in ("openai", "hf"):
-            raise sgpo.UsageError("--backend: must be openai or hf")
+            raise inputs.UsageError("--backend: must be openai or hf")
         if cfg.num_candidates < 1 or cfg.batch_size < 1 or cfg.retries < 0:
-            raise sgpo.UsageError("--num_candidates and --batch_size must be >= 1, --retries >= 0")
-        rows = sgpo.load_problems(cfg.input, (cfg.problem_field, cfg.answer_field, cfg.solution_field), skip_unkept=False)
-        if os.path.isdir(cfg.output) or (os.path.exists(cfg.output) and not os.access(cfg.output, os.W_OK)):
-            raise sgpo.UsageError(f"--output {cfg.output}: {'is a directory' if os.path.isdir(cfg.output) else 'not writable'}")
-        sgpo.check_writable_dir(os.path.dirname(cfg.output) or ".", f"--output {cfg.output}: folder")
+            raise inputs.UsageError(
+                "--num_candidates and --batch_size must be >= 1, --retries >= 0"
+            )
+        rows = inputs.load_problems(
+            cfg.input, (cfg.problem_field, cfg.answer_field, cfg.solution_field), skip_unkept=False
+        )
+        if os.path.isdir(cfg.output) or (
+            os.path.exists(cfg.output) and not os.access(cfg.output, os.W_OK)
+        ):
+            raise inputs.UsageError(
+                f"--output {cfg.output}: "
+                f"{'is a directory' if os.path.isdir(cfg.output) else 'not writable'}"
+            )
+        inputs.check_writable_dir(
+            os.path.dirname(cfg.output) or ".", f"--output {cfg.output}: folder"
+        )
         done = done_rows(cfg)
         backend = (OpenAIBackend if cfg.backend == "openai" else HFBackend)(cfg)
-    except sgpo.UsageError as e:
+    except inputs.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     todo = [r for r in rows if str(r["id"]) not in done]
-    counts = {"kept": 0, "rejected": 0, "failed": 0, "rejected_candidates": 0, "skipped": len(rows) - len(todo)}
+    counts = {
+        "kept": 0,
+        "rejected": 0,
+        "failed": 0,
+        "rejected_candidates": 0,
+        "skipped": len(rows) - len(todo),
+    }
     with open(cfg.output, "a") as out, tqdm(total=len(todo), desc="strategies") as bar:
         for i in range(0, len(todo), cfg.batch_size):
-            for row in process(todo[i:i + cfg.batch_size], backend, cfg, counts):
+            for row in process(todo[i : i + cfg.batch_size], backend, cfg, counts):
                 counts[row["strategy_status"]] += 1
                 out.write(json.dumps(row) + "\n")
             out.flush()
-            bar.update(len(todo[i:i + cfg.batch_size]))
-    print(json.dumps({**counts, **getattr(backend, "counts", {})}))  # choices asked vs received: a server may cap n
+            bar.update(len(todo[i : i + cfg.batch_size]))
+    # choices asked vs received: a server may cap n
+    print(json.dumps({**counts, **getattr(backend, "counts", {})}))
     return 0
 
 

@@ -1,43 +1,104 @@
-"""What sgpo.py's loop runs on, apart from the method: collectives that are no-ops in one process, metrics reduced
-over ranks, FSDP2 sharding and full-weight gathering, and checkpoints (written whole or not at all, resumed exactly)."""
+"""
+What sgpo.py's loop runs on, apart from the method: the process group (one file runs under `python`
+and `torchrun`), mixed precision, DDP or FSDP2 around the model, collectives that are no-ops in one
+process, metrics reduced over ranks, the output folder, and checkpoints (written whole or not at
+all, checked for damage, resumed exactly).
+"""
+import datetime
+import glob
 import json
 import math
 import os
 import random
 import shutil
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from inputs import sync_to_disk
+from inputs import UsageError, check_writable_dir
 
 
-# ==== FSDP2 and collectives (no-ops in one process).
+# ==== The process group and mixed precision.
+def setup_distributed(timeout_s: int = 1800):
+    """DDP preamble: the same file runs under `python` (rank 0 of 1) and `torchrun` (NCCL on GPU,
+    gloo on CPU). Returns (ddp, rank, world size, device). timeout_s: how long a collective waits
+    for the slowest rank."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    # Imported after init (by transformers' from_pretrained), this module holds the process group,
+    # whose gloo threads then outlive destroy_process_group() and can abort the interpreter's exit.
+    # Imported first, it holds nothing.
+    __import__("torch.distributed.checkpoint")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, else fp32."""
+    auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if name == "bf16" or (name == "auto" and auto) else torch.float32
+
+
+def autocast(dtype_name: str, device):
+    """Mixed precision: forwards (generation, scoring, teacher, student) compute in the compute
+    dtype over the fp32 weights; log-softmax, KL and losses are fp32 by explicit casts; backward
+    runs outside (as torch recommends)."""
+    dtype = compute_dtype(dtype_name)
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ==== DDP or FSDP2 around the model.
+def wrap(backbone, cfg, ddp: bool, device):
+    """The module whose backward syncs gradients over ranks: FSDP2 shards (cfg.fsdp), DDP replicates
+    (under torchrun), or the backbone itself (one process)."""
+    if cfg.fsdp:
+        return shard_fsdp(backbone, compute_dtype(cfg.dtype), device)
+    if ddp:
+        return DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None)
+    return backbone
+
+
 def shard_fsdp(backbone, param_dtype, device):
-    """FSDP2: every decoder layer is one unit, the Backbone (embeddings, final norm, LM head) the root. (fully_shard on
-    the HF model itself fails: Backbone calls get_decoder(), bypassing that root's hooks.) Shards stay fp32; forwards
-    all-gather them in the compute dtype and gradients are reduce-scattered in fp32."""
+    """FSDP2: every decoder layer is one unit, the Backbone (embeddings, final norm, LM head) the
+    root. (fully_shard on the HF model itself fails: Backbone calls get_decoder(), bypassing that
+    root's hooks.) Shards stay fp32; forwards all-gather them in the compute dtype and gradients are
+    reduce-scattered in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    kw = dict(mesh=init_device_mesh(device.type, (dist.get_world_size(),)),
-              mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = dict(mesh=init_device_mesh(device.type, (dist.get_world_size(),)), mp_policy=mp_policy)
     for layer in backbone.lm.get_decoder().layers:
         fully_shard(layer, **kw)
     fully_shard(backbone, **kw)
-    with torch.no_grad():  # FSDP makes the first module to run forward the root: the Backbone, not a layer
-        backbone(*torch.ones((2, 1, 1), dtype=torch.long, device=device))  # input_ids, attention_mask [1, 1]
-    backbone.reshard()  # the root keeps its weights gathered after a forward: the optimizer must get the shards
+    # FSDP makes the first module to run forward the root: the Backbone, not a layer
+    with torch.no_grad():
+        backbone(*torch.ones((2, 1, 1), dtype=torch.long, device=device))  # ids, mask [1, 1]
+    # the root keeps its weights gathered after a forward: the optimizer must get the shards
+    backbone.reshard()
     return backbone
 
 
 @contextmanager
 def full_weights(model):
-    """FSDP: all-gather every unit once and keep the full (compute-dtype) weights until the block ends, so that the
-    forwards of generate, scoring and evaluation are local: ranks may run different numbers of them (no collective,
-    no synced_gpus). Costs one full copy of the weights per GPU while it lasts. DDP and one process: nothing."""
+    """FSDP: all-gather every unit once and keep the full (compute-dtype) weights until the block
+    ends, so that the forwards of generate, scoring and evaluation are local: ranks may run
+    different numbers of them (no collective, no synced_gpus). Costs one full copy of the weights
+    per GPU while it lasts. DDP and one process: nothing."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
@@ -47,9 +108,17 @@ def full_weights(model):
     finally:
         for m in units:
             m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root keeps its weights
+            # FSDP's default: the root keeps its weights
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
+def grad_sync(model, last: bool):
+    """DDP all-reduces gradients on the last backward of a step only (no_sync before); FSDP
+    reduce-scatters every backward (unsharded gradients would not fit)."""
+    return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+
+
+# ==== Collectives (no-ops in one process) and metrics over ranks.
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -70,7 +139,8 @@ def all_gather_objects(obj) -> list:
 
 
 class Stats:
-    """Metrics reduced over ranks at log time: a mean (sum / count), a global sum (count 0) or a maximum."""
+    """Metrics reduced over ranks at log time: a mean (sum / count), a global sum (count 0) or a
+    maximum."""
 
     def __init__(self):
         self.sums, self.counts, self.maxes = {}, {}, {}
@@ -84,24 +154,63 @@ class Stats:
         self.maxes[name] = max(self.maxes.get(name, -math.inf), float(value))
 
     def reduce(self, device) -> dict:
-        # Ranks may hold different names (a rank with no KD target has no KD metrics): reduce over the union.
-        keys, mkeys = (sorted(set().union(*all_gather_objects(sorted(d)))) for d in (self.sums, self.maxes))
-        sc = all_reduce(torch.tensor([[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in keys] or [[0.0, 0.0]],
-                                     device=device, dtype=torch.float64))
-        mx = all_reduce(torch.tensor([self.maxes.get(k, -math.inf) for k in mkeys] or [0.0], device=device,
-                                     dtype=torch.float64), dist.ReduceOp.MAX)
-        out = {k: (sc[i, 0] / sc[i, 1] if sc[i, 1] > 0 else sc[i, 0]).item() for i, k in enumerate(keys)}
-        out.update({k: mx[i].item() for i, k in enumerate(mkeys)})
+        # Ranks may hold different names (a rank with no KD target has no KD metrics): reduce over
+        # the union.
+        keys = sorted(set().union(*all_gather_objects(sorted(self.sums))))
+        max_keys = sorted(set().union(*all_gather_objects(sorted(self.maxes))))
+        pairs = [[self.sums.get(k, 0.0), self.counts.get(k, 0.0)] for k in keys] or [[0.0, 0.0]]
+        sc = all_reduce(torch.tensor(pairs, device=device, dtype=torch.float64))
+        maxes = [self.maxes.get(k, -math.inf) for k in max_keys] or [0.0]
+        mx = all_reduce(torch.tensor(maxes, device=device, dtype=torch.float64), dist.ReduceOp.MAX)
+        out = {}
+        for i, k in enumerate(keys):
+            out[k] = (sc[i, 0] / sc[i, 1] if sc[i, 1] > 0 else sc[i, 0]).item()
+        out.update({k: mx[i].item() for i, k in enumerate(max_keys)})
         return out
 
 
-# ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir then renamed.
-def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, state: dict, master: bool):
-    """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it. The weights are
-    the fp32 master weights (an exact resume needs them); under FSDP they are gathered to rank 0's CPU, and every
-    rank writes its shard of the optimizer state (torch.distributed.checkpoint: loadable on another world size)."""
+# ==== The output folder: a run's checkpoints and metrics.jsonl.
+def check_output_dir(output_dir: str, resume, overwrite: bool):
+    """Before anything runs: refuse to start a fresh run over an earlier one (unless overwrite), and
+    check that the folder can be written."""
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    # an empty metrics file holds nothing
+    has_metrics = os.path.isfile(metrics_path) and os.path.getsize(metrics_path)
+    if not resume and not overwrite and (latest_checkpoint(output_dir) or has_metrics):
+        raise UsageError(f"--output_dir {output_dir}: already holds a run; pass --resume or "
+                         "--overwrite_output_dir")
+    check_writable_dir(output_dir, "--output_dir")
+
+
+def prepare_output_dir(output_dir: str, resumed_step):
+    """Rank 0, once the run starts: a fresh run (resumed_step None) removes every checkpoint (none
+    stale may be resumed later) and empties metrics.jsonl; a resumed one removes the partial
+    checkpoint of the killed run and the metrics lines written after the checkpoint it resumes."""
+    os.makedirs(output_dir, exist_ok=True)
+    for d in os.listdir(output_dir):
+        if d.startswith("checkpoint-") and (resumed_step is None or d.endswith(".tmp")):
+            shutil.rmtree(os.path.join(output_dir, d))
+    metrics_path, kept = os.path.join(output_dir, "metrics.jsonl"), []
+    if resumed_step is not None and os.path.exists(metrics_path):
+        for line in open(metrics_path):
+            if json.loads(line).get("step", 0) <= resumed_step:
+                kept.append(line)
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+    return metrics_path
+
+
+# ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir
+# then renamed; a kill or a power cut can leave the newest one damaged, so resume checks them.
+def save_checkpoint(cfg, policy, optimizer, scheduler, state: dict):
+    """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it.
+    The weights are the fp32 master weights (an exact resume needs them); under FSDP they are
+    gathered to rank 0's CPU, and every rank writes its shard of the optimizer state
+    (torch.distributed.checkpoint: loadable on another world size)."""
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+                              "cuda": cuda_rng})
+    master = not dist.is_initialized() or dist.get_rank() == 0
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
     tmp, weights = final + ".tmp", None
     try:
@@ -110,53 +219,177 @@ def save_checkpoint(cfg, model, raw_model, tokenizer, optimizer, scheduler, stat
             os.makedirs(tmp)
         barrier()
         if cfg.fsdp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import StateDictOptions as Opts, get_model_state_dict, get_optimizer_state_dict
-            weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(
-                model, options=Opts(full_state_dict=True, cpu_offload=True)).items()}  # rank 0 only
-            if optimizer.state:  # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
-                dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+            weights = _save_fsdp_shards(policy.wrapped, optimizer, tmp)
         if master:
-            raw_model.save_pretrained(tmp, state_dict=weights)
-            raw_model.original_generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            optim_state = {} if cfg.fsdp else {"optimizer": optimizer.state_dict()}  # FSDP: the shards above
-            torch.save({**state, **optim_state, "scheduler": scheduler.state_dict(), "rng": rng, "config": asdict(cfg)},
-                       os.path.join(tmp, "trainer_state.pt"))
+            policy.lm.save_pretrained(tmp, state_dict=weights)
+            policy.lm.original_generation_config.save_pretrained(tmp)
+            policy.tokenizer.save_pretrained(tmp)
+            # FSDP: the optimizer's shards are written above
+            optim_state = {} if cfg.fsdp else {"optimizer": optimizer.state_dict()}
+            trainer_state = {**state, **optim_state, "scheduler": scheduler.state_dict(),
+                             "rng": rng, "config": asdict(cfg)}
+            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
             with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=1)
             sync_to_disk(tmp)  # (DCP syncs its own files)
         barrier()  # every rank's optimizer shard is written
         if master:
-            if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+            # re-saving the same step (e.g. after a resume): replace it
+            if os.path.exists(final):
                 shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a crash above leaves the previous checkpoint intact
+            # atomic: a crash above leaves the previous checkpoint intact
+            os.replace(tmp, final)
             sync_to_disk(cfg.output_dir, recursive=False)  # the rename itself
-    except BaseException:  # a crash or Ctrl-C while writing: remove the partial folder (the earlier ones are whole)
+    except BaseException:
+        # a crash or Ctrl-C while writing: remove the partial folder (the earlier ones are whole)
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier()
 
 
+def _save_fsdp_shards(model, optimizer, folder):
+    """FSDP: every rank writes its optimizer shards; returns the full fp32 weights (rank 0's CPU;
+    empty on the other ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
+    # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
+    if optimizer.state:
+        shards = get_optimizer_state_dict(model, optimizer)
+        dcp.save(shards, checkpoint_id=os.path.join(folder, "optimizer"))
+    return {k.removeprefix("lm."): v for k, v in full.items()}
 
-def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict, fsdp: bool, rank, world, device) -> dict:
-    """Load a checkpoint's optimizer (FSDP: this rank's shards), scheduler and this rank's RNG states; return state
-    updated from it. saved: the checkpoint's trainer_state.pt, loaded (inputs.resolve_resume)."""
-    if not fsdp:
+
+def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict) -> dict:
+    """Load a checkpoint's optimizer (FSDP: this rank's shards), scheduler and this rank's RNG
+    states; return state updated from it. saved: the checkpoint's trainer_state.pt, loaded
+    (resolve_resume)."""
+    if "optimizer" in saved:
         optimizer.load_state_dict(saved["optimizer"])
-    elif os.path.isdir(os.path.join(path, "optimizer")):  # (none if saved before the first step)
+    elif os.path.isdir(os.path.join(path, "optimizer")):  # FSDP (none if saved before step 1)
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-        sharded = get_optimizer_state_dict(model, optimizer)  # initialises AdamW's state: dcp.load fills it in
+        from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        # initialises AdamW's state: dcp.load fills it in
+        sharded = get_optimizer_state_dict(model, optimizer)
         dcp.load(sharded, checkpoint_id=os.path.join(path, "optimizer"))
         set_optimizer_state_dict(model, optimizer, sharded)
     scheduler.load_state_dict(saved["scheduler"])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if len(saved["rng"]) == world:
-        torch.set_rng_state(saved["rng"][rank]["torch"])
-        random.setstate(saved["rng"][rank]["python"])
-        if device.type == "cuda" and saved["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(saved["rng"][rank]["cuda"])
+        rng = saved["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if torch.cuda.is_available() and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
     elif rank == 0:
-        print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, this run {world}: sampling reseeded")
+        print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, "
+              f"this run {world}: sampling reseeded")
     return {k: saved.get(k, v) for k, v in state.items()}
+
+
+def checkpoints(output_dir: str) -> list:
+    """The checkpoint-N folders of output_dir, newest (largest N) first; not the checkpoint-N.tmp
+    being written."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [int(d[11:]) for d in names if d.startswith("checkpoint-") and d[11:].isdigit()]
+    return [os.path.join(output_dir, f"checkpoint-{s}") for s in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(output_dir: str):
+    return (checkpoints(output_dir) or [None])[0]
+
+
+def sync_to_disk(path: str, recursive: bool = True):
+    """fsync the files under path and the folders themselves. A rename is atomic, but a power cut
+    after it can still leave the renamed folder's files empty or cut unless they were flushed to
+    disk before."""
+    for root, _, files in os.walk(path) if recursive else [(path, (), [])]:
+        for p in [os.path.join(root, f) for f in files] + [root]:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _safetensors_damage(path: str):
+    """'name: damaged or cut short (N bytes)' unless the file is as long as its header says."""
+    with open(path, "rb") as f:
+        size, n = os.path.getsize(path), int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n)) if 8 + n <= size else {}
+        except ValueError:  # UnicodeDecodeError included
+            header = {}
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if not header or 8 + n + max(ends, default=0) != size:
+        return f"{os.path.basename(path)}: damaged or cut short ({size} bytes)"
+    return None
+
+
+def checkpoint_damage(path: str):
+    """'file: what is wrong' for a checkpoint folder, or None if it is whole: its files are there,
+    the JSON files parse, and every *.safetensors file is as long as its header says (a cut write is
+    shorter)."""
+    for name in ("trainer_state.pt", "sgpo_config.json", "config.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name}: missing"
+    weights = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not weights:
+        return "model.safetensors: missing"
+    for w in weights:
+        damage = _safetensors_damage(w)
+        if damage:
+            return damage
+    for name in ("sgpo_config.json", "config.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                json.load(f)
+        except ValueError:
+            return f"{name}: not valid JSON"
+    optimizer = os.path.join(path, "optimizer")  # FSDP's shards (torch.distributed.checkpoint)
+    if os.path.isdir(optimizer) and not os.path.isfile(os.path.join(optimizer, ".metadata")):
+        return "optimizer/.metadata: missing"
+    return None
+
+
+def resolve_resume(resume: str, output_dir: str, fsdp: bool):
+    """--resume (a folder, or 'latest') -> (checkpoint folder, its trainer_state.pt loaded).
+    'latest' takes the newest intact checkpoint-N of output_dir and warns (rank 0) of the damaged
+    ones it passed over; a folder given by name must be intact. Its --fsdp must be this run's (the
+    optimizer state is saved sharded or whole)."""
+    latest = resume == "latest"
+    paths = checkpoints(output_dir) if latest else [resume]
+    if not paths or not os.path.isdir(paths[0]):
+        if latest:
+            raise UsageError(f"--resume: no checkpoint in {output_dir} "
+                             "(to start over there: --overwrite_output_dir)")
+        raise UsageError(f"--resume {resume}: not a folder")
+    damaged = []
+    for path in paths:
+        damage = checkpoint_damage(path)
+        if damage is None:
+            try:
+                saved = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu",
+                                   weights_only=False)
+                break
+            except Exception as e:  # a cut zip archive, an empty file, a pickle error
+                damage = f"trainer_state.pt: cannot be loaded ({type(e).__name__})"
+        if not latest:
+            raise UsageError(f"--resume {resume}: {damage}")
+        damaged.append(f"{path}/{damage}")
+    else:
+        raise UsageError(f"--resume: no whole checkpoint in {output_dir} ({'; '.join(damaged)}); "
+                         "to start over: --overwrite_output_dir")
+    with open(os.path.join(path, "sgpo_config.json")) as f:
+        if json.load(f).get("fsdp", False) != fsdp:
+            raise UsageError(f"--resume {path}: written with --fsdp {str(not fsdp).lower()}; "
+                             "resume with it")
+    if damaged and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --resume: passed over {'; '.join(damaged)}; resuming from {path}",
+              file=sys.stderr)
+    return path, saved

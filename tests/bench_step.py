@@ -1,13 +1,17 @@
-"""Time and memory of SGPO steps, to size a run: the step split (generate / grade / select / update), useful
-generated tokens per second, update time per trained token and peak memory, for any model and sgpo.py flags.
+"""Time and memory of SGPO steps, to size a run: the step split (generate / grade / select /
+update), useful generated tokens per second, update time per trained token and peak memory, for any
+model and sgpo.py flags.
 
-    python tests/bench_step.py                       # the toy model: 8 problems x (8 + 4) rollouts, 48 new tokens
-    python tests/bench_step.py --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl --max_completion_length 2048
-    torchrun --nproc_per_node=8 tests/bench_step.py @paper.args --model ... --data ... --steps 4
-Flags after the script's own (--steps) go to sgpo.py unchanged and override its defaults here (8 problems a rank,
-no held-out evaluation, no checkpoint but the last, in a temporary folder). The first step (allocator and cache
-warm-up) is left out of the means. Useful tokens: response tokens up to the first EOS, all ranks.
+    python tests/bench_step.py                       # the toy model: 8 problems x (8 + 4) rollouts,
+    48 new tokens python tests/bench_step.py --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl
+    --max_completion_length 2048 torchrun --nproc_per_node=8 tests/bench_step.py @paper.args --model
+    ... --data ... --steps 4
+Flags after the script's own (--steps) go to sgpo.py unchanged and override its defaults here (8
+problems a rank, no held-out evaluation, no checkpoint but the last, in a temporary folder). The
+first step (allocator and cache warm-up) is left out of the means. Useful tokens: response tokens up
+to the first EOS, all ranks.
 """
+
 import json
 import os
 import resource
@@ -25,28 +29,59 @@ def main(argv):
     if argv[:1] == ["--steps"]:
         steps, argv = int(argv[1]), argv[2:]
     with tempfile.TemporaryDirectory() as out:
-        args = ["--batch_size", "8", "--eval_data", "", "--save_steps", "1000000", "--max_steps", str(steps), *argv,
-                "--output_dir", out, "--overwrite_output_dir", "true"]
+        args = [
+            "--batch_size",
+            "8",
+            "--eval_data",
+            "",
+            "--save_steps",
+            "1000000",
+            "--max_steps",
+            str(steps),
+            *argv,
+            "--output_dir",
+            out,
+            "--overwrite_output_dir",
+            "true",
+        ]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         if sgpo.main(args) != 0:
             return 2
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS of the process, model included
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**30
+            if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )  # CPU: peak RSS of the process, model included
         if int(os.environ.get("RANK", 0)):
             return 0
-        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"step"' in line][1:]
-    mean = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0] if isinstance(metrics[0][k], (int, float))}
+        metrics = [
+            json.loads(line)
+            for line in open(os.path.join(out, "metrics.jsonl"))
+            if '"step"' in line
+        ][1:]
+    mean = {
+        k: sum(m[k] for m in metrics) / len(metrics)
+        for k in metrics[0]
+        if isinstance(metrics[0][k], (int, float))
+    }
     split = ("generate", "grade", "select", "update")
     step = sum(mean[f"time/{k}"] for k in split)
-    print(f"{len(metrics)} steps after the first, mean per step (rank 0's clock; tokens of all ranks):")
-    print("| step s | " + " | ".join(f"{k} s" for k in split) + " | generated tokens | useful tokens/s | trained tokens "
-          "| update ms / trained token | peak memory GiB |")
+    print(f"{len(metrics)} steps after the first, mean per step "
+          "(rank 0's clock; tokens of all ranks):")
+    print(
+        "| step s | "
+        + " | ".join(f"{k} s" for k in split)
+        + " | generated tokens | useful tokens/s | trained tokens "
+        "| update ms / trained token | peak memory GiB |"
+    )
     print("|---" * 10 + "|")
-    print(f"| {step:.2f} | " + " | ".join(f"{mean[f'time/{k}']:.2f}" for k in split) +
-          f" | {mean['perf/generated_tokens']:.0f} | {mean['perf/generated_tokens'] / mean['time/generate']:.0f} "
-          f"| {mean['perf/trained_tokens']:.0f} | {1000 * mean['time/update'] / mean['perf/trained_tokens']:.2f} "
-          f"| {peak:.2f} ({'GPU, allocated' if torch.cuda.is_available() else 'CPU, RSS'}) |")
+    generated, trained = mean["perf/generated_tokens"], mean["perf/trained_tokens"]
+    where = "GPU, allocated" if torch.cuda.is_available() else "CPU, RSS"
+    cells = [f"{step:.2f}"] + [f"{mean[f'time/{k}']:.2f}" for k in split]
+    cells += [f"{generated:.0f}", f"{generated / mean['time/generate']:.0f}", f"{trained:.0f}",
+              f"{1000 * mean['time/update'] / trained:.2f}", f"{peak:.2f} ({where})"]
+    print("| " + " | ".join(cells) + " |")
     return 0
 
 

@@ -1,11 +1,14 @@
-"""TRL's GRPO and SDPO trainers on the toy model, timed per step, then sgpo's step (tests/bench_step.py) in the same
-process and thread count: the comparison of README "Speed". TRL is not a dependency: `pip install trl` to run it.
+"""TRL's GRPO and SDPO trainers on the toy model, timed per step, then sgpo's step
+(tests/bench_step.py) in the same process and thread count: the comparison of README "Speed". TRL is
+not a dependency: `pip install trl` to run it.
 
-    python tests/bench_trl.py                      # 8 problems a step x 8 rollouts (sgpo: 8 + 4), 48 new tokens, fp32
-    python tests/bench_trl.py --threads 2 --steps 8
-Per trainer: the mean step time after the first step and its generation part (TRL's own `_generate`, timed by a
-wrapper), on the same problems and reward (reward.math_reward); SDPO distils full logits, as sgpo does.
+    python tests/bench_trl.py                      # 8 problems a step x 8 rollouts (sgpo: 8 + 4),
+    48 new tokens, fp32 python tests/bench_trl.py --threads 2 --steps 8
+Per trainer: the mean step time after the first step and its generation part (TRL's own `_generate`,
+timed by a wrapper), on the same problems and reward (reward.math_reward); SDPO distils full logits,
+as sgpo does.
 """
+
 import argparse
 import os
 import sys
@@ -20,7 +23,8 @@ import reward  # noqa: E402
 from inputs import load_problems  # noqa: E402
 
 
-def correctness(completions, answer, **_):  # TRL's reward-function signature: dataset columns come as keyword lists
+# TRL's reward-function signature: dataset columns come as keyword lists
+def correctness(completions, answer, **_):
     return [reward.math_reward(c[0]["content"], a) for c, a in zip(completions, answer)]
 
 
@@ -28,22 +32,58 @@ def bench(name: str, args) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     import sgpo
-    problems = load_problems(os.path.join(ROOT, "toy/cups_data/train.jsonl"))[:8 * (args.steps + 1)]
+
+    problems = load_problems(os.path.join(ROOT, "toy/cups_data/train.jsonl"))[
+        : 8 * (args.steps + 1)
+    ]
     cfg = sgpo.Config()
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": cfg.prompt_template.replace("{problem}", q["problem"])}],
-                               "answer": q["answer"]} for q in problems])
-    common = dict(per_device_train_batch_size=8 * args.generations, num_generations=args.generations,
-                  max_completion_length=48, temperature=1.0, top_k=0, top_p=1.0, learning_rate=1e-4, max_steps=args.steps,
-                  logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, shuffle_dataset=False,
-                  output_dir=tempfile.mkdtemp(), epsilon_high=0.28, beta=0.0, disable_tqdm=True, logging_strategy="no",
-                  log_level="error")
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": cfg.prompt_template.replace("{problem}", q["problem"]),
+                    }
+                ],
+                "answer": q["answer"],
+            }
+            for q in problems
+        ]
+    )
+    common = dict(
+        per_device_train_batch_size=8 * args.generations,
+        num_generations=args.generations,
+        max_completion_length=48,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        learning_rate=1e-4,
+        max_steps=args.steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        shuffle_dataset=False,
+        output_dir=tempfile.mkdtemp(),
+        epsilon_high=0.28,
+        beta=0.0,
+        disable_tqdm=True,
+        logging_strategy="no",
+        log_level="error",
+    )
     if name == "grpo":
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
     else:
         from trl.experimental.sdpo import SDPOConfig as Config, SDPOTrainer as Trainer
+
         common.update(distillation_mode="full_logits")
     model_dir = os.path.join(ROOT, "toy/cups_data/model")
-    model, tok = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+    model, tok = (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
     steps, gen = [], []
 
     class Clock(TrainerCallback):
@@ -53,8 +93,14 @@ def bench(name: str, args) -> None:
         def on_step_end(self, *a, **k):
             steps.append(time.perf_counter() - self.t)
 
-    trainer = Trainer(model=model, reward_funcs=correctness, args=Config(**common), train_dataset=data,
-                      processing_class=tok, callbacks=[Clock()])
+    trainer = Trainer(
+        model=model,
+        reward_funcs=correctness,
+        args=Config(**common),
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[Clock()],
+    )
     inner = trainer._generate
 
     def timed(*a, **k):
@@ -62,10 +108,13 @@ def bench(name: str, args) -> None:
         out = inner(*a, **k)
         gen.append(time.perf_counter() - t)
         return out
+
     trainer._generate = timed
     trainer.train()
     s, g = sum(steps[1:]) / len(steps[1:]), sum(gen[1:]) / len(gen[1:])
-    print(f"| TRL {name.upper()} | {len(steps) - 1} | {s:.2f} | {g:.2f} | {s - g:.2f} |", flush=True)
+    print(
+        f"| TRL {name.upper()} | {len(steps) - 1} | {s:.2f} | {g:.2f} | {s - g:.2f} |", flush=True
+    )
 
 
 if __name__ == "__main__":
@@ -75,9 +124,13 @@ if __name__ == "__main__":
     p.add_argument("--generations", type=int, default=8)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print("| trainer | steps after the first | step s | generation s | rest s |\n|---|---|---|---|---|")
+    print(
+        "| trainer | steps after the first | step s | generation s | rest s "
+        "|\n|---|---|---|---|---|"
+    )
     for name in ("grpo", "sdpo"):
         bench(name, args)
     import bench_step
+
     print("\nsgpo, the same problems, 8 + 4 rollouts each:")
     bench_step.main(["--steps", str(args.steps), "--reward_workers", "0"])

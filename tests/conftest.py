@@ -1,5 +1,8 @@
-"""Shared fixtures: a tiny offline Qwen3 model with a character tokenizer, a small data set, and a warm
-(SFT'd) copy of the model that answers in \\boxed{} often enough for every loss term to be active."""
+"""Shared fixtures: a tiny offline Qwen3 model with a character tokenizer, a small data set, and a
+warm (SFT'd) copy of the model that answers in \\boxed{} often enough for every loss term to be
+active."""
+
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,46 +15,76 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import engine  # noqa: E402
 import sgpo  # noqa: E402
 from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
 
 
 def tiny_rows(n=16):
-    return [{"id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2], "strategy": f"say {'37'[i % 2]}",
-             "solution": f"\\boxed{{{'37'[i % 2]}}}"} for i in range(n)]
+    return [
+        {
+            "id": f"q{i}",
+            "problem": f"pick {'ab'[i % 2]}{i}",
+            "answer": "37"[i % 2],
+            "strategy": f"say {'37'[i % 2]}",
+            "solution": f"\\boxed{{{'37'[i % 2]}}}",
+        }
+        for i in range(n)
+    ]
 
 
 def tiny_setup(pad_is_eos=False, seed=0, arch="qwen3"):
     tok = build_tokenizer(pad_is_eos=pad_is_eos)
     model = build_model(tok, arch=arch, seed=seed)
     # 40 tokens at ~1/100 EOS probability each: some responses end early, others hit the limit
-    cfg = sgpo.Config(max_completion_length=40, temperature=0.9, micro_batch_size=3, kd_chunk_size=5)
+    cfg = sgpo.Config(
+        max_completion_length=40, temperature=0.9, micro_batch_size=3, kd_chunk_size=5
+    )
     return tok, model, cfg
 
 
 def training_rows(tok, model, cfg, n=5):
-    """Autonomous and KD rows of random responses (the update must not care where they came from)."""
+    """Autonomous and KD rows of random responses (the update must not care where they came
+    from)."""
     g = torch.Generator().manual_seed(1)
     rows = []
     for i, q in enumerate(tiny_rows(n)):
-        auto, guided = sgpo.prompt_ids(tok, cfg, q, False), sgpo.prompt_ids(tok, cfg, q, True)
+        auto, guided = engine.prompt_ids(tok, cfg, q, False), engine.prompt_ids(tok, cfg, q, True)
         resp = torch.randint(3, len(tok), (3 + i,), generator=g).tolist() + [tok.eos_token_id]
-        rows.append(dict(kind="auto", prompt=auto, response=resp, advantage=i - 1.5, sampler_logps=torch.zeros(len(resp))))
+        rows.append(
+            sgpo.GRPORow(auto, resp, 0.0, advantage=i - 1.5, sampler_logps=torch.zeros(len(resp)))
+        )
         if i % 2:
-            rows.append(dict(kind="kd", prompt=auto, teacher_prompt=guided, response=resp[::-1], weight=0.1 * i))
-    n_tok = sum(len(r["response"]) for r in rows if r["kind"] == "auto")
+            rows.append(sgpo.KDRow(auto, resp[::-1], 0.1 * i, teacher_prompt=guided))
+    n_tok = sum(len(r.response) for r in rows if isinstance(r, sgpo.GRPORow))
     for r in rows:
-        if r["kind"] == "auto":
-            r["weight"] = 1.0 / n_tok
+        if isinstance(r, sgpo.GRPORow):
+            r.weight = 1.0 / n_tok
     return rows
+
+
+def fresh(rows):
+    """Copies of training rows without a stored pi_old: a new rollout batch, as rl_step makes each
+    step."""
+    return [dataclasses.replace(r, old_logps=None) for r in rows]
 
 
 def run_sgpo(args, nproc=0, timeout=300, script="sgpo.py"):
     """Run a script as a user would: `python sgpo.py` or `torchrun --nproc_per_node=N sgpo.py`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return subprocess.run(launcher + [str(ROOT / script)] + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
+    return subprocess.run(
+        launcher + [str(ROOT / script)] + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def read_metrics(path):
@@ -76,10 +109,14 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eval_file(tmp_path_factory):
-    """7 held-out rows (odd: ranks get different shares): 4 with a usable strategy, 1 rejected, 2 without."""
-    rows = [{"id": f"e{i}", "problem": f"pick {'ab'[i % 2]}{i + 40}", "answer": "37"[i % 2]}
-            | ({"strategy": f"say {'37'[i % 2]}"} if i < 5 else {}) | ({"strategy_status": "rejected"} if i == 4 else {})
-            for i in range(7)]
+    """7 held-out rows (odd: ranks get different shares): 4 with a usable strategy, 1 rejected, 2
+    without."""
+    rows = [
+        {"id": f"e{i}", "problem": f"pick {'ab'[i % 2]}{i + 40}", "answer": "37"[i % 2]}
+        | ({"strategy": f"say {'37'[i % 2]}"} if i < 5 else {})
+        | ({"strategy_status": "rejected"} if i == 4 else {})
+        for i in range(7)
+    ]
     path = tmp_path_factory.mktemp("eval") / "test.jsonl"
     write_jsonl(path, rows)
     return path
@@ -89,8 +126,27 @@ def eval_file(tmp_path_factory):
 def warm_dir(tiny_dir, data_file, tmp_path_factory):
     """The SFT warm-up of sgpo.py itself (sft_epochs, max_steps 0) -> checkpoint-0."""
     out = tmp_path_factory.mktemp("warm")
-    proc = run_sgpo(["--model", tiny_dir, "--data", data_file, "--output_dir", out, "--sft_epochs", 30,
-                     "--sft_learning_rate", 1e-2, "--batch_size", 8, "--micro_batch_size", 16, "--max_steps", 0,
-                     "--eval_data", ""])
+    proc = run_sgpo(
+        [
+            "--model",
+            tiny_dir,
+            "--data",
+            data_file,
+            "--output_dir",
+            out,
+            "--sft_epochs",
+            30,
+            "--sft_learning_rate",
+            1e-2,
+            "--batch_size",
+            8,
+            "--micro_batch_size",
+            16,
+            "--max_steps",
+            0,
+            "--eval_data",
+            "",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "checkpoint-0"

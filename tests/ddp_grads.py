@@ -1,6 +1,7 @@
-"""Helper for test_ddp.py: accumulate the gradient of fixed rollouts with `python` (all rows) or under
-`torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo, or FSDP2 with a second argument
-`fsdp`); rank 0 saves it."""
+"""Helper for test_ddp.py: accumulate the gradient of fixed rollouts with `python` (all rows) or
+under `torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo, or FSDP2 with a
+second argument `fsdp`); rank 0 saves it."""
+
 import os
 import sys
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from tests.conftest import tiny_setup, training_rows  # noqa: E402
 
@@ -17,25 +19,32 @@ torch.manual_seed(0)
 tok, model, cfg = tiny_setup()
 cfg.micro_batch_size = 2
 rows = training_rows(tok, model, cfg, n=6)  # identical on every rank; loss weights are global
-backbone = sgpo.Backbone(model)
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
-    # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous rows (one pass,
-    # then zero-loss passes) and so no KD metrics at all
-    last = [r for r in rows if r["kind"] == "auto"][-2:]
+    # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous rows
+    # (one pass, then zero-loss passes) and so no KD metrics at all
+    last = [r for r in rows if isinstance(r, sgpo.GRPORow)][-2:]
     rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
     fsdp = sys.argv[2:] == ["fsdp"]
-    wrapped = sgpo.shard_fsdp(backbone, sgpo.compute_dtype(cfg.dtype), torch.device("cpu")) if fsdp else DDP(backbone)
+    wrap = (
+        (lambda b: runtime.shard_fsdp(b, runtime.compute_dtype(cfg.dtype), torch.device("cpu")))
+        if fsdp
+        else DDP
+    )
+    policy = sgpo.Policy.of(model, tok, "cpu", wrap)
 else:
-    wrapped = backbone
-stats = sgpo.Stats()
-sgpo.accumulate_gradients(wrapped, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, {})
+    policy = sgpo.Policy.of(model, tok, "cpu")
+stats = runtime.Stats()
+sgpo.accumulate_gradients(policy, rows, cfg, stats)
 metrics = stats.reduce("cpu")
-grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()}
+grads = {
+    n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    for n, p in model.named_parameters()
+}
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({"grads": grads, "metrics": metrics}, out_path)
 if dist.is_initialized():
-    # DDP's reducer holds the process group: freed at interpreter exit, gloo's threads abort ("terminate called
-    # without an active exception", 1 run in 5 here). Release it first.
-    del wrapped
+    # DDP's reducer holds the process group: freed at interpreter exit, gloo's threads abort
+    # ("terminate called without an active exception", 1 run in 5 here). Release it first.
+    del policy
     dist.destroy_process_group()

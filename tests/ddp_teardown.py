@@ -1,5 +1,7 @@
-"""Helper for test_ddp.py: under torchrun, sgpo's DDP preamble, a model loaded by transformers, a collective, and
-the teardown; prints the gloo threads still alive after destroy_process_group (there must be none)."""
+"""Helper for test_ddp.py: under torchrun, sgpo's DDP preamble, a model loaded by transformers, a
+collective, and the teardown; prints the gloo threads still alive after destroy_process_group (there
+must be none)."""
+
 import os
 import sys
 
@@ -7,11 +9,16 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sgpo  # noqa: E402
+import engine  # noqa: E402
+import runtime  # noqa: E402
 
-ddp, rank, world, device = sgpo.setup_distributed()
-model, tok = sgpo.load_model(sys.argv[1], torch.float32, device)
-sgpo.all_gather_objects(rank)
+ddp, rank, world, device = runtime.setup_distributed()
+model, tok = engine.load_model(sys.argv[1], torch.float32, device)
+runtime.all_gather_objects(rank)
 dist.destroy_process_group()
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print(f"rank {rank} gloo threads after destroy: {[t for t in threads if 'gloo' in t]}\n", end="", flush=True)
+print(
+    f"rank {rank} gloo threads after destroy: {[t for t in threads if 'gloo' in t]}\n",
+    end="",
+    flush=True,
+)

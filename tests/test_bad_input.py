@@ -1,6 +1,8 @@
-"""Bad input and hostile environments: every case is one line on stderr, exit code 2, and nothing written (or, where
-the input can be handled, the documented behaviour). CASES is the README's reliability table: each row's line is
-asserted here exactly (TMP = the test's temporary folder) and must appear in README.md."""
+"""Bad input and hostile environments: every case is one line on stderr, exit code 2, and nothing
+written (or, where the input can be handled, the documented behaviour). CASES is the README's
+reliability table: each row's line is asserted here exactly (TMP = the test's temporary folder) and
+must appear in README.md."""
+
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ import pytest
 import evaluate
 import extract_strategies as ex
 import inputs
+import runtime
 import sgpo
 from tests.conftest import ROOT, read_metrics, tiny_rows, write_jsonl
 
@@ -21,7 +24,8 @@ SCRIPTS = {"sgpo.py": sgpo, "evaluate.py": evaluate, "extract_strategies.py": ex
 
 
 def _proc_error() -> str:
-    """What creating a file in /proc says here: ENOENT as root (the table's line), EACCES for other users."""
+    """What creating a file in /proc says here: ENOENT as root (the table's line), EACCES for other
+    users."""
     try:
         os.close(os.open("/proc/sgpo-probe", os.O_CREAT | os.O_WRONLY))
     except OSError as e:
@@ -30,7 +34,8 @@ def _proc_error() -> str:
 
 
 PROC_ERROR = _proc_error()
-LONG = "x" * 1100  # characters = tokens of the tiny model, whose context (max_position_embeddings) is 1024
+# characters = tokens of the tiny model, whose context (max_position_embeddings) is 1024
+LONG = "x" * 1100
 
 
 def _data(tmp, edit=None, name="d.jsonl", n=16):
@@ -68,17 +73,43 @@ def _cut(path, size):
 
 
 def _sgpo(c, *extra, data=None):
-    return ["--model", c["tiny_dir"], "--data", data or c["data_file"], "--eval_data", "", "--output_dir",
-            c["tmp"] / "out", *extra]
+    return [
+        "--model",
+        c["tiny_dir"],
+        "--data",
+        data or c["data_file"],
+        "--eval_data",
+        "",
+        "--output_dir",
+        c["tmp"] / "out",
+        *extra,
+    ]
 
 
 def _eval(c, bench, *extra, model=None):
-    return ["--model", model or c["tiny_dir"], "--bench", f"b={bench}:1", "--output_dir", c["tmp"] / "out",
-            "--max_new_tokens", 4, *extra]
+    return [
+        "--model",
+        model or c["tiny_dir"],
+        "--bench",
+        f"b={bench}:1",
+        "--output_dir",
+        c["tmp"] / "out",
+        "--max_new_tokens",
+        4,
+        *extra,
+    ]
 
 
 def _extract(c, *extra, input=None, output=None):
-    return ["--input", input or _data(c["tmp"]), "--output", output or c["tmp"] / "out.jsonl", "--model", "m", *extra]
+    return [
+        "--input",
+        input or _data(c["tmp"]),
+        "--output",
+        output or c["tmp"] / "out.jsonl",
+        "--model",
+        "m",
+        *extra,
+    ]
 
 
 def _bench(tmp, problem="pick a1"):
@@ -88,74 +119,186 @@ def _bench(tmp, problem="pick a1"):
 
 SURROGATE = lambda rows: rows[0].update(problem="a \ud800")  # noqa: E731  (valid JSON: "a \\ud800")
 
-# (script, case, argv from the fixtures, the one line printed); every case exits with 2 and writes nothing.
+# (script, case, argv from the fixtures, the one line printed); every case exits with 2 and writes
+# nothing.
 CASES = [
-    ("sgpo.py", "a problem holding a lone UTF-16 surrogate", lambda c: _sgpo(c, data=_data(c["tmp"], SURROGATE)),
-     "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"),
-    ("sgpo.py", "a problem longer than the model's context",
-     lambda c: _sgpo(c, data=_data(c["tmp"], lambda rows: rows[1].update(problem=LONG))),
-     "error: TMP/d.jsonl:2: problem: needs 1239 tokens with the response, more than the model's context of 1024 "
-     "(max_position_embeddings)"),
-    ("sgpo.py", "a strategy that makes the guided prompt too long",
-     lambda c: _sgpo(c, data=_data(c["tmp"], lambda rows: rows[2].update(strategy=LONG))),
-     "error: TMP/d.jsonl:3: strategy: needs 1289 tokens with the response, more than the model's context of 1024 "
-     "(max_position_embeddings)"),
-    ("sgpo.py", "a warm-up solution too long for the context",
-     lambda c: _sgpo(c, "--sft_epochs", 1, data=_data(c["tmp"], lambda rows: rows[3].update(solution=LONG))),
-     "error: TMP/d.jsonl:4: solution: needs 1199 tokens with the response, more than the model's context of 1024 "
-     "(max_position_embeddings)"),
-    ("sgpo.py", "a model whose tokenizer has no chat template",
-     lambda c: _sgpo(c) + ["--model", _no_chat_template(c["tmp"], c["tiny_dir"])],
-     "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is needed)"),
-    ("sgpo.py", "--output_dir is an existing file", lambda c: _sgpo(c, "--output_dir", _afile(c["tmp"])),
-     "error: --output_dir TMP/afile: is not a directory"),
-    ("sgpo.py", "--output_dir under a file", lambda c: _sgpo(c, "--output_dir", _afile(c["tmp"]) / "out"),
-     "error: --output_dir TMP/afile/out: TMP/afile is not a directory"),
-    ("sgpo.py", "--output_dir under /proc", lambda c: _sgpo(c, "--output_dir", "/proc/sgpo-out"),
-     "error: --output_dir /proc/sgpo-out: cannot write there (No such file or directory)"),
-    ("sgpo.py", "an unreadable data file (mode 000)", lambda c: _sgpo(c, data=c["unreadable"]),
-     "error: TMP/unreadable.jsonl: cannot read (Permission denied)"),
-    ("sgpo.py", "--resume with no checkpoint in --output_dir", lambda c: _sgpo(c, "--resume"),
-     "error: --resume: no checkpoint in TMP/out (to start over there: --overwrite_output_dir)"),
-    ("sgpo.py", "--resume naming a folder that is not there", lambda c: _sgpo(c, "--resume", c["tmp"] / "nope"),
-     "error: --resume TMP/nope: not a folder"),
-    ("sgpo.py", "--resume naming a checkpoint with an empty trainer_state.pt",
-     lambda c: _sgpo(c, "--resume", _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 0))),
-     "error: --resume TMP/run/checkpoint-2: trainer_state.pt: cannot be loaded (EOFError)"),
-    ("sgpo.py", "--resume naming a checkpoint whose trainer_state.pt was cut",
-     lambda c: _sgpo(c, "--resume", _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 2000))),
-     "error: --resume TMP/run/checkpoint-2: trainer_state.pt: cannot be loaded (RuntimeError)"),
-    ("sgpo.py", "--resume naming a checkpoint whose model.safetensors was cut",
-     lambda c: _sgpo(c, "--resume", _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "model.safetensors", 5000))),
-     "error: --resume TMP/run/checkpoint-2: model.safetensors: damaged or cut short (5000 bytes)"),
-    ("sgpo.py", "--resume where every checkpoint is damaged", lambda c: _sgpo(c, "--resume") + ["--output_dir", _all_cut(
-        c)], "error: --resume: no whole checkpoint in TMP/run (TMP/run/checkpoint-2/model.safetensors: damaged or cut short "
-     "(0 bytes); TMP/run/checkpoint-1/model.safetensors: damaged or cut short (0 bytes)); to start over: "
-     "--overwrite_output_dir"),
-    ("evaluate.py", "a benchmark problem holding a lone UTF-16 surrogate",
-     lambda c: _eval(c, _data(c["tmp"], SURROGATE, "b.jsonl", n=1)),
-     "error: TMP/b.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"),
-    ("evaluate.py", "a benchmark prompt longer than the model's context", lambda c: _eval(c, _bench(c["tmp"], LONG)),
-     "error: TMP/b.jsonl:1: problem: needs 1192 tokens with the response, more than the model's context of 1024 "
-     "(max_position_embeddings)"),
-    ("evaluate.py", "a model whose tokenizer has no chat template",
-     lambda c: _eval(c, _bench(c["tmp"]), model=_no_chat_template(c["tmp"], c["tiny_dir"])),
-     "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is needed)"),
-    ("evaluate.py", "--output_dir is an existing file",
-     lambda c: _eval(c, _bench(c["tmp"])) + ["--output_dir", _afile(c["tmp"])],
-     "error: --output_dir TMP/afile: is not a directory"),
-    ("evaluate.py", "--output_dir under /proc", lambda c: _eval(c, _bench(c["tmp"])) + ["--output_dir", "/proc/sgpo-ev"],
-     "error: --output_dir /proc/sgpo-ev: cannot write there (No such file or directory)"),
-    ("extract_strategies.py", "an input row holding a lone UTF-16 surrogate",
-     lambda c: _extract(c, input=_data(c["tmp"], SURROGATE)),
-     "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"),
-    ("extract_strategies.py", "--output is a folder", lambda c: _extract(c, output=c["tmp"]),
-     "error: --output TMP: is a directory"),
-    ("extract_strategies.py", "--output under /proc", lambda c: _extract(c, output="/proc/sgpo/out.jsonl"),
-     "error: --output /proc/sgpo/out.jsonl: folder /proc/sgpo: cannot write there (No such file or directory)"),
-    ("extract_strategies.py", "--backend hf with a model that has no chat template",
-     lambda c: _extract(c, "--backend", "hf") + ["--model", _no_chat_template(c["tmp"], c["tiny_dir"])],
-     "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is needed)"),
+    (
+        "sgpo.py",
+        "a problem holding a lone UTF-16 surrogate",
+        lambda c: _sgpo(c, data=_data(c["tmp"], SURROGATE)),
+        "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)",
+    ),
+    (
+        "sgpo.py",
+        "a problem longer than the model's context",
+        lambda c: _sgpo(c, data=_data(c["tmp"], lambda rows: rows[1].update(problem=LONG))),
+        "error: TMP/d.jsonl:2: problem: needs 1239 tokens with the response, more than the \
+model's context of 1024 "
+        "(max_position_embeddings)",
+    ),
+    (
+        "sgpo.py",
+        "a strategy that makes the guided prompt too long",
+        lambda c: _sgpo(c, data=_data(c["tmp"], lambda rows: rows[2].update(strategy=LONG))),
+        "error: TMP/d.jsonl:3: strategy: needs 1289 tokens with the response, more than the \
+model's context of 1024 "
+        "(max_position_embeddings)",
+    ),
+    (
+        "sgpo.py",
+        "a warm-up solution too long for the context",
+        lambda c: _sgpo(
+            c, "--sft_epochs", 1, data=_data(c["tmp"], lambda rows: rows[3].update(solution=LONG))
+        ),
+        "error: TMP/d.jsonl:4: solution: needs 1199 tokens with the response, more than the \
+model's context of 1024 "
+        "(max_position_embeddings)",
+    ),
+    (
+        "sgpo.py",
+        "a model whose tokenizer has no chat template",
+        lambda c: _sgpo(c) + ["--model", _no_chat_template(c["tmp"], c["tiny_dir"])],
+        "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is "
+        "needed)",
+    ),
+    (
+        "sgpo.py",
+        "--output_dir is an existing file",
+        lambda c: _sgpo(c, "--output_dir", _afile(c["tmp"])),
+        "error: --output_dir TMP/afile: is not a directory",
+    ),
+    (
+        "sgpo.py",
+        "--output_dir under a file",
+        lambda c: _sgpo(c, "--output_dir", _afile(c["tmp"]) / "out"),
+        "error: --output_dir TMP/afile/out: TMP/afile is not a directory",
+    ),
+    (
+        "sgpo.py",
+        "--output_dir under /proc",
+        lambda c: _sgpo(c, "--output_dir", "/proc/sgpo-out"),
+        "error: --output_dir /proc/sgpo-out: cannot write there (No such file or directory)",
+    ),
+    (
+        "sgpo.py",
+        "an unreadable data file (mode 000)",
+        lambda c: _sgpo(c, data=c["unreadable"]),
+        "error: TMP/unreadable.jsonl: cannot read (Permission denied)",
+    ),
+    (
+        "sgpo.py",
+        "--resume with no checkpoint in --output_dir",
+        lambda c: _sgpo(c, "--resume"),
+        "error: --resume: no checkpoint in TMP/out (to start over there: --overwrite_output_dir)",
+    ),
+    (
+        "sgpo.py",
+        "--resume naming a folder that is not there",
+        lambda c: _sgpo(c, "--resume", c["tmp"] / "nope"),
+        "error: --resume TMP/nope: not a folder",
+    ),
+    (
+        "sgpo.py",
+        "--resume naming a checkpoint with an empty trainer_state.pt",
+        lambda c: _sgpo(
+            c,
+            "--resume",
+            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 0)),
+        ),
+        "error: --resume TMP/run/checkpoint-2: trainer_state.pt: cannot be loaded (EOFError)",
+    ),
+    (
+        "sgpo.py",
+        "--resume naming a checkpoint whose trainer_state.pt was cut",
+        lambda c: _sgpo(
+            c,
+            "--resume",
+            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 2000)),
+        ),
+        "error: --resume TMP/run/checkpoint-2: trainer_state.pt: cannot be loaded (RuntimeError)",
+    ),
+    (
+        "sgpo.py",
+        "--resume naming a checkpoint whose model.safetensors was cut",
+        lambda c: _sgpo(
+            c,
+            "--resume",
+            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "model.safetensors", 5000)),
+        ),
+        "error: --resume TMP/run/checkpoint-2: model.safetensors: damaged or cut short (5000 "
+        "bytes)",
+    ),
+    (
+        "sgpo.py",
+        "--resume where every checkpoint is damaged",
+        lambda c: _sgpo(c, "--resume") + ["--output_dir", _all_cut(c)],
+        "error: --resume: no whole checkpoint in TMP/run (TMP/run/checkpoint-2/model.safetensors: \
+damaged or cut short "
+        "(0 bytes); TMP/run/checkpoint-1/model.safetensors: damaged or cut short (0 bytes)); to \
+start over: "
+        "--overwrite_output_dir",
+    ),
+    (
+        "evaluate.py",
+        "a benchmark problem holding a lone UTF-16 surrogate",
+        lambda c: _eval(c, _data(c["tmp"], SURROGATE, "b.jsonl", n=1)),
+        "error: TMP/b.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)",
+    ),
+    (
+        "evaluate.py",
+        "a benchmark prompt longer than the model's context",
+        lambda c: _eval(c, _bench(c["tmp"], LONG)),
+        "error: TMP/b.jsonl:1: problem: needs 1192 tokens with the response, more than the \
+model's context of 1024 "
+        "(max_position_embeddings)",
+    ),
+    (
+        "evaluate.py",
+        "a model whose tokenizer has no chat template",
+        lambda c: _eval(c, _bench(c["tmp"]), model=_no_chat_template(c["tmp"], c["tiny_dir"])),
+        "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is "
+        "needed)",
+    ),
+    (
+        "evaluate.py",
+        "--output_dir is an existing file",
+        lambda c: _eval(c, _bench(c["tmp"])) + ["--output_dir", _afile(c["tmp"])],
+        "error: --output_dir TMP/afile: is not a directory",
+    ),
+    (
+        "evaluate.py",
+        "--output_dir under /proc",
+        lambda c: _eval(c, _bench(c["tmp"])) + ["--output_dir", "/proc/sgpo-ev"],
+        "error: --output_dir /proc/sgpo-ev: cannot write there (No such file or directory)",
+    ),
+    (
+        "extract_strategies.py",
+        "an input row holding a lone UTF-16 surrogate",
+        lambda c: _extract(c, input=_data(c["tmp"], SURROGATE)),
+        "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)",
+    ),
+    (
+        "extract_strategies.py",
+        "--output is a folder",
+        lambda c: _extract(c, output=c["tmp"]),
+        "error: --output TMP: is a directory",
+    ),
+    (
+        "extract_strategies.py",
+        "--output under /proc",
+        lambda c: _extract(c, output="/proc/sgpo/out.jsonl"),
+        "error: --output /proc/sgpo/out.jsonl: folder /proc/sgpo: cannot write there (No such "
+        "file or directory)",
+    ),
+    (
+        "extract_strategies.py",
+        "--backend hf with a model that has no chat template",
+        lambda c: (
+            _extract(c, "--backend", "hf") + ["--model", _no_chat_template(c["tmp"], c["tiny_dir"])]
+        ),
+        "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is "
+        "needed)",
+    ),
 ]
 
 
@@ -170,27 +313,70 @@ def _all_cut(c):
 def run_dir(warm_dir, data_file, tmp_path_factory):
     """A finished 2-step run with checkpoint-1 and checkpoint-2 (the resume cases damage a copy)."""
     out = tmp_path_factory.mktemp("run") / "run"
-    assert sgpo.main(["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out), "--eval_data", "",
-                      "--max_steps", "2", "--save_steps", "1", "--batch_size", "4", "--max_completion_length", "8"]) == 0
+    assert (
+        sgpo.main(
+            [
+                "--model",
+                str(warm_dir),
+                "--data",
+                str(data_file),
+                "--output_dir",
+                str(out),
+                "--eval_data",
+                "",
+                "--max_steps",
+                "2",
+                "--save_steps",
+                "1",
+                "--batch_size",
+                "4",
+                "--max_completion_length",
+                "8",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.mark.parametrize("script,case,argv,line", CASES, ids=[f"{s}: {c}" for s, c, _, _ in CASES])
-def test_bad_input_is_one_line_exit_2_nothing_written(script, case, argv, line, tmp_path, tiny_dir, data_file, run_dir,
-                                                      capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_nothing_written(
+    script, case, argv, line, tmp_path, tiny_dir, data_file, run_dir, capsys, monkeypatch
+):
     unreadable = _data(tmp_path, name="unreadable.jsonl")
     unreadable.chmod(0)
     if os.geteuid() == 0:  # root reads a mode-000 file: make the read fail as it does for a user
         real_open = open
-        monkeypatch.setattr(inputs, "open", lambda p, *a, **k: _raise_eacces() if str(p) == str(unreadable)
-                            else real_open(p, *a, **k), raising=False)
-    args = [str(a) for a in argv(dict(tmp=tmp_path, tiny_dir=tiny_dir, data_file=data_file, run_dir=run_dir,
-                                      unreadable=unreadable))]
+        monkeypatch.setattr(
+            inputs,
+            "open",
+            lambda p, *a, **k: (
+                _raise_eacces() if str(p) == str(unreadable) else real_open(p, *a, **k)
+            ),
+            raising=False,
+        )
+    args = [
+        str(a)
+        for a in argv(
+            dict(
+                tmp=tmp_path,
+                tiny_dir=tiny_dir,
+                data_file=data_file,
+                run_dir=run_dir,
+                unreadable=unreadable,
+            )
+        )
+    ]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert SCRIPTS[script].main(args) == 2
     err = capsys.readouterr().err
-    assert err == line.replace("TMP", str(tmp_path)).replace("No such file or directory", PROC_ERROR) + "\n"
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing lost
+    assert (
+        err
+        == line.replace("TMP", str(tmp_path)).replace("No such file or directory", PROC_ERROR)
+        + "\n"
+    )
+    # nothing written, nothing lost
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def _raise_eacces():
@@ -207,63 +393,138 @@ def test_readme_lists_every_case():
 def test_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(tiny_rows(1)[0]).encode() + b"\n")
-    assert sgpo.load_problems(str(path))[0]["problem"] == "pick a0"
+    assert inputs.load_problems(str(path))[0]["problem"] == "pick a0"
 
 
 def test_crash_before_the_first_record_does_not_block_a_rerun(warm_dir, data_file, tmp_path):
-    """A run that died after creating an empty metrics.jsonl (before this fix, e.g. on a surrogate or an over-long
-    prompt) must not make the next command refuse: an empty metrics file holds no run."""
+    """A run that died after creating an empty metrics.jsonl (before this fix, e.g. on a surrogate
+    or an over-long prompt) must not make the next command refuse: an empty metrics file holds no
+    run."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text("")
-    args = ["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out), "--eval_data", "",
-            "--max_steps", "1", "--batch_size", "4", "--max_completion_length", "8"]
+    args = [
+        "--model",
+        str(warm_dir),
+        "--data",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--eval_data",
+        "",
+        "--max_steps",
+        "1",
+        "--batch_size",
+        "4",
+        "--max_completion_length",
+        "8",
+    ]
     assert sgpo.main(args) == 0
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1]
 
 
 def test_resume_passes_over_a_damaged_latest_checkpoint(run_dir, data_file, tmp_path, capsys):
-    """--resume (latest) with a cut newest checkpoint: a warning naming the file, then the run goes on from the
-    newest whole one and reproduces the uninterrupted run (same metrics, rewritten checkpoint-2)."""
+    """--resume (latest) with a cut newest checkpoint: a warning naming the file, then the run goes
+    on from the newest whole one and reproduces the uninterrupted run (same metrics, rewritten
+    checkpoint-2)."""
     shutil.copytree(run_dir, tmp_path / "run")
     _cut(tmp_path / "run" / "checkpoint-2" / "trainer_state.pt", 2000)
-    (tmp_path / "run" / "checkpoint-3.tmp").mkdir()  # a checkpoint a killed run was writing: removed
+    # a checkpoint a killed run was writing: removed
+    (tmp_path / "run" / "checkpoint-3.tmp").mkdir()
     capsys.readouterr()
     cfg = json.loads((run_dir / "checkpoint-2" / "sgpo_config.json").read_text())
-    args = ["--model", cfg["model"], "--data", str(data_file), "--output_dir", str(tmp_path / "run"), "--eval_data", "",
-            "--max_steps", "2", "--save_steps", "1", "--batch_size", "4", "--max_completion_length", "8", "--resume"]
+    args = [
+        "--model",
+        cfg["model"],
+        "--data",
+        str(data_file),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--eval_data",
+        "",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--batch_size",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--resume",
+    ]
     assert sgpo.main(args) == 0
     run = tmp_path / "run"
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"warning: --resume: passed over {run}/checkpoint-2/trainer_state.pt: cannot be loaded (RuntimeError); "
-        f"resuming from {run}/checkpoint-1")
-    assert inputs.checkpoint_damage(str(run / "checkpoint-2")) is None and not (run / "checkpoint-3.tmp").exists()
+        f"warning: --resume: passed over {run}/checkpoint-2/trainer_state.pt: cannot be loaded \
+(RuntimeError); "
+        f"resuming from {run}/checkpoint-1"
+    )
+    assert (
+        runtime.checkpoint_damage(str(run / "checkpoint-2")) is None
+        and not (run / "checkpoint-3.tmp").exists()
+    )
     drop = ("time/", "perf/")
-    strip = [{k: v for k, v in m.items() if not k.startswith(drop)} for m in read_metrics(run / "metrics.jsonl")]
-    assert strip == [{k: v for k, v in m.items() if not k.startswith(drop)} for m in read_metrics(run_dir / "metrics.jsonl")]
+    strip = [
+        {k: v for k, v in m.items() if not k.startswith(drop)}
+        for m in read_metrics(run / "metrics.jsonl")
+    ]
+    assert strip == [
+        {k: v for k, v in m.items() if not k.startswith(drop)}
+        for m in read_metrics(run_dir / "metrics.jsonl")
+    ]
 
 
 def test_checkpoint_damage_detects_cut_weights_and_passes_whole_ones(run_dir, tmp_path):
     ckpt = tmp_path / "c"
     shutil.copytree(run_dir / "checkpoint-1", ckpt)
-    assert inputs.checkpoint_damage(str(ckpt)) is None
+    assert runtime.checkpoint_damage(str(ckpt)) is None
     size = (ckpt / "model.safetensors").stat().st_size
     _cut(ckpt / "model.safetensors", size - 1)  # one byte short: the header's offsets say so
-    assert inputs.checkpoint_damage(str(ckpt)) == f"model.safetensors: damaged or cut short ({size - 1} bytes)"
+    assert (
+        runtime.checkpoint_damage(str(ckpt))
+        == f"model.safetensors: damaged or cut short ({size - 1} bytes)"
+    )
     shutil.copy(run_dir / "checkpoint-1" / "model.safetensors", ckpt)
     (ckpt / "sgpo_config.json").write_text('{"fsdp": ')
-    assert inputs.checkpoint_damage(str(ckpt)) == "sgpo_config.json: not valid JSON"
+    assert runtime.checkpoint_damage(str(ckpt)) == "sgpo_config.json: not valid JSON"
 
 
-def test_checkpoint_is_synced_before_and_after_the_rename(warm_dir, data_file, tmp_path, monkeypatch):
-    """A power cut after the rename must not leave cut files: every file and the folder are fsynced before it, the
-    parent folder (the rename itself) after it."""
+def test_checkpoint_is_synced_before_and_after_the_rename(
+    warm_dir, data_file, tmp_path, monkeypatch
+):
+    """A power cut after the rename must not leave cut files: every file and the folder are fsynced
+    before it, the parent folder (the rename itself) after it."""
     events, real_fsync, real_replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd),
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b)
+    )
     out = tmp_path / "out"
-    assert sgpo.main(["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out), "--eval_data", "",
-                      "--max_steps", "1", "--batch_size", "4", "--max_completion_length", "8"]) == 0
+    assert (
+        sgpo.main(
+            [
+                "--model",
+                str(warm_dir),
+                "--data",
+                str(data_file),
+                "--output_dir",
+                str(out),
+                "--eval_data",
+                "",
+                "--max_steps",
+                "1",
+                "--batch_size",
+                "4",
+                "--max_completion_length",
+                "8",
+            ]
+        )
+        == 0
+    )
     tmp = str(out / "checkpoint-1.tmp")
     rename = events.index(("replace", tmp))
     before = {p for kind, p in events[:rename] if kind == "fsync"}
@@ -274,65 +535,143 @@ def test_checkpoint_is_synced_before_and_after_the_rename(warm_dir, data_file, t
 def test_ctrl_c_prints_one_line_and_leaves_no_partial_checkpoint(warm_dir, data_file, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sgpo.py"), "--model", str(warm_dir), "--data", str(data_file),
-                             "--output_dir", str(out), "--eval_data", "", "--max_steps", "100000", "--save_steps", "1",
-                             "--batch_size", "4", "--max_completion_length", "8"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "sgpo.py"),
+            "--model",
+            str(warm_dir),
+            "--data",
+            str(data_file),
+            "--output_dir",
+            str(out),
+            "--eval_data",
+            "",
+            "--max_steps",
+            "100000",
+            "--save_steps",
+            "1",
+            "--batch_size",
+            "4",
+            "--max_completion_length",
+            "8",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while not sgpo.latest_checkpoint(str(out)) and time.time() < deadline:
+    while not runtime.latest_checkpoint(str(out)) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # it is now stepping and writing a checkpoint every step
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    assert err.rstrip().splitlines()[-1] == "interrupted: the checkpoints in --output_dir are whole; continue with --resume"
+    assert (
+        err.rstrip().splitlines()[-1]
+        == "interrupted: the checkpoints in --output_dir are whole; continue with --resume"
+    )
     assert "Traceback" not in err
     assert not list(out.glob("*.tmp"))
-    assert inputs.checkpoint_damage(sgpo.latest_checkpoint(str(out))) is None
+    assert runtime.checkpoint_damage(runtime.latest_checkpoint(str(out))) is None
 
 
-def test_interrupt_while_writing_a_checkpoint_removes_it(warm_dir, data_file, tmp_path, monkeypatch):
+def test_interrupt_while_writing_a_checkpoint_removes_it(
+    warm_dir, data_file, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sgpo.torch, "save", interrupted)
-    args = ["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out), "--eval_data", "",
-            "--max_steps", "1", "--batch_size", "4", "--max_completion_length", "8"]
+    args = [
+        "--model",
+        str(warm_dir),
+        "--data",
+        str(data_file),
+        "--output_dir",
+        str(out),
+        "--eval_data",
+        "",
+        "--max_steps",
+        "1",
+        "--batch_size",
+        "4",
+        "--max_completion_length",
+        "8",
+    ]
     with pytest.raises(KeyboardInterrupt):
         sgpo.main(args)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no checkpoint-1.tmp
 
 
 def test_math_verify_timeout_log_is_cut(caplog):
-    """math-verify logs a timed-out input whole; the filter sgpo installs cuts every record to 300 characters."""
+    """math-verify logs a timed-out input whole; the filter sgpo installs cuts every record to 300
+    characters."""
     import logging
+
     with caplog.at_level(logging.WARNING):
-        logging.getLogger("math_verify.parser").warning("Timeout during parsing: %s", "1+" * 500_000)
-        logging.getLogger("math_verify.grader").warning("Timeout during comparison %s", "x" * 10_000)
+        logging.getLogger("math_verify.parser").warning(
+            "Timeout during parsing: %s", "1+" * 500_000
+        )
+        logging.getLogger("math_verify.grader").warning(
+            "Timeout during comparison %s", "x" * 10_000
+        )
     assert len(caplog.records) == 2 and all(len(r.getMessage()) <= 300 for r in caplog.records)
     assert caplog.records[0].getMessage().startswith("Timeout during parsing: 1+1+")
 
 
 def test_unparsable_gold_answers_are_counted_and_named(warm_dir, tmp_path, capsys):
     bench = tmp_path / "b.jsonl"
-    write_jsonl(bench, [{"problem": "pick a1", "answer": "see figure."}, {"problem": "pick b2", "answer": "3"},
-                        {"problem": "pick a3", "answer": "\\"}])
-    assert evaluate.main(["--model", str(warm_dir), "--bench", f"b={bench}:1", "--output_dir", str(tmp_path / "out"),
-                          "--max_new_tokens", "4"]) == 0
-    assert (f"warning: {bench}: 2 of 3 gold answers math-verify cannot parse into a value (lines 1, 3): only a "
-            "response with the same text can match them") in capsys.readouterr().err.splitlines()
+    write_jsonl(
+        bench,
+        [
+            {"problem": "pick a1", "answer": "see figure."},
+            {"problem": "pick b2", "answer": "3"},
+            {"problem": "pick a3", "answer": "\\"},
+        ],
+    )
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(warm_dir),
+                "--bench",
+                f"b={bench}:1",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--max_new_tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        f"warning: {bench}: 2 of 3 gold answers math-verify cannot parse into a value (lines 1, \
+3): only a "
+        "response with the same text can match them"
+    ) in capsys.readouterr().err.splitlines()
 
 
 def test_read_only_output_dir(tmp_path, data_file, tiny_dir, monkeypatch, capsys):
-    """A read-only filesystem (EROFS, which a container cannot mount for the test: the probe's error is simulated)."""
+    """A read-only filesystem (EROFS, which a container cannot mount for the test: the probe's error
+    is simulated)."""
     import errno
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
     monkeypatch.setattr(inputs.tempfile, "mkstemp", read_only)
-    for script, args in (("sgpo.py", ["--model", str(tiny_dir), "--data", str(data_file)]),
-                         ("evaluate.py", ["--bench", f"b={_bench(tmp_path)}:1"])):
+    for script, args in (
+        ("sgpo.py", ["--model", str(tiny_dir), "--data", str(data_file)]),
+        ("evaluate.py", ["--bench", f"b={_bench(tmp_path)}:1"]),
+    ):
         assert SCRIPTS[script].main(args + ["--output_dir", str(tmp_path / "ro")]) == 2
-        assert capsys.readouterr().err == f"error: --output_dir {tmp_path / 'ro'}: cannot write there (Read-only file system)\n"
+        assert (
+            capsys.readouterr().err
+            == f"error: --output_dir {tmp_path / 'ro'}: cannot write there (Read-only file "
+               f"system)\n"
+        )

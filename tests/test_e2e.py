@@ -1,4 +1,6 @@
-"""End to end: sgpo.py as users run it, on the tiny model (warm-started by sgpo.py's own SFT warm-up)."""
+"""End to end: sgpo.py as users run it, on the tiny model (warm-started by sgpo.py's own SFT
+warm-up)."""
+
 import dataclasses
 import json
 import os
@@ -12,16 +14,52 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import reward
+import engine
+import inputs
+import runtime
 import sgpo
 from tests.conftest import ROOT, read_metrics, run_sgpo, tiny_rows
 from toy.tiny import build_model, build_tokenizer
 
-COMMON = ["--batch_size", 4, "--num_generations", 4, "--num_guided_generations", 2, "--max_completion_length", 12,
-          "--learning_rate", 1e-3, "--micro_batch_size", 6, "--kl_clip", 1.0, "--eval_data", ""]
-REQUIRED = ["reward/autonomous_mean", "reward/guided_mean", "pass_gap", "alpha/mean", "kd/target_frac", "loss/grpo",
-            "loss/kd", "clip_ratio", "kd/kl_clip_frac", "entropy", "completions/mean_length", "completions/clipped_ratio",
-            "frac_reward_zero_std", "rollout_probs_diff_max", "perf/gen_tokens_per_s", "time/generate", "time/grade", "time/select",
-            "time/update"]
+COMMON = [
+    "--batch_size",
+    4,
+    "--num_generations",
+    4,
+    "--num_guided_generations",
+    2,
+    "--max_completion_length",
+    12,
+    "--learning_rate",
+    1e-3,
+    "--micro_batch_size",
+    6,
+    "--kl_clip",
+    1.0,
+    "--eval_data",
+    "",
+]
+REQUIRED = [
+    "reward/autonomous_mean",
+    "reward/guided_mean",
+    "pass_gap",
+    "alpha/mean",
+    "kd/target_frac",
+    "loss/grpo",
+    "loss/kd",
+    "clip_ratio",
+    "kd/kl_clip_frac",
+    "entropy",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "frac_reward_zero_std",
+    "rollout_probs_diff_max",
+    "perf/gen_tokens_per_s",
+    "time/generate",
+    "time/grade",
+    "time/select",
+    "time/update",
+]
 TIMING = ("perf/gen_tokens_per_s", "time/generate", "time/grade", "time/select", "time/update")
 
 
@@ -34,19 +72,35 @@ def test_warmup_learned_the_format(warm_dir):
 
 def test_python_run_metrics_and_checkpoint(warm_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 3, "--save_steps", 2] + COMMON)
+    proc = run_sgpo(
+        [
+            "--model",
+            warm_dir,
+            "--data",
+            data_file,
+            "--output_dir",
+            out,
+            "--max_steps",
+            3,
+            "--save_steps",
+            2,
+        ]
+        + COMMON
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert set(REQUIRED) <= set(m), set(REQUIRED) - set(m)
         assert m["rollout_probs_diff_max"] < 1e-4
-    assert any(m["kd/target_frac"] > 0 and m["loss/kd"] > 0 for m in metrics)  # distillation happened
+    # distillation happened
+    assert any(m["kd/target_frac"] > 0 and m["loss/kd"] > 0 for m in metrics)
     assert any(m["reward/autonomous_mean"] > 0 for m in metrics)
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl"]
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
     before = AutoModelForCausalLM.from_pretrained(warm_dir)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))  # it trained
+    # it trained
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
     state = torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 3 and state["config"]["max_steps"] == 3 and len(state["alpha"]) > 0
     assert json.load(open(out / "checkpoint-3" / "sgpo_config.json"))["kd_loss"] == "fkl"
@@ -60,43 +114,75 @@ def _accuracy_one_at_a_time(model, tok, rows, cfg, guided):
     rows = [q for q in rows if not guided or _usable_strategy(q)]
     correct = 0.0
     for q in rows:  # no batching, no padding
-        out = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided)], tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0,
-                            cfg.max_completion_length)[0]
+        out = engine.generate(
+            model,
+            [engine.prompt_ids(tok, cfg, q, guided)],
+            tok.pad_token_id,
+            [tok.eos_token_id],
+            "cpu",
+            0.0,
+            cfg.max_completion_length,
+        )[0]
         correct += reward.math_reward(tok.decode(out["ids"], skip_special_tokens=True), q["answer"])
     return correct / len(rows)
 
 
 def test_held_out_accuracy_equals_one_problem_at_a_time(warm_dir, eval_file):
-    """evaluate_accuracy (greedy, batched and left-padded, sharded over ranks) == each problem decoded alone; the
-    guided accuracy counts only rows with a usable strategy."""
-    model, tok = sgpo.load_model(str(warm_dir), torch.float32, "cpu")
-    rows = sgpo.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
-    cfg = sgpo.Config(batch_size=1, num_generations=2, num_guided_generations=1, max_completion_length=12)  # 3 a batch
-    expected = {f"eval/{m}_acc": _accuracy_one_at_a_time(model, tok, rows, cfg, m == "guided") for m in ("unguided", "guided")}
-    assert sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1) == pytest.approx(expected)
+    """evaluate_accuracy (greedy, batched and left-padded, sharded over ranks) == each problem
+    decoded alone; the guided accuracy counts only rows with a usable strategy."""
+    model, tok = engine.load_model(str(warm_dir), torch.float32, "cpu")
+    rows = inputs.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
+    # 3 a batch
+    cfg = sgpo.Config(
+        batch_size=1, num_generations=2, num_guided_generations=1, max_completion_length=12
+    )
+    expected = {
+        f"eval/{m}_acc": _accuracy_one_at_a_time(model, tok, rows, cfg, m == "guided")
+        for m in ("unguided", "guided")
+    }
+    assert sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg) == pytest.approx(
+        expected
+    )
     assert 0 < expected["eval/unguided_acc"] < 1  # the case discriminates
-    shards = [sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", r, 2) for r in (0, 1)]  # no process group: per shard
-    assert shards[0]["eval/unguided_acc"] * 4 + shards[1]["eval/unguided_acc"] * 3 == pytest.approx(7 * expected["eval/unguided_acc"])
-    assert shards[0]["eval/guided_acc"] * 2 + shards[1]["eval/guided_acc"] * 2 == pytest.approx(4 * expected["eval/guided_acc"])
+    # no process group: per shard
+    shards = [
+        sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg, (r, 2)) for r in (0, 1)
+    ]
+    assert shards[0]["eval/unguided_acc"] * 4 + shards[1]["eval/unguided_acc"] * 3 == pytest.approx(
+        7 * expected["eval/unguided_acc"]
+    )
+    assert shards[0]["eval/guided_acc"] * 2 + shards[1]["eval/guided_acc"] * 2 == pytest.approx(
+        4 * expected["eval/guided_acc"]
+    )
 
 
 def test_torchrun_two_ranks(warm_dir, data_file, eval_file, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_sgpo(["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2] + COMMON
-                    + ["--eval_data", eval_file, "--eval_steps", 1], nproc=2)
+    proc = run_sgpo(
+        ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2]
+        + COMMON
+        + ["--eval_data", eval_file, "--eval_steps", 1],
+        nproc=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [0, 1, 2]  # rank 0 alone writes; step 0: the evaluation before RL
-    model, tok = sgpo.load_model(str(warm_dir), torch.float32, "cpu")
-    rows = sgpo.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
+    # rank 0 alone writes; step 0: the evaluation before RL
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    model, tok = engine.load_model(str(warm_dir), torch.float32, "cpu")
+    rows = inputs.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
     cfg = sgpo.parse_args(["--max_completion_length", "12"])
-    expected = sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1)
-    assert {k: v for k, v in metrics[0].items() if k != "step"} == pytest.approx(expected)  # both ranks' shares counted
+    expected = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg)
+    # both ranks' shares counted
+    assert {k: v for k, v in metrics[0].items() if k != "step"} == pytest.approx(expected)
     assert all("eval/unguided_acc" in m and "eval/guided_acc" in m for m in metrics)
-    assert f"step 2, greedy accuracy on 7 problems of {eval_file}: unguided {100 * expected['eval/unguided_acc']:.1f}% -> " \
+    assert (
+        f"step 2, greedy accuracy on 7 problems of {eval_file}: unguided "
+        f"{100 * expected['eval/unguided_acc']:.1f}% -> "
         in proc.stderr + proc.stdout
+    )
     state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
-    assert len(state["alpha"]) == 16  # 2 steps x 4 problems x 2 ranks: both ranks' updates reach the table
+    # 2 steps x 4 problems x 2 ranks: both ranks' updates reach the table
+    assert len(state["alpha"]) == 16
     assert len(state["rng"]) == 2
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
 
@@ -107,23 +193,33 @@ def _comparable(m):
 
 def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, tmp_path):
     # with evaluations on the way: greedy, they must not shift the sampling of the steps after them
-    args = ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1] + COMMON \
+    args = (
+        ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1]
+        + COMMON
         + ["--eval_data", eval_file, "--eval_steps", 3]
+    )
     ref = run_sgpo(args + ["--output_dir", tmp_path / "ref"])
     assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = {m["step"]: _comparable(m) for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")}
+    reference = {
+        m["step"]: _comparable(m) for m in read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    }
 
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sgpo.py")] + [str(a) for a in args + ["--output_dir", out]],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sgpo.py")] + [str(a) for a in args + ["--output_dir", out]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (out / "checkpoint-99.tmp").mkdir()  # a checkpoint whose write was interrupted is ignored
-    last = sgpo.latest_checkpoint(str(out))
+    last = runtime.latest_checkpoint(str(out))
     killed_at = int(last.rsplit("-", 1)[1])
     assert 2 <= killed_at < 8, "the run finished before it could be killed"
 
@@ -132,16 +228,19 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, t
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(0, 9))  # no duplicated steps
     assert [m["step"] for m in metrics if "eval/unguided_acc" in m] == [0, 3, 6, 8]
-    for m in metrics[killed_at + 1:]:
+    for m in metrics[killed_at + 1 :]:
         for k, v in _comparable(m).items():
             assert v == pytest.approx(reference[m["step"]][k], abs=1e-6), (m["step"], k)
 
 
 def test_warmup_evaluated_once_across_a_resume(tiny_dir, data_file, eval_file, tmp_path):
-    """The evaluation before RL follows the SFT warm-up and is saved with checkpoint-0: resuming from it does not
-    repeat it, and the printed before -> after compares with it."""
-    args = ["--model", tiny_dir, "--data", data_file, "--output_dir", tmp_path, "--sft_epochs", 1] + COMMON \
+    """The evaluation before RL follows the SFT warm-up and is saved with checkpoint-0: resuming
+    from it does not repeat it, and the printed before -> after compares with it."""
+    args = (
+        ["--model", tiny_dir, "--data", data_file, "--output_dir", tmp_path, "--sft_epochs", 1]
+        + COMMON
         + ["--eval_data", eval_file, "--eval_steps", 0]
+    )
     assert sgpo.main([str(a) for a in args + ["--max_steps", 0]]) == 0
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-0", "metrics.jsonl"]
     state = torch.load(tmp_path / "checkpoint-0" / "trainer_state.pt", weights_only=False)
@@ -150,20 +249,35 @@ def test_warmup_evaluated_once_across_a_resume(tiny_dir, data_file, eval_file, t
     lines = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "step" in m]
     assert [m["step"] for m in lines] == [0, 1] and "eval/guided_acc" in lines[1]
     assert {k: v for k, v in lines[0].items() if k != "step"} == state["eval_start"]
-    assert f"unguided {100 * state['eval_start']['eval/unguided_acc']:.1f}% -> " in proc.stderr + proc.stdout
+    assert (
+        f"unguided {100 * state['eval_start']['eval/unguided_acc']:.1f}% -> "
+        in proc.stderr + proc.stdout
+    )
 
 
 BAD = [
-    ('{"problem": "p", "answer": "1", "strategy": "s"}\nnot json\n', ":2: line: not valid JSON (Expecting value)"),
+    (
+        '{"problem": "p", "answer": "1", "strategy": "s"}\nnot json\n',
+        ":2: line: not valid JSON (Expecting value)",
+    ),
     ('{"problem": "p", "answer": "1"}\n', ":1: strategy: missing"),
     ('{"problem": "p", "answer": "", "strategy": "s"}\n', ":1: answer: empty"),
     ('{"problem": "p", "answer": 1, "strategy": "s"}\n', ":1: answer: expected a string, got int"),
-    ('{"id": 1, "problem": "p", "answer": "1", "strategy": "s"}\n{"id": 1, "problem": "q", "answer": "2", "strategy": "s"}\n',
-     ":2: id: duplicate of line 1"),
-    ('[1, 2]\n', ":1: line: expected a JSON object"),
-    ('', ": no problems (empty file)"),
-    ('{"problem": "p", "answer": "1", "strategy": "s", "solution": 3}\n', ":1: solution: expected a string, got int"),
-    ('{"problem": "p", "answer": "1", "strategy": "s", "id": [1]}\n', ":1: id: expected a string or an integer"),
+    (
+        '{"id": 1, "problem": "p", "answer": "1", "strategy": "s"}\n{"id": 1, "problem": "q", '
+        '"answer": "2", "strategy": "s"}\n',
+        ":2: id: duplicate of line 1",
+    ),
+    ("[1, 2]\n", ":1: line: expected a JSON object"),
+    ("", ": no problems (empty file)"),
+    (
+        '{"problem": "p", "answer": "1", "strategy": "s", "solution": 3}\n',
+        ":1: solution: expected a string, got int",
+    ),
+    (
+        '{"problem": "p", "answer": "1", "strategy": "s", "id": [1]}\n',
+        ":1: id: expected a string or an integer",
+    ),
     (b'{"problem": "p\xff", "answer": "1", "strategy": "s"}\n', ":1: line: not valid UTF-8"),
 ]
 
@@ -179,15 +293,22 @@ def test_bad_data_one_line_exit_2(content, message, tmp_path, capsys):
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
-    cases = [(["--kd_loss", "jsd"], "--kd_loss: must be fkl, rkl or sft"),
-             (["--max_steps", "ten"], "--max_steps: invalid int value: 'ten'"),
-             (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
-             (["--resume", str(tmp_path / "nope")], "--resume"),
-             (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
-             (["--sft_epochs", "1", "--sft_data", str(tmp_path / "nosol.jsonl")], ":1: solution: missing"),
-             (["--eval_data", str(tmp_path / "nosol.jsonl")], ":2: answer: missing"),
-             (["@" + str(tmp_path / "missing.args")], "missing.args")]
-    (tmp_path / "nosol.jsonl").write_text('{"problem": "p", "answer": "1", "strategy": "s"}\n{"problem": "q"}\n')
+    cases = [
+        (["--kd_loss", "jsd"], "--kd_loss: must be fkl, rkl or sft"),
+        (["--max_steps", "ten"], "--max_steps: invalid int value: 'ten'"),
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+        (["--resume", str(tmp_path / "nope")], "--resume"),
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
+        (
+            ["--sft_epochs", "1", "--sft_data", str(tmp_path / "nosol.jsonl")],
+            ":1: solution: missing",
+        ),
+        (["--eval_data", str(tmp_path / "nosol.jsonl")], ":2: answer: missing"),
+        (["@" + str(tmp_path / "missing.args")], "missing.args"),
+    ]
+    (tmp_path / "nosol.jsonl").write_text(
+        '{"problem": "p", "answer": "1", "strategy": "s"}\n{"problem": "q"}\n'
+    )
     for args, message in cases:
         assert sgpo.main(args + ["--output_dir", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
@@ -196,8 +317,12 @@ def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
 
 
 def test_cli_exit_code_and_existing_run_protected(warm_dir, data_file, tmp_path):
-    proc = run_sgpo(["--model", tmp_path / "no-such-model", "--data", data_file, "--output_dir", tmp_path / "o"])
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no-such-model" in proc.stderr, proc.stderr
+    proc = run_sgpo(
+        ["--model", tmp_path / "no-such-model", "--data", data_file, "--output_dir", tmp_path / "o"]
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no-such-model" in proc.stderr
+    ), proc.stderr
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -206,80 +331,162 @@ def test_cli_exit_code_and_existing_run_protected(warm_dir, data_file, tmp_path)
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
     other = tmp_path / "other"  # checkpoints of some other run, no metrics file: protected too
     (other / "checkpoint-7").mkdir(parents=True)
-    assert sgpo.main(["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(other)]) == 2
+    assert (
+        sgpo.main(["--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(other)])
+        == 2
+    )
     assert (other / "checkpoint-7").is_dir()
 
 
 def test_paper_args_file():
-    """paper.args holds the method sheet's hyper-parameters; later flags override it; '#' comments and quotes."""
-    cfg = sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m", "--data", "d.jsonl", "--max_steps", "7"])
-    sheet = dict(num_generations=8, num_guided_generations=4, epsilon=0.2, epsilon_high=0.28, beta=0.0, kd_loss="fkl",
-                 kl_clip=1.0, target_selection=True, adaptive_alpha=True, alpha_0=0.5, alpha_gamma=0.1, alpha_max=0.8)
+    """paper.args holds the method sheet's hyper-parameters; later flags override it; '#' comments
+    and quotes."""
+    cfg = sgpo.parse_args(
+        ["@" + str(ROOT / "paper.args"), "--model", "m", "--data", "d.jsonl", "--max_steps", "7"]
+    )
+    sheet = dict(
+        num_generations=8,
+        num_guided_generations=4,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        beta=0.0,
+        kd_loss="fkl",
+        kl_clip=1.0,
+        target_selection=True,
+        adaptive_alpha=True,
+        alpha_0=0.5,
+        alpha_gamma=0.1,
+        alpha_max=0.8,
+    )
     assert {k: getattr(cfg, k) for k in sheet} == sheet
-    assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == ("m", "d.jsonl", 7, "", True)
-    assert (cfg.fsdp, cfg.generation_batch_size, cfg.dtype) == (True, 64, "auto")  # what fits 7B on 80 GB (README)
-    with pytest.raises(sgpo.UsageError, match="--data: required"):  # paper.args never falls back on the toy's data
+    assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == (
+        "m",
+        "d.jsonl",
+        7,
+        "",
+        True,
+    )
+    # what fits 7B on 80 GB (README)
+    assert (cfg.fsdp, cfg.generation_batch_size, cfg.dtype) == (True, 64, "auto")
+    # paper.args never falls back on the toy's data
+    with pytest.raises(inputs.UsageError, match="--data: required"):
         sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m"])
     toy = sgpo.parse_args([])  # the defaults are the CPU testbed's
-    assert (toy.model, toy.eval_data, toy.kl_clip) == ("toy/cups_data/model", "toy/cups_data/test.jsonl", float("inf"))
+    assert (toy.model, toy.eval_data, toy.kl_clip) == (
+        "toy/cups_data/model",
+        "toy/cups_data/test.jsonl",
+        float("inf"),
+    )
 
 
 def test_bf16_compute_run_trains_at_lr_1e6_and_saves_fp32(warm_dir, data_file, tmp_path):
-    """--dtype bf16 (the GPU default) on CPU: autocast over fp32 weights. At the paper's RL lr of 1e-6 one step moves
-    most weights, and the checkpoint keeps those fp32 master weights (a bf16 copy would round the moves away)."""
+    """--dtype bf16 (the GPU default) on CPU: autocast over fp32 weights. At the paper's RL lr of
+    1e-6 one step moves most weights, and the checkpoint keeps those fp32 master weights (a bf16
+    copy would round the moves away)."""
     out = tmp_path / "bf16"
-    args = ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 1, "--dtype", "bf16"] + COMMON
+    args = [
+        "--model",
+        warm_dir,
+        "--data",
+        data_file,
+        "--output_dir",
+        out,
+        "--max_steps",
+        1,
+        "--dtype",
+        "bf16",
+    ] + COMMON
     assert sgpo.main([str(a) for a in args + ["--learning_rate", 1e-6]]) == 0
     m = read_metrics(out / "metrics.jsonl")[0]
     assert m["rollout_probs_diff_max"] < 0.1 and m["entropy"] > 0 and m["loss/kd"] > 0
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
     before = AutoModelForCausalLM.from_pretrained(warm_dir)
-    assert model.config.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.dtype == torch.float32 and all(
+        p.dtype == torch.float32 for p in model.parameters()
+    )
     moved = sum((a != b).sum().item() for a, b in zip(model.parameters(), before.parameters()))
-    assert moved / sum(p.numel() for p in model.parameters()) > 0.5  # the rest: embedding rows of unused characters
+    # the rest: embedding rows of unused characters
+    assert moved / sum(p.numel() for p in model.parameters()) > 0.5
     for (name, a), b in zip(model.named_parameters(), before.parameters()):
-        if "norm" in name:  # |w| ~ 1: a 1e-6 step is below bf16's resolution (4e-3), well above fp32's (1e-7)
+        # |w| ~ 1: a 1e-6 step is below bf16's resolution (4e-3), well above fp32's (1e-7)
+        if "norm" in name:
             assert (a != b).any() and (a - b).abs().max() < 1e-5, name
 
 
 def test_warmup_ends_with_turn_end_token_and_resume_loads_to_cpu(tmp_path, data_file, monkeypatch):
-    """Qwen2.5's generation EOS list is [<|endoftext|>, <|im_end|>] (sorted); the chat template closes a turn with
-    <|im_end|> (tokenizer.eos_token), so the warm-up must teach that one, not the list's first id. And resume reads
-    trainer_state.pt to the CPU (without map_location every rank would load it onto the GPU it was saved from)."""
+    """Qwen2.5's generation EOS list is [<|endoftext|>, <|im_end|>] (sorted); the chat template
+    closes a turn with <|im_end|> (tokenizer.eos_token), so the warm-up must teach that one, not the
+    list's first id. And resume reads trainer_state.pt to the CPU (without map_location every rank
+    would load it onto the GPU it was saved from)."""
     tok = build_tokenizer()
     model = build_model(tok)
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|endoftext|>"), tok.eos_token_id]
-    assert model.generation_config.eos_token_id[0] < tok.eos_token_id  # the trap: the smaller id is not the turn end
+    model.generation_config.eos_token_id = [
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+        tok.eos_token_id,
+    ]
+    # the trap: the smaller id is not the turn end
+    assert model.generation_config.eos_token_id[0] < tok.eos_token_id
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     seen, loads, real_accumulate, real_load = [], [], sgpo.accumulate_gradients, torch.load
-    monkeypatch.setattr(sgpo, "accumulate_gradients", lambda *a, **k: seen.extend(a[3]) or real_accumulate(*a, **k))
-    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
-    args = ["--model", tmp_path / "model", "--data", data_file, "--output_dir", tmp_path / "out", "--sft_epochs", 1] + COMMON
+    monkeypatch.setattr(
+        sgpo, "accumulate_gradients", lambda *a, **k: seen.extend(a[1]) or real_accumulate(*a, **k)
+    )
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k)
+    )
+    args = [
+        "--model",
+        tmp_path / "model",
+        "--data",
+        data_file,
+        "--output_dir",
+        tmp_path / "out",
+        "--sft_epochs",
+        1,
+    ] + COMMON
     assert sgpo.main([str(a) for a in args + ["--max_steps", 0]]) == 0
-    sft = [r for r in seen if r["kind"] == "sft"]
-    assert len(sft) == 16 and all(r["response"][-1] == tok.eos_token_id for r in sft)
-    assert all(tok.decode(r["response"][:-1]) == next(q["solution"] for q in tiny_rows() if r["prompt"] == sgpo.prompt_ids(
-        tok, sgpo.Config(), q, False)) for r in sft)
+    sft = [r for r in seen if type(r) is sgpo.Row]
+    assert len(sft) == 16 and all(r.response[-1] == tok.eos_token_id for r in sft)
+    assert all(
+        tok.decode(r.response[:-1])
+        == next(
+            q["solution"]
+            for q in tiny_rows()
+            if r.prompt == engine.prompt_ids(tok, sgpo.Config(), q, False)
+        )
+        for r in sft
+    )
     assert sgpo.main([str(a) for a in args + ["--max_steps", 1, "--resume"]]) == 0
     assert loads == ["cpu"]
 
 
 def test_generation_batch_size_bounds_each_call(warm_dir, eval_file):
-    """generate(batch_size=B): at most B sequences per HF generate call (the KV cache of a call), same greedy output
-    as one call; the held-out evaluation follows --generation_batch_size."""
-    model, tok = sgpo.load_model(str(warm_dir), torch.float32, "cpu")
-    rows = sgpo.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
+    """generate(batch_size=B): at most B sequences per HF generate call (the KV cache of a call),
+    same greedy output as one call; the held-out evaluation follows --generation_batch_size."""
+    model, tok = engine.load_model(str(warm_dir), torch.float32, "cpu")
+    rows = inputs.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
     cfg = sgpo.Config(max_completion_length=12)
-    prompts = [sgpo.prompt_ids(tok, cfg, q, False) for q in rows]
+    prompts = [engine.prompt_ids(tok, cfg, q, False) for q in rows]
     calls, real = [], model.generate
     model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw)
-    one = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 12)
-    split = sgpo.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 12, batch_size=3)
+    one = engine.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 12)
+    split = engine.generate(
+        model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 12, batch_size=3
+    )
     assert calls == [7, 3, 3, 1]
     assert [o["ids"] for o in one] == [o["ids"] for o in split]
-    assert all((a["sampler_logps"] - b["sampler_logps"]).abs().max() < 1e-5 for a, b in zip(one, split))
+    assert all(
+        (a["sampler_logps"] - b["sampler_logps"]).abs().max() < 1e-5 for a, b in zip(one, split)
+    )
     calls.clear()
-    expected = sgpo.evaluate_accuracy(model, tok, rows, cfg, "cpu", 0, 1)
-    assert sgpo.evaluate_accuracy(model, tok, rows, dataclasses.replace(cfg, generation_batch_size=2), "cpu", 0, 1) == expected
+    expected = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg)
+    assert (
+        sgpo.evaluate_accuracy(
+            sgpo.Policy.of(model, tok, "cpu"),
+            rows,
+            dataclasses.replace(cfg, generation_batch_size=2),
+        )
+        == expected
+    )
     assert calls == [7, 4] + [2, 2, 2, 1] + [2, 2]  # default (0): all in one call; then 2 at a time

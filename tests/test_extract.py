@@ -1,4 +1,6 @@
-"""extract_strategies.py against a stub OpenAI-compatible server on 127.0.0.1 and with the tiny local model."""
+"""extract_strategies.py against a stub OpenAI-compatible server on 127.0.0.1 and with the tiny
+local model."""
+
 import json
 import threading
 import time
@@ -8,17 +10,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import extract_strategies as ex
-import sgpo
+import engine
+import inputs
 from tests.conftest import write_jsonl
 
-GOOD = "Problem type: linear equation\nStrategy: isolate the unknown.\nSteps:\n- move constants\n- divide"
-BETTER = "Problem type: linear equation\nStrategy: balance both sides.\nSteps:\n- subtract\n- divide by the coefficient"
+GOOD = (
+    "Problem type: linear equation\nStrategy: isolate the unknown.\nSteps:\n- move constants\n"
+    "- divide"
+)
+BETTER = (
+    "Problem type: linear equation\nStrategy: balance both sides.\nSteps:\n- subtract\n"
+    "- divide by the coefficient"
+)
 LEAKY = "Problem type: linear equation\nStrategy: solve it.\nSteps:\n- get $x = \\frac{85}{2}$"
 LITERAL = "Problem type: linear equation\nStrategy: note the answer 42.5 early.\nSteps:\n- check"
 
 
 class ChatServer(BaseHTTPRequestHandler):
-    """A stub chat-completions endpoint: subclasses answer(body, prompt) with (status, reply dict or None, headers)."""
+    """A stub chat-completions endpoint: subclasses answer(body, prompt) with (status, reply dict or
+    None, headers)."""
 
     def log_message(self, *args):
         pass
@@ -28,7 +38,10 @@ class ChatServer(BaseHTTPRequestHandler):
         status, reply, headers = self.answer(body, body["messages"][0]["content"])
         data = json.dumps(reply).encode() if reply is not None else b""
         self.send_response(status)
-        for key, value in {**headers, **({"Content-Type": "application/json"} if reply is not None else {})}.items():
+        for key, value in {
+            **headers,
+            **({"Content-Type": "application/json"} if reply is not None else {}),
+        }.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -52,7 +65,9 @@ def serving(handler):
 
 
 class Stub(ChatServer):
-    """Canned chat completions: candidates by problem, a ranking, and one 500 before answering problem p2."""
+    """Canned chat completions: candidates by problem, a ranking, and one 500 before answering
+    problem p2."""
+
     requests, failed_once = [], set()
 
     def answer(self, body, prompt):
@@ -77,8 +92,15 @@ def server():
 
 
 def _input(tmp_path):
-    rows = [{"id": f"p{i}", "problem": f"p{i}: solve 2x = 85", "answer": "42.5", "solution": "x = 85/2 = \\boxed{42.5}"}
-            for i in range(1, 5)]
+    rows = [
+        {
+            "id": f"p{i}",
+            "problem": f"p{i}: solve 2x = 85",
+            "answer": "42.5",
+            "solution": "x = 85/2 = \\boxed{42.5}",
+        }
+        for i in range(1, 5)
+    ]
     path = tmp_path / "in.jsonl"
     write_jsonl(path, rows)
     return path
@@ -100,29 +122,52 @@ def test_leak_guard():
 def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STUB_KEY", "sekret")
     out = tmp_path / "out.jsonl"
-    args = ["--input", str(_input(tmp_path)), "--output", str(out), "--backend", "openai", "--base_url", server,
-            "--model", "stub", "--api_key_env", "STUB_KEY", "--backoff", "0.01", "--batch_size", "2"]
+    args = [
+        "--input",
+        str(_input(tmp_path)),
+        "--output",
+        str(out),
+        "--backend",
+        "openai",
+        "--base_url",
+        server,
+        "--model",
+        "stub",
+        "--api_key_env",
+        "STUB_KEY",
+        "--backoff",
+        "0.01",
+        "--batch_size",
+        "2",
+    ]
     assert ex.main(args) == 0
     rows = {r["id"]: r for r in _read(out)}
-    assert rows["p1"]["strategy"] == BETTER and rows["p1"]["strategy_status"] == "kept"  # ranked best of 2 clean
+    # ranked best of 2 clean
+    assert rows["p1"]["strategy"] == BETTER and rows["p1"]["strategy_status"] == "kept"
     assert rows["p2"]["strategy"] == BETTER  # the 500 was retried
-    assert rows["p3"]["strategy_status"] == "failed" and "unparsable ranking" in rows["p3"]["strategy_error"]
-    assert rows["p4"]["strategy"] == "" and rows["p4"]["strategy_status"] == "rejected"  # every candidate leaked
+    assert (
+        rows["p3"]["strategy_status"] == "failed"
+        and "unparsable ranking" in rows["p3"]["strategy_error"]
+    )
+    # every candidate leaked
+    assert rows["p4"]["strategy"] == "" and rows["p4"]["strategy_status"] == "rejected"
     assert all(r["answer"] == "42.5" and r["solution"] for r in rows.values())  # input fields kept
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (counts["kept"], counts["rejected"], counts["failed"]) == (2, 1, 1)
     assert all(auth == "Bearer sekret" for auth, _ in Stub.requests)
     # sgpo.py trains on the kept rows only
-    assert [q["id"] for q in sgpo.load_problems(str(out))] == ["p1", "p2"]
+    assert [q["id"] for q in inputs.load_problems(str(out))] == ["p1", "p2"]
 
-    # interrupted run: the last row and a half-written line are missing -> a rerun redoes only that row
+    # interrupted run: the last row and a half-written line are missing -> a rerun redoes only that
+    # row
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:3]) + lines[3][:20])
     Stub.requests = []
     assert ex.main(args) == 0
     ids = [r["id"] for r in _read(out)]
     assert sorted(ids) == ["p1", "p2", "p3", "p4"]  # no duplicates
-    assert all(lines[3].split('"')[3] + ":" in p for _, p in Stub.requests)  # requests only for the redone row
+    # requests only for the redone row
+    assert all(lines[3].split('"')[3] + ":" in p for _, p in Stub.requests)
     # --retry_failed redoes p3 only
     Stub.requests = []
     assert ex.main(args + ["--retry_failed"]) == 0
@@ -132,29 +177,60 @@ def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
 
 def test_endpoint_down_records_failure(tmp_path):
     out = tmp_path / "out.jsonl"
-    args = ["--input", str(_input(tmp_path)), "--output", str(out), "--base_url", "http://127.0.0.1:9/v1", "--model", "m",
-            "--retries", "1", "--backoff", "0.01", "--timeout", "2"]
+    args = [
+        "--input",
+        str(_input(tmp_path)),
+        "--output",
+        str(out),
+        "--base_url",
+        "http://127.0.0.1:9/v1",
+        "--model",
+        "m",
+        "--retries",
+        "1",
+        "--backoff",
+        "0.01",
+        "--timeout",
+        "2",
+    ]
     assert ex.main(args) == 0
     rows = _read(out)
-    assert len(rows) == 4 and all(r["strategy_status"] == "failed" and r["strategy_error"] for r in rows)
+    assert len(rows) == 4 and all(
+        r["strategy_status"] == "failed" and r["strategy_error"] for r in rows
+    )
 
 
 def test_hf_backend_plumbing(warm_dir, tmp_path):
     out = tmp_path / "out.jsonl"
-    args = ["--input", str(_input(tmp_path)), "--output", str(out), "--backend", "hf", "--model", str(warm_dir),
-            "--max_new_tokens", "8", "--num_candidates", "2"]
+    args = [
+        "--input",
+        str(_input(tmp_path)),
+        "--output",
+        str(out),
+        "--backend",
+        "hf",
+        "--model",
+        str(warm_dir),
+        "--max_new_tokens",
+        "8",
+        "--num_candidates",
+        "2",
+    ]
     assert ex.main(args) == 0
     rows = _read(out)
     assert [r["id"] for r in rows] == ["p1", "p2", "p3", "p4"]
     assert all(r["strategy_status"] in ("kept", "rejected", "failed") for r in rows)
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"problem": "p", "answer": "1"}\n', ":1: solution: missing"),
-    ('{"problem": "p", "answer": "1", "solution": ""}\n', ":1: solution: empty"),
-    ('oops\n', ":1: line: not valid JSON"),
-    ('', "no problems (empty file)"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"problem": "p", "answer": "1"}\n', ":1: solution: missing"),
+        ('{"problem": "p", "answer": "1", "solution": ""}\n', ":1: solution: empty"),
+        ("oops\n", ":1: line: not valid JSON"),
+        ("", "no problems (empty file)"),
+    ],
+)
 def test_bad_input(content, message, tmp_path, capsys):
     path = tmp_path / "in.jsonl"
     path.write_text(content)
@@ -167,48 +243,95 @@ def test_bad_input(content, message, tmp_path, capsys):
 
 def test_readme_prints_the_prompts():
     from tests.conftest import ROOT
+
     readme = (ROOT / "README.md").read_text()
     assert ex.STRATEGY_PROMPT in readme and ex.RANK_PROMPT.split("{candidates}")[0] in readme
-    assert sgpo.AUTO_TEMPLATE in readme and sgpo.GUIDED_TEMPLATE in readme
+    assert engine.AUTO_TEMPLATE in readme and engine.GUIDED_TEMPLATE in readme
 
 
 class Faulty(ChatServer):
-    """A server that misbehaves as real ones do: it ignores n (one choice per reply), answers 200 with no choices
-    (problem f1) or a null content (f2), and 429 with Retry-After: 3 before its first answer about f3."""
+    """A server that misbehaves as real ones do: it ignores n (one choice per reply), answers 200
+    with no choices (problem f1) or a null content (f2), and 429 with Retry-After: 3 before its
+    first answer about f3."""
+
     requests, seen = [], set()
 
     def answer(self, body, prompt):
-        Faulty.requests.append((prompt.split(":")[0] if prompt.startswith("Below") else prompt.split("Problem:\n")[1][:2],
-                                body["n"]))
+        Faulty.requests.append(
+            (
+                prompt.split(":")[0]
+                if prompt.startswith("Below")
+                else prompt.split("Problem:\n")[1][:2],
+                body["n"],
+            )
+        )
         if "f3:" in prompt and "f3" not in Faulty.seen:
             Faulty.seen.add("f3")
             return 429, None, {"Retry-After": "3"}
         if "f1:" in prompt:
             return 200, {"choices": []}, {}
-        return 200, choices([None if "f2:" in prompt else "I pick BEST: 1" if prompt.startswith("Below are") else GOOD]), {}
+        return (
+            200,
+            choices(
+                [
+                    None
+                    if "f2:" in prompt
+                    else "I pick BEST: 1"
+                    if prompt.startswith("Below are")
+                    else GOOD
+                ]
+            ),
+            {},
+        )
 
 
-def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed(tmp_path, monkeypatch, capsys):
+def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed(
+    tmp_path, monkeypatch, capsys
+):
     Faulty.requests, Faulty.seen = [], set()
     slept = []
     monkeypatch.setattr(ex.time, "sleep", slept.append)
-    rows = [{"id": f"f{i}", "problem": f"f{i}: solve 2x = 85", "answer": "42.5", "solution": "x = 42.5"} for i in range(4)]
+    rows = [
+        {"id": f"f{i}", "problem": f"f{i}: solve 2x = 85", "answer": "42.5", "solution": "x = 42.5"}
+        for i in range(4)
+    ]
     write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "m", "--num_candidates", "3",
-            "--batch_size", "1", "--timeout", "10"]
+    args = [
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(out),
+        "--model",
+        "m",
+        "--num_candidates",
+        "3",
+        "--batch_size",
+        "1",
+        "--timeout",
+        "10",
+    ]
     with serving(Faulty) as url:
         args += ["--base_url", url]
         assert ex.main(args) == 0
         got = {r["id"]: r for r in _read(out)}
-        assert got["f0"]["strategy"] == GOOD and got["f3"]["strategy"] == GOOD  # 3 candidates, then a ranking
-        assert [n for p, n in Faulty.requests if p == "f0"] == [3, 2, 1]  # asked again for what the server left out
-        for fid in ("f1", "f2"):  # an empty reply is the endpoint's fault: failed (redone later), not rejected
-            assert got[fid]["strategy_status"] == "failed" and "no usable choice" in got[fid]["strategy_error"]
+        # 3 candidates, then a ranking
+        assert got["f0"]["strategy"] == GOOD and got["f3"]["strategy"] == GOOD
+        # asked again for what the server left out
+        assert [n for p, n in Faulty.requests if p == "f0"] == [3, 2, 1]
+        # an empty reply is the endpoint's fault: failed (redone later), not rejected
+        for fid in ("f1", "f2"):
+            assert (
+                got[fid]["strategy_status"] == "failed"
+                and "no usable choice" in got[fid]["strategy_error"]
+            )
         assert slept == [3.0]  # the server's Retry-After, not the 1 s backoff
         counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert (counts["kept"], counts["failed"]) == (2, 2)
-        assert counts["choices_asked"] == 3 + 2 + 1 + 1 + 3 + 3 + 3 + 2 + 1 + 1 and counts["choices_received"] == 8
+        assert (
+            counts["choices_asked"] == 3 + 2 + 1 + 1 + 3 + 3 + 3 + 2 + 1 + 1
+            and counts["choices_received"] == 8
+        )
         Faulty.requests = []
         assert ex.main(args + ["--retry_failed"]) == 0
         assert {p for p, _ in Faulty.requests} == {"f1", "f2"}
@@ -224,6 +347,7 @@ def test_retry_delay_honours_retry_after_bounded_by_timeout():
         if value is not None:
             headers["Retry-After"] = value
         return urllib.error.HTTPError("http://x", code, "busy", headers, None)
+
     assert ex.retry_delay(error(429, "7"), 1.0, 120.0) == 7.0
     assert ex.retry_delay(error(503, "7"), 1.0, 5.0) == 5.0  # never past --timeout
     later = email.utils.formatdate(time.time() + 30, usegmt=True)
@@ -233,7 +357,8 @@ def test_retry_delay_honours_retry_after_bounded_by_timeout():
 
 
 def test_resume_after_a_line_cut_inside_a_string(tmp_path):
-    """A killed run's last line may end in '}' inside a string (a strategy with LaTeX): parsed, not guessed."""
+    """A killed run's last line may end in '}' inside a string (a strategy with LaTeX): parsed, not
+    guessed."""
     out = tmp_path / "out.jsonl"
     whole = json.dumps({"id": "p1", "problem": "q", "strategy": "s", "strategy_status": "kept"})
     out.write_text(whole + "\n" + '{"id": "p2", "problem": "q", "strategy": "use \\\\frac{1}')
@@ -246,13 +371,15 @@ def test_leak_guard_sees_nested_braces_and_display_fractions():
     assert ex.boxed_spans("so \\boxed{\\dfrac{3}{4}} and \\boxed{x}") == ["\\dfrac{3}{4}", "x"]
     assert ex.leaks_answer("Steps:\n- it is \\boxed{\\dfrac{3}{4}}", gold)  # boxed, nested braces
     assert ex.leaks_answer("Steps:\n- the ratio is \\tfrac{3}{4}", gold)  # literal, display form
-    assert ex.leaks_answer("Steps:\n- answer \\boxed{0.75}", gold)  # an equal value in a nested-free box
+    # an equal value in a nested-free box
+    assert ex.leaks_answer("Steps:\n- answer \\boxed{0.75}", gold)
     assert not ex.leaks_answer("Steps:\n- write the ratio as \\boxed{\\frac{a}{b}}", gold)
 
 
 def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
-    """A real OpenAI-compatible server, `transformers serve` on the cups model (skipped without transformers' serving
-    extras): it ignores `n` (one choice per request), so each problem's --num_candidates 2 take 2 requests."""
+    """A real OpenAI-compatible server, `transformers serve` on the cups model (skipped without
+    transformers' serving extras): it ignores `n` (one choice per request), so each problem's
+    --num_candidates 2 take 2 requests."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     import shutil
@@ -260,15 +387,31 @@ def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
     import subprocess
     import urllib.request
     from tests.conftest import ROOT
+
     if not shutil.which("transformers"):
         pytest.skip("no transformers CLI")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     model = str(ROOT / "toy" / "cups_data" / "model")
-    server = subprocess.Popen(["transformers", "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device",
-                               "cpu", "--default-seed", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    server = subprocess.Popen(
+        [
+            "transformers",
+            "serve",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--default-seed",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -276,20 +419,51 @@ def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
-                assert time.time() < deadline and server.poll() is None, "transformers serve did not start"
+                assert time.time() < deadline and server.poll() is None, (
+                    "transformers serve did not start"
+                )
                 time.sleep(1)
-        rows = [{"id": f"c{i}", "problem": f"Ball under cup {i}. Swaps: 12 23. Which cup?", "answer": "3",
-                 "solution": "12:1 23:1 \\boxed{1}"} for i in (1, 2)]
+        rows = [
+            {
+                "id": f"c{i}",
+                "problem": f"Ball under cup {i}. Swaps: 12 23. Which cup?",
+                "answer": "3",
+                "solution": "12:1 23:1 \\boxed{1}",
+            }
+            for i in (1, 2)
+        ]
         write_jsonl(tmp_path / "in.jsonl", rows)
         out = tmp_path / "out.jsonl"
-        assert ex.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url",
-                        f"http://127.0.0.1:{port}/v1", "--model", model, "--num_candidates", "2",
-                        "--max_new_tokens", "24", "--batch_size", "2", "--timeout", "60"]) == 0
+        assert (
+            ex.main(
+                [
+                    "--input",
+                    str(tmp_path / "in.jsonl"),
+                    "--output",
+                    str(out),
+                    "--base_url",
+                    f"http://127.0.0.1:{port}/v1",
+                    "--model",
+                    model,
+                    "--num_candidates",
+                    "2",
+                    "--max_new_tokens",
+                    "24",
+                    "--batch_size",
+                    "2",
+                    "--timeout",
+                    "60",
+                ]
+            )
+            == 0
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # per problem: a request for 2 that brings 1 choice, then one for the missing 1 (the cups model writes no
-    # strategy block, so the candidates are malformed and no ranking request follows)
-    assert (counts["requests"], counts["choices_asked"], counts["choices_received"]) == (4, 6, 4), counts
+    # per problem: a request for 2 that brings 1 choice, then one for the missing 1 (the cups model
+    # writes no strategy block, so the candidates are malformed and no ranking request follows)
+    assert (counts["requests"], counts["choices_asked"], counts["choices_received"]) == (4, 6, 4), (
+        counts
+    )
     assert [r["strategy_status"] for r in _read(out)] == ["rejected", "rejected"]

@@ -1,4 +1,6 @@
-"""The shared grader: correct answers in common forms, garbage, and bounded time on pathological input."""
+"""The shared grader: correct answers in common forms, garbage, and bounded time on pathological
+input."""
+
 import json
 import time
 from pathlib import Path
@@ -74,8 +76,8 @@ MATH500 = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "math5
 
 @pytest.mark.skipif(not MATH500.exists(), reason="../shared/benchmarks is not here")
 def test_math500_reference_solutions():
-    """The grader accepts the reference solutions (the open-r1-style bar is 492/500) and none of them when
-    paired with another problem's (different) answer."""
+    """The grader accepts the reference solutions (the open-r1-style bar is 492/500) and none of
+    them when paired with another problem's (different) answer."""
     rows = [json.loads(line) for line in open(MATH500)]
     accepted = sum(reward.math_reward(r["solution"], r["answer"]) for r in rows)
     assert accepted >= 492, accepted
@@ -88,16 +90,19 @@ def test_math500_reference_solutions():
 
 
 def test_grader_pool_equals_serial_and_keeps_the_timeout():
-    """--reward_workers: the pool returns exactly the serial rewards in order, and its workers' SIGALRM timeout
-    bounds a power tower (it would hang a worker without it). The pool starts once a call graded inline was slow."""
+    """--reward_workers: the pool returns exactly the serial rewards in order, and its workers'
+    SIGALRM timeout bounds a power tower (it would hang a worker without it). The pool starts once a
+    call graded inline was slow."""
     responses = [r for r, _, _ in CASES] * 3 + ["\\boxed{9^{9^{9^{9^{9}}}}}"]
     answers = [a for _, a, _ in CASES] * 3 + ["9^{9^{9^{9}}}"]
     serial = [reward.math_reward(r, a, 1) for r, a in zip(responses, answers)]
     assert serial == [e for _, _, e in CASES] * 3 + [0.0]
     grader = reward.Grader(2, timeout=1)
     try:
-        assert grader(responses[:4], answers[:4]) == serial[:4] and grader.pool is None  # fast: stays inline
-        assert grader(responses, answers) == serial and grader.pool is not None  # the tower took > 0.5 s: a pool
+        # fast: stays inline
+        assert grader(responses[:4], answers[:4]) == serial[:4] and grader.pool is None
+        # the tower took > 0.5 s: a pool
+        assert grader(responses, answers) == serial and grader.pool is not None
         start = time.time()
         assert grader(responses, answers) == serial
         assert grader(responses[::-1], answers[::-1]) == serial[::-1]  # the same pool, reused
@@ -119,24 +124,33 @@ def test_default_workers_share_the_cores(monkeypatch):
 
 
 def test_grader_workers_end_when_the_trainer_is_killed(tmp_path):
-    """A SIGKILLed trainer never closes its pool: the workers notice and exit instead of waiting forever."""
+    """A SIGKILLed trainer never closes its pool: the workers notice and exit instead of waiting
+    forever."""
     import os
     import signal
     import subprocess
     import sys
+
     script = tmp_path / "trainer.py"
     script.write_text(
         "import sys, time\nsys.path.insert(0, %r)\nimport reward\nif __name__ == '__main__':\n"
         "    g = reward.Grader(2, 1)\n    g.start_pool()\n    g(['\\\\boxed{1}'] * 8, ['1'] * 8)\n"
         "    print(*[p.pid for p in g.pool._processes.values()], flush=True)\n    time.sleep(600)\n"
-        % str(Path(__file__).resolve().parents[1]))
+        % str(Path(__file__).resolve().parents[1])
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()]
     assert len(workers) == 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 15
-    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
-                                         for w in workers):
+    while time.time() < deadline and any(
+        os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
+        for w in workers
+    ):
         time.sleep(0.2)
-    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    assert not [
+        w
+        for w in workers
+        if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
+    ]

@@ -1,5 +1,7 @@
-"""The ball-under-cups testbed (toy/): generator graded by the shared math-verify reward, held-out test, the committed
-warm checkpoint, the warm-up script, and the default run that must transfer the guided working."""
+"""The ball-under-cups testbed (toy/): generator graded by the shared math-verify reward, held-out
+test, the committed warm checkpoint, the warm-up script, and the default run that must transfer the
+guided working."""
+
 import json
 import re
 from pathlib import Path
@@ -7,12 +9,15 @@ from pathlib import Path
 import torch
 
 import reward
+import engine
 import sgpo
 from toy.cups import STRATEGY, make_split
 
 
 def _simulate(problem: str) -> int:
-    start, swaps = re.match(r"Ball under cup (\d)\. Swaps: ([\d ]+)\. Which cup\?", problem).groups()
+    start, swaps = re.match(
+        r"Ball under cup (\d)\. Swaps: ([\d ]+)\. Which cup\?", problem
+    ).groups()
     cup = int(start)
     for s in swaps.split():
         a, b = int(s[0]), int(s[1])
@@ -25,7 +30,8 @@ def test_cups_problems_are_consistent_and_graded_by_math_verify():
     assert len({r["id"] for r in rows}) == 200
     for r in rows:
         assert r["answer"] == str(_simulate(r["problem"]))
-        assert reward.math_reward(r["solution"], r["answer"]) == 1.0  # the worked solution earns the reward
+        # the worked solution earns the reward
+        assert reward.math_reward(r["solution"], r["answer"]) == 1.0
         assert reward.math_reward(f"\\boxed{{{int(r['answer']) % 3 + 1}}}", r["answer"]) == 0.0
         steps = r["solution"].split(" \\boxed")[0].split()
         assert 4 <= len(steps) <= 6 and steps[-1].endswith(":" + r["answer"])
@@ -38,87 +44,139 @@ CUPS = Path(__file__).resolve().parents[1] / "toy" / "cups_data"
 
 
 def test_committed_warm_checkpoint_is_in_the_regime():
-    """Warm-up checkpoint: follows the strategy when given it, guesses without it; tokenizer round-trips."""
+    """Warm-up checkpoint: follows the strategy when given it, guesses without it; tokenizer
+    round-trips."""
     from transformers import AutoTokenizer
 
     from toy.tiny import build_tokenizer
-    model, tok = sgpo.load_model(str(CUPS / "model"), torch.float32, "cpu")
+
+    model, tok = engine.load_model(str(CUPS / "model"), torch.float32, "cpu")
     text = "Ball under cup 2. Swaps: 13 12.  \\boxed{3}\tx\ny"
-    assert AutoTokenizer.from_pretrained(CUPS / "model")(text)["input_ids"] == build_tokenizer()(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(CUPS / "model")(text)["input_ids"]
+        == build_tokenizer()(text)["input_ids"]
+    )
     assert tok.decode(tok(text)["input_ids"]) == text
     test = [json.loads(line) for line in open(CUPS / "test.jsonl")]
     train = {json.loads(line)["problem"] for line in open(CUPS / "train.jsonl")}
     assert not any(q["problem"] in train for q in test)  # held-out instances
-    acc = sgpo.evaluate_accuracy(model, tok, test[:48], sgpo.Config(), "cpu", 0, 1)
+    acc = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), test[:48], sgpo.Config())
     assert acc["eval/guided_acc"] >= 0.9 and acc["eval/unguided_acc"] <= 0.6
     torch.manual_seed(0)
-    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, sgpo.Config(), q, False) for q in test[:48]], tok.pad_token_id,
-                         [tok.eos_token_id], "cpu", 1.0, 48)
-    assert not any(":" in tok.decode(o["ids"]) for o in outs)  # unguided samples never write the working
+    outs = engine.generate(
+        model,
+        [engine.prompt_ids(tok, sgpo.Config(), q, False) for q in test[:48]],
+        tok.pad_token_id,
+        [tok.eos_token_id],
+        "cpu",
+        1.0,
+        48,
+    )
+    # unguided samples never write the working
+    assert not any(":" in tok.decode(o["ids"]) for o in outs)
 
 
 def test_spread_working_draws_a_notation_per_step_and_keeps_the_answer():
     import random
 
     from toy.cups import NOTATIONS, spread_working
+
     rng, rows = random.Random(0), make_split(200, seed=5, prefix="t")
     seen = []
     for r in rows:
         text = spread_working(r["solution"], rng)
         seps = re.findall(r"\d\d(\D)\d", text)
-        assert re.sub(r"(?<=\d\d)\D(?=\d)", ":", text) == r["solution"] and len(seps) == r["solution"].count(":")
+        assert re.sub(r"(?<=\d\d)\D(?=\d)", ":", text) == r["solution"] and len(seps) == r[
+            "solution"
+        ].count(":")
         assert reward.math_reward(text, r["answer"]) == 1.0
         seen += seps
-    assert set(seen) == set(NOTATIONS) and all(abs(seen.count(c) / len(seen) - 1 / 3) < 0.05 for c in NOTATIONS)
-    assert spread_working(rows[0]["solution"], random.Random(1)) == spread_working(rows[0]["solution"], random.Random(1))
+    assert set(seen) == set(NOTATIONS) and all(
+        abs(seen.count(c) / len(seen) - 1 / 3) < 0.05 for c in NOTATIONS
+    )
+    assert spread_working(rows[0]["solution"], random.Random(1)) == spread_working(
+        rows[0]["solution"], random.Random(1)
+    )
 
 
 def test_spread_warmup_writes_its_teacher_and_measures_its_spread(tmp_path):
-    """2 steps (lr still in its warm-up): the teacher is the committed one, which writes ':' only (no spread)."""
+    """2 steps (lr still in its warm-up): the teacher is the committed one, which writes ':' only
+    (no spread)."""
     from toy.cups import SPREAD_STRATEGY, spread_warmup
+
     spread = spread_warmup(str(tmp_path), steps=2, log=lambda line: None)
     assert spread["separators"][">"] == spread["separators"]["="] == 0 < spread["separators"][":"]
     assert spread["rollouts_mixing_notations"] == 0 and 0 <= spread["mean_token_nll"] < 0.1
     for name in ("train.jsonl", "test.jsonl"):
         rows = [json.loads(line) for line in open(tmp_path / name)]
         original = [json.loads(line) for line in open(CUPS / name)]
-        assert [{**r, "strategy": STRATEGY} for r in rows] == original and rows[0]["strategy"] == SPREAD_STRATEGY
-    model, tok = sgpo.load_model(str(tmp_path / "model"), torch.float32, "cpu")
-    assert tok("13>2 13=2")["input_ids"] == sgpo.load_model(str(CUPS / "model"), torch.float32, "cpu")[1]("13>2 13=2")["input_ids"]
+        assert [{**r, "strategy": STRATEGY} for r in rows] == original and rows[0][
+            "strategy"
+        ] == SPREAD_STRATEGY
+    model, tok = engine.load_model(str(tmp_path / "model"), torch.float32, "cpu")
+    assert (
+        tok("13>2 13=2")["input_ids"]
+        == engine.load_model(str(CUPS / "model"), torch.float32, "cpu")[1]("13>2 13=2")["input_ids"]
+    )
 
 
 def test_warmup_script_runs(tmp_path):
     from toy.cups import make_split, warmup
+
     lines = []
-    model, tok = warmup(make_split(32, 1, "a"), make_split(4, 2, "b"), steps=2, batch=4, log=lines.append)
+    model, tok = warmup(
+        make_split(32, 1, "a"), make_split(4, 2, "b"), steps=2, batch=4, log=lines.append
+    )
     assert json.loads(lines[-1])["step"] == 2 and "eval/guided_acc" in json.loads(lines[-1])
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    assert sgpo.load_model(str(tmp_path), torch.float32, "cpu")[1]("a b")["input_ids"] == tok("a b")["input_ids"]
+    assert (
+        engine.load_model(str(tmp_path), torch.float32, "cpu")[1]("a b")["input_ids"]
+        == tok("a b")["input_ids"]
+    )
 
 
 def test_default_run_transfers_the_guided_working_to_the_unguided_policy(tmp_path):
-    """`python sgpo.py` (the defaults are this testbed) cut to 50 of its 80 steps, ~1.5 min on 2 cores. GRPO alone never
-    makes the unguided policy write the working (0 % of its samples do); distillation from the guided self must.
-    Measured at step 50 for seeds 0, 1, 2: greedy unguided accuracy 0.65, 0.69, 0.64 (0.35 before RL).
-    Generalisation (toy/ablation.py's split "start written out": 'The ball starts under cup S.', a surface never
-    trained on): the working transfers to it. Measured at step 50, seeds 0, 1, 2: written on 92 / 95 / 99 % of its
-    problems, accuracy 43.4 / 52.8 / 62.3 %; the warm model and the SFT-on-solutions rows write it on 0 % (35.8 %;
-    33.0 / 32.1 / 34.0 %); at step 80 (README) 69.8 / 68.9 / 75.5 %."""
+    """`python sgpo.py` (the defaults are this testbed) cut to 50 of its 80 steps, ~1.5 min on 2
+    cores. GRPO alone never makes the unguided policy write the working (0 % of its samples do);
+    distillation from the guided self must. Measured at step 50 for seeds 0, 1, 2: greedy unguided
+    accuracy 0.65, 0.69, 0.64 (0.35 before RL). Generalisation (toy/ablation.py's split "start
+    written out": 'The ball starts under cup S.', a surface never trained on): the working transfers
+    to it. Measured at step 50, seeds 0, 1, 2: written on 92 / 95 / 99 % of its problems, accuracy
+    43.4 / 52.8 / 62.3 %; the warm model and the SFT-on-solutions rows write it on 0 % (35.8 %; 33.0
+    / 32.1 / 34.0 %); at step 80 (README) 69.8 / 68.9 / 75.5 %."""
     from toy.ablation import generalisation_splits
+
     out = tmp_path / "cups"
     assert sgpo.main(["--output_dir", str(out), "--max_steps", "50", "--eval_steps", "0"]) == 0
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     before, after = metrics[0], metrics[-1]
-    assert before["step"] == 0 and before["eval/unguided_acc"] < 0.4 and before["eval/guided_acc"] > 0.95
+    assert (
+        before["step"] == 0
+        and before["eval/unguided_acc"] < 0.4
+        and before["eval/guided_acc"] > 0.95
+    )
     assert after["step"] == 50 and after["eval/unguided_acc"] >= 0.5
-    assert sum(m["completions/mean_length"] for m in metrics[-5:]) / 5 > 25  # it writes the working now (10 before)
+    # it writes the working now (10 before)
+    assert sum(m["completions/mean_length"] for m in metrics[-5:]) / 5 > 25
     problems = generalisation_splits()["start written out"]
-    for path, written_range, acc_range in ((CUPS / "model", (0, 0), (0, 0.4)), (out / "checkpoint-50", (0.8, 1), (0.4, 1))):
-        model, tok = sgpo.load_model(str(path), torch.float32, "cpu")
-        outs = sgpo.generate(model, [sgpo.prompt_ids(tok, sgpo.Config(), {**q, "strategy": ""}, False) for q in problems],
-                             tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 96)
+    for path, written_range, acc_range in (
+        (CUPS / "model", (0, 0), (0, 0.4)),
+        (out / "checkpoint-50", (0.8, 1), (0.4, 1)),
+    ):
+        model, tok = engine.load_model(str(path), torch.float32, "cpu")
+        outs = engine.generate(
+            model,
+            [engine.prompt_ids(tok, sgpo.Config(), {**q, "strategy": ""}, False) for q in problems],
+            tok.pad_token_id,
+            [tok.eos_token_id],
+            "cpu",
+            0.0,
+            96,
+        )
         texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
         written = sum(bool(re.search(r"\d\d:\d", t)) for t in texts) / len(texts)
         acc = sum(reward.math_reward(t, q["answer"]) for t, q in zip(texts, problems)) / len(texts)
-        assert written_range[0] <= written <= written_range[1] and acc_range[0] <= acc <= acc_range[1], (path, written, acc)
+        assert (
+            written_range[0] <= written <= written_range[1] and acc_range[0] <= acc <= acc_range[1]
+        ), (path, written, acc)

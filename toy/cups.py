@@ -1,16 +1,19 @@
 """
 A CPU testbed for SGPO: the ball-under-cups family. "Ball under cup 2. Swaps: 13 12 23. Which cup?"
-The strategy, "after each swap write the swap and where the ball is", makes the answer easy to derive
-("13:2 12:1 23:1 \\boxed{1}"); without it a tiny model can only guess. The warm-up below teaches a tiny
-character-level Qwen3 to follow the strategy when the prompt gives it, and to answer directly (weakly)
-when it does not: the regime SGPO is for. Answers are graded by the same math-verify reward as real data.
+The strategy, "after each swap write the swap and where the ball is", makes the answer easy to
+derive ("13:2 12:1 23:1 \\boxed{1}"); without it a tiny model can only guess. The warm-up below
+teaches a tiny character-level Qwen3 to follow the strategy when the prompt gives it, and to answer
+directly (weakly) when it does not: the regime SGPO is for. Answers are graded by the same
+math-verify reward as real data.
 
-    python toy/cups.py            # regenerates toy/cups_data/{model,train.jsonl,test.jsonl} (fixed seed, ~8 min on 2 cores)
+    python toy/cups.py            # regenerates toy/cups_data/{model,train.jsonl,test.jsonl} (fixed
+    seed, ~8 min on 2 cores)
 
-A variant whose teacher has real spread (toy/ablation.py builds it on demand; see spread_warmup): each swap's step
-may be written in three notations, 13:2, 13>2 or 13=2, drawn independently, so a problem of 5 swaps has 3^5 valid
-workings and one sampled guided rollout is one of many.
+A variant whose teacher has real spread (toy/ablation.py builds it on demand; see spread_warmup):
+each swap's step may be written in three notations, 13:2, 13>2 or 13=2, drawn independently, so a
+problem of 5 swaps has 3^5 valid workings and one sampled guided rollout is one of many.
 """
+
 import json
 import math
 import os
@@ -23,12 +26,19 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import engine  # noqa: E402
+import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
 
-STRATEGY = "After each swap, write the swap and the cup the ball is under now, like 13:2. The last cup is the answer."
-SPREAD_STRATEGY = ("After each swap, write the swap and the cup the ball is under now, like 13:2, 13>2 or 13=2. "
-                   "The last cup is the answer.")
+STRATEGY = (
+    "After each swap, write the swap and the cup the ball is under now, like 13:2. "
+    "The last cup is the answer."
+)
+SPREAD_STRATEGY = (
+    "After each swap, write the swap and the cup the ball is under now, like 13:2, 13>2 or 13=2. "
+    "The last cup is the answer."
+)
 NOTATIONS = ":>="  # the spread variant's separators between a swap and the cup after it
 
 
@@ -41,8 +51,13 @@ def make_problem(rng: random.Random, idx: int, prefix: str, swaps_range=(4, 6)) 
         cup = b if cup == a else a if cup == b else cup
         swaps.append(f"{a}{b}")
         steps.append(f"{a}{b}:{cup}")
-    return {"id": f"{prefix}-{idx}", "problem": f"Ball under cup {start}. Swaps: {' '.join(swaps)}. Which cup?",
-            "answer": str(cup), "strategy": STRATEGY, "solution": f"{' '.join(steps)} \\boxed{{{cup}}}"}
+    return {
+        "id": f"{prefix}-{idx}",
+        "problem": f"Ball under cup {start}. Swaps: {' '.join(swaps)}. Which cup?",
+        "answer": str(cup),
+        "strategy": STRATEGY,
+        "solution": f"{' '.join(steps)} \\boxed{{{cup}}}",
+    }
 
 
 def make_split(n: int, seed: int, prefix: str, swaps_range=(4, 6)) -> list:
@@ -51,75 +66,133 @@ def make_split(n: int, seed: int, prefix: str, swaps_range=(4, 6)) -> list:
 
 
 def spread_working(solution: str, rng: random.Random) -> str:
-    """The worked solution with each step's separator drawn from NOTATIONS: '12:2 13:3 \\boxed{3}' -> '12>2 13=3 ...'."""
+    """The worked solution with each step's separator drawn from NOTATIONS: '12:2 13:3 \\boxed{3}'
+    -> '12>2 13=3 ...'."""
     return re.sub(r"(?<=\d\d):(?=\d)", lambda _: rng.choice(NOTATIONS), solution)
 
 
-def warmup(train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=None, tok=None, working=None):
-    """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without working).
-    model/tok: continue from these instead of a fresh model; working(solution): the guided target, redrawn each time
-    an example is picked (default: the solution as written)."""
+def warmup(
+    train,
+    test,
+    steps=1200,
+    batch=64,
+    lr=3e-3,
+    seed=0,
+    log=print,
+    model=None,
+    tok=None,
+    working=None,
+):
+    """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without
+    working).
+    model/tok: continue from these instead of a fresh model; working(solution): the guided target,
+    redrawn each time an example is picked (default: the solution as written)."""
     torch.manual_seed(seed)
     if model is None:
         tok = build_tokenizer()
         model = build_model(tok, hidden=64, layers=3, seed=seed)
     cfg = sgpo.Config(micro_batch_size=batch, kd_chunk_size=4096)
     eos = tok.eos_token_id
-    # prompts tokenized once (the chat template is slow); the responses per pick, as `working` may redraw them
-    examples = [(sgpo.prompt_ids(tok, cfg, q, guided), q, guided) for q in train for guided in (True, False)]
+    # prompts tokenized once (the chat template is slow); the responses per pick, as `working` may
+    # redraw them
+    examples = [
+        (engine.prompt_ids(tok, cfg, q, guided), q, guided)
+        for q in train
+        for guided in (True, False)
+    ]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps))
-    backbone, rng, t0 = sgpo.Backbone(model), random.Random(seed), time.time()
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps)
+    )
+    policy, rng, t0 = sgpo.Policy.of(model, tok, "cpu"), random.Random(seed), time.time()
     for step in range(1, steps + 1):
-        picked = [(p, (working or str)(q["solution"]) if guided else f"\\boxed{{{q['answer']}}}")
-                  for p, q, guided in rng.sample(examples, batch)]
+        picked = [
+            (p, (working or str)(q["solution"]) if guided else f"\\boxed{{{q['answer']}}}")
+            for p, q, guided in rng.sample(examples, batch)
+        ]
         picked = [(p, tok(r, add_special_tokens=False)["input_ids"] + [eos]) for p, r in picked]
         n_tok = sum(len(r) for _, r in picked)
-        rows = [dict(kind="sft", prompt=p, response=r, weight=1.0 / n_tok) for p, r in picked]
+        rows = [sgpo.Row(p, r, weight=1.0 / n_tok) for p, r in picked]
         model.train()
-        stats = sgpo.Stats()
-        sgpo.accumulate_gradients(backbone, backbone, model.lm_head, rows, cfg, tok.pad_token_id, "cpu", stats, {})
+        stats = runtime.Stats()
+        sgpo.accumulate_gradients(policy, rows, cfg, stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps:
             model.eval()
-            log(json.dumps({"step": step, "loss": round(stats.sums["loss/sft"], 4), "time_s": round(time.time() - t0),
-                            **sgpo.evaluate_accuracy(model, tok, test[:128], cfg, "cpu", 0, 1)}))
+            log(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": round(stats.sums["loss/sft"], 4),
+                        "time_s": round(time.time() - t0),
+                        **sgpo.evaluate_accuracy(policy, test[:128], cfg),
+                    }
+                )
+            )
     return model, tok
 
 
 def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
-    """How a policy writes its working steps when sampling (temperature 1, one rollout per problem): the count of each
-    separator and the entropy of their shares (log2(3) = 1.58 bits when uniform), the share of rollouts that mix
-    notations, and the mean per-token -log p (a Monte-Carlo estimate of the per-token entropy)."""
+    """How a policy writes its working steps when sampling (temperature 1, one rollout per problem):
+    the count of each separator and the entropy of their shares (log2(3) = 1.58 bits when uniform),
+    the share of rollouts that mix notations, and the mean per-token -log p (a Monte-Carlo estimate
+    of the per-token entropy)."""
     model.eval()
     torch.manual_seed(seed)
     cfg = sgpo.Config()
-    outs = sgpo.generate(model, [sgpo.prompt_ids(tok, cfg, q, guided) for q in problems], tok.pad_token_id,
-                         [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length)
+    outs = engine.generate(
+        model,
+        [engine.prompt_ids(tok, cfg, q, guided) for q in problems],
+        tok.pad_token_id,
+        [tok.eos_token_id],
+        "cpu",
+        1.0,
+        cfg.max_completion_length,
+    )
     texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
-    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]  # each rollout's separators
+    # each rollout's separators
+    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]
     counts = {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS}
     shares = [n / max(1, sum(counts.values())) for n in counts.values()]
-    return {"separators": counts, "separator_entropy_bits": -sum(p * math.log2(p) for p in shares if p > 0),
-            "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
-            "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs)) / sum(len(o["ids"]) for o in outs)}
+    return {
+        "separators": counts,
+        "separator_entropy_bits": -sum(p * math.log2(p) for p in shares if p > 0),
+        "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
+        "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs))
+        / sum(len(o["ids"]) for o in outs),
+    }
 
 
 def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, log=print) -> dict:
-    """The spread variant's teacher: the committed warm checkpoint trained `steps` more with SPREAD_STRATEGY in the
-    guided prompts and a separator drawn per step in their workings (unguided prompts: the answer alone, as before).
-    Writes out/{model, train.jsonl, test.jsonl} (toy/cups_data's problems, strategy replaced); returns the teacher's
-    notation_spread on 64 test problems."""
+    """The spread variant's teacher: the committed warm checkpoint trained `steps` more with
+    SPREAD_STRATEGY in the guided prompts and a separator drawn per step in their workings (unguided
+    prompts: the answer alone, as before). Writes out/{model, train.jsonl, test.jsonl}
+    (toy/cups_data's problems, strategy replaced); returns the teacher's notation_spread on 64 test
+    problems."""
     data = os.path.join(ROOT, "toy", "cups_data")
-    train, test = ([{**json.loads(line), "strategy": SPREAD_STRATEGY} for line in open(os.path.join(data, name))]
-                   for name in ("train.jsonl", "test.jsonl"))
-    model, tok = sgpo.load_model(os.path.join(data, "model"), torch.float32, "cpu")
+    train, test = (
+        [
+            {**json.loads(line), "strategy": SPREAD_STRATEGY}
+            for line in open(os.path.join(data, name))
+        ]
+        for name in ("train.jsonl", "test.jsonl")
+    )
+    model, tok = engine.load_model(os.path.join(data, "model"), torch.float32, "cpu")
     rng = random.Random(seed + 1)
-    model, tok = warmup(train, test, steps=steps, lr=lr, seed=seed, log=log, model=model, tok=tok,
-                        working=lambda solution: spread_working(solution, rng))
+    model, tok = warmup(
+        train,
+        test,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        log=log,
+        model=model,
+        tok=tok,
+        working=lambda solution: spread_working(solution, rng),
+    )
     spread = notation_spread(model, tok, test[:64], guided=True, seed=seed)
     log(json.dumps(spread))
     os.makedirs(out, exist_ok=True)
