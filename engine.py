@@ -1,7 +1,8 @@
 """
-The generation engine, shared by sgpo.py, evaluate.py and extract_strategies.py: prompts in the chat
-format, model loading, and batched sampling that records the sampler's log-probs, prefills each
-distinct prompt once and cuts every response at its first EOS.
+The model as the scripts run it, shared by sgpo.py, evaluate.py and extract_strategies.py: prompts
+in the chat format, model loading, the training forward without the LM head (`Backbone`), and the
+generation engine: batched sampling that records the sampler's log-probs, prefills each distinct
+prompt once and cuts every response at its first EOS.
 """
 import re
 
@@ -21,8 +22,7 @@ GUIDED_TEMPLATE = "Use this strategy for the problem below:\n{strategy}\n\n" + A
 
 def prompt_ids(tokenizer, cfg, problem: dict, guided: bool) -> list:
     """Token ids of the chat-templated autonomous or guided prompt, ending with the assistant
-    header.
-    cfg: prompt_template, guided_prompt_template, system_prompt."""
+    header. cfg: prompt_template, guided_prompt_template, system_prompt."""
     template = cfg.guided_prompt_template if guided else cfg.prompt_template
     # one pass: the problem or strategy text may itself hold braces
     user = re.sub(r"\{(problem|strategy)\}", lambda m: problem[m.group(1)], template)

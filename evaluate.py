@@ -4,13 +4,12 @@ Benchmark evaluation with the SGPO paper's protocol: k samples per problem at te
 the k samples, then over problems) and pass@k. Prompts and generation come from engine.py, grading
 from reward.py.
 
+    B=../shared/benchmarks
     python evaluate.py --model out/sgpo/checkpoint-100 --output_dir out/eval \
-        --bench math500=../shared/benchmarks/math500.jsonl:4 --bench
-        aime24=../shared/benchmarks/aime24.jsonl:32
-    torchrun --standalone --nproc_per_node=8 evaluate.py ...      # problems sharded over ranks
-    python evaluate.py ... --guided        # also with the strategy in the prompt: the "strategy
-    benefit" python evaluate.py ... --resume        # continue an interrupted run (finished samples
-    are kept)
+        --bench math500=$B/math500.jsonl:4 --bench aime24=$B/aime24.jsonl:32
+    torchrun --standalone --nproc_per_node=8 evaluate.py ...   # problems sharded over ranks
+    python evaluate.py ... --guided   # also with the strategy in the prompt: the "strategy benefit"
+    python evaluate.py ... --resume   # continue an interrupted run (finished samples are kept)
 """
 
 import glob
@@ -148,17 +147,16 @@ def _scores(problems: dict) -> dict:
     return {
         "avg@k": sum(sum(r["correct"] for r in rs) / len(rs) for rs in problems.values()) / n,
         "pass@k": sum(any(r["correct"] for r in rs) for rs in problems.values()) / n,
-        "problems": len(problems),
-        "samples": len(rows),
+        "problems": len(problems), "samples": len(rows),
         "mean_length": sum(r["length"] for r in rows) / max(len(rows), 1),
-        "truncation_rate": sum(r["truncated"] for r in rows) / max(len(rows), 1),
+        "truncation_rate": sum(r["truncated"] for r in rows) / max(len(rows), 1)
     }
 
 
 def markdown(summary: dict, ks: dict) -> str:
     lines = [
         "| benchmark | k | mode | problems | avg@k | pass@k | mean length | truncated |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|"
     ]
     for bench, modes in summary.items():
         for mode in ("unguided", "unguided_same_problems", "guided"):
@@ -219,12 +217,10 @@ def main(argv=None) -> int:
         def check_rows(tokenizer, config):
             for (_, path, _), (_, problems, _) in zip(specs, benches):
                 inputs.check_fits(
-                    path,
-                    problems,
-                    lambda q, guided: len(engine.prompt_ids(tokenizer, cfg, q, guided)),
-                    budget=1,
+                    path, problems,
+                    lambda q, guided: len(engine.prompt_ids(tokenizer, cfg, q, guided)), budget=1,
                     context=getattr(config, "max_position_embeddings", float("inf")),
-                    guided=cfg.guided,
+                    guided=cfg.guided
                 )
 
         model, tokenizer = engine.load_model(
@@ -271,15 +267,8 @@ def main(argv=None) -> int:
         for i in range(0, len(items), cfg.batch_size):
             batch = items[i : i + cfg.batch_size]
             results = engine.generate(
-                model,
-                [it["prompt"] for it in batch],
-                tokenizer.pad_token_id,
-                eos_ids,
-                device,
-                cfg.temperature,
-                cfg.max_new_tokens,
-                cfg.top_p,
-                cfg.top_k,
+                model, [it["prompt"] for it in batch], tokenizer.pad_token_id, eos_ids, device,
+                cfg.temperature, cfg.max_new_tokens, cfg.top_p, cfg.top_k
             )
             for it, res in zip(batch, results):
                 text = tokenizer.decode(res["ids"], skip_special_tokens=True)
@@ -290,10 +279,8 @@ def main(argv=None) -> int:
                     json.dumps(
                         {
                             **{k: it[k] for k in ("bench", "id", "mode", "sample")},
-                            "correct": correct,
-                            "length": len(res["ids"]),
-                            "truncated": res["truncated"],
-                            "response": text,
+                            "correct": correct, "length": len(res["ids"]),
+                            "truncated": res["truncated"], "response": text
                         }
                     )
                     + "\n"
@@ -321,12 +308,8 @@ def main(argv=None) -> int:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(
                 {
-                    "model": cfg.model,
-                    "k": ks,
-                    "temperature": cfg.temperature,
-                    "top_p": cfg.top_p,
-                    "max_new_tokens": cfg.max_new_tokens,
-                    "results": summary,
+                    "model": cfg.model, "k": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                    "max_new_tokens": cfg.max_new_tokens, "results": summary
                 },
                 f,
                 indent=1,

@@ -6,11 +6,12 @@ four criteria, keep the best. The output is the input rows plus `strategy` (and 
 ready for sgpo.py.
 
     # an OpenAI-compatible server (e.g. `vllm serve Qwen/Qwen2.5-72B-Instruct`), key from
-    $OPENAI_API_KEY if set python extract_strategies.py --input train.jsonl --output
-    train_strategies.jsonl \
+    # $OPENAI_API_KEY if set
+    python extract_strategies.py --input train.jsonl --output train_strategies.jsonl \
         --backend openai --base_url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
-    # a local HF model (batched generate) python extract_strategies.py --input train.jsonl --output
-    train_strategies.jsonl --backend hf --model Qwen/Qwen2.5-7B-Instruct
+    # a local HF model (batched generate)
+    python extract_strategies.py --input train.jsonl --output train_strategies.jsonl \
+        --backend hf --model Qwen/Qwen2.5-7B-Instruct
 Rerunning the same command resumes: ids already in --output are skipped (--retry_failed redoes
 failed rows).
 """
@@ -157,15 +158,14 @@ class OpenAIBackend:
     def __init__(self, cfg: ExtractConfig):
         self.cfg, self.key = cfg, os.environ.get(cfg.api_key_env, "")
         self.counts, self.lock = (
-            {"requests": 0, "choices_asked": 0, "choices_received": 0},
-            threading.Lock(),
+            {"requests": 0, "choices_asked": 0, "choices_received": 0}, threading.Lock()
         )
 
     def _post(self, payload: dict) -> dict:
         url = self.cfg.base_url.rstrip("/") + "/chat/completions"
         headers = {
             "Content-Type": "application/json",
-            **({"Authorization": f"Bearer {self.key}"} if self.key else {}),
+            **({"Authorization": f"Bearer {self.key}"} if self.key else {})
         }
         for attempt in range(self.cfg.retries + 1):
             try:
@@ -175,10 +175,7 @@ class OpenAIBackend:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
                     return json.loads(resp.read())
             except (
-                urllib.error.URLError,
-                TimeoutError,
-                ConnectionError,
-                json.JSONDecodeError,
+                urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError
             ) as e:
                 retryable = (
                     not isinstance(e, urllib.error.HTTPError) or e.code >= 500 or e.code == 429
@@ -196,11 +193,9 @@ class OpenAIBackend:
         while len(texts) < n:
             out = self._post(
                 {
-                    "model": self.cfg.model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "n": n - len(texts),
-                    "temperature": temperature,
-                    "max_tokens": self.cfg.max_new_tokens,
+                    "model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
+                    "n": n - len(texts), "temperature": temperature,
+                    "max_tokens": self.cfg.max_new_tokens
                 }
             )
             got = reply_texts(out)
@@ -240,22 +235,16 @@ class HFBackend:
         ids = [
             list(
                 self.tok.apply_chat_template(
-                    [{"role": "user", "content": p}],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                    return_dict=False
                 )
             )
             for p in prompts
         ]
         outs = engine.generate(
-            self.model,
-            [x for x in ids for _ in range(n)],
-            self.tok.pad_token_id,
-            self.model.generation_config.eos_token_id,
-            self.device,
-            temperature,
-            self.cfg.max_new_tokens,
+            self.model, [x for x in ids for _ in range(n)], self.tok.pad_token_id,
+            self.model.generation_config.eos_token_id, self.device, temperature,
+            self.cfg.max_new_tokens
         )
         texts = [self.tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -362,9 +351,8 @@ def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
         counts["rejected_candidates"] += len(out) - len(ok)
         if not ok:
             results[i] = dict(
-                strategy="",
-                strategy_status="rejected",
-                strategy_error="every candidate leaked or was malformed",
+                strategy="", strategy_status="rejected",
+                strategy_error="every candidate leaked or was malformed"
             )
         elif len(ok) == 1:
             results[i] = dict(strategy=ok[0], strategy_status="kept")
@@ -373,10 +361,9 @@ def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
     if to_rank:
         rank_prompts = [
             RANK_PROMPT.format(
-                n=len(ok),
-                problem=batch[i][cfg.problem_field],
+                n=len(ok), problem=batch[i][cfg.problem_field],
                 solution=batch[i][cfg.solution_field],
-                candidates="\n\n".join(f"Candidate {k + 1}:\n{c}" for k, c in enumerate(ok)),
+                candidates="\n\n".join(f"Candidate {k + 1}:\n{c}" for k, c in enumerate(ok))
             )
             for i, ok in to_rank
         ]
@@ -426,11 +413,8 @@ def main(argv=None) -> int:
         return 2
     todo = [r for r in rows if str(r["id"]) not in done]
     counts = {
-        "kept": 0,
-        "rejected": 0,
-        "failed": 0,
-        "rejected_candidates": 0,
-        "skipped": len(rows) - len(todo),
+        "kept": 0, "rejected": 0, "failed": 0, "rejected_candidates": 0,
+        "skipped": len(rows) - len(todo)
     }
     with open(cfg.output, "a") as out, tqdm(total=len(todo), desc="strategies") as bar:
         for i in range(0, len(todo), cfg.batch_size):

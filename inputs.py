@@ -61,9 +61,8 @@ def config_from_args(cls, argv=None, description=""):
     (one line, exit 2)."""
     docs = _field_docs(cls)
     parser = _Parser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        fromfile_prefix_chars="@",
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        fromfile_prefix_chars="@"
     )
     for f in fields(cls):
         kw = dict(default=f.default, help=docs.get(f.name, "").replace("%", "%%"))
@@ -187,9 +186,8 @@ def check_fits(
                 ) from None
             if n > context:
                 raise UsageError(
-                    f"{path}:{row.line}: {field}: needs {n} tokens with the response, more than \
-the "
-                    f"model's context of {context} (max_position_embeddings)"
+                    f"{path}:{row.line}: {field}: needs {n} tokens with the response, more than "
+                    f"the model's context of {context} (max_position_embeddings)"
                 )
 
 
@@ -222,8 +220,7 @@ def check_train_config(cfg):
         (cfg.temperature > 0, "temperature", "must be > 0"),
         (cfg.dtype in ("auto", "bf16", "fp32"), "dtype", "must be auto, bf16 or fp32"),
         (cfg.kl_clip > 0, "kl_clip", "must be > 0 (inf disables clipping)"),
-        (cfg.model != "", "model", "required"),
-        (cfg.data != "", "data", "required"),
+        (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")
     ]
     for name in ("batch_size", "num_generations", "max_completion_length", "micro_batch_size",
                  "num_iterations", "kd_chunk_size", "save_steps", "ddp_timeout"):

@@ -1,6 +1,6 @@
 """The reward of sgpo.py, evaluate.py and extract_strategies.py: math-verify, bounded in time,
 crash-proof, and run in a pool of processes when there are many responses to grade (grading 1,536
-MATH-500-length responses takes ~5 s in one process, README "Speed")."""
+MATH-500-length responses takes ~5 s in one process, docs/memory_and_speed.md "Speed")."""
 
 import logging
 import multiprocessing
@@ -43,8 +43,7 @@ def math_reward(response: str, answer: str, timeout: int = 5) -> float:
         pred = parse(
             response,
             extraction_config=[
-                LatexExtractionConfig(boxed_match_priority=0),
-                ExprExtractionConfig(),
+                LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()
             ],
             parsing_timeout=timeout,
         )

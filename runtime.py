@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 
 from inputs import UsageError, check_writable_dir
 
@@ -116,6 +117,17 @@ def grad_sync(model, last: bool):
     """DDP all-reduces gradients on the last backward of a step only (no_sync before); FSDP
     reduce-scatters every backward (unsharded gradients would not fit)."""
     return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+
+
+def rank_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list:
+    """This rank's batches of item indices for an epoch: DistributedSampler's shuffled shard, the
+    same order on resume; a last partial batch is dropped."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = DistributedSampler(range(n_items), num_replicas=world_size(), rank=rank,
+                                 shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    return [idx[i:i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)]
 
 
 # ==== Collectives (no-ops in one process) and metrics over ranks.

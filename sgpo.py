@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
@@ -57,8 +56,9 @@ from inputs import (UsageError, check_train_config, config_from_args, has_usable
                     load_train_data)
 from reward import Grader, default_workers
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, check_output_dir,
-                     compute_dtype, full_weights, grad_sync, prepare_output_dir, resolve_resume,
-                     restore_checkpoint, save_checkpoint, setup_distributed, world_size, wrap)
+                     compute_dtype, full_weights, grad_sync, prepare_output_dir, rank_batches,
+                     resolve_resume, restore_checkpoint, save_checkpoint, setup_distributed,
+                     world_size, wrap)
 
 
 @dataclass
@@ -87,10 +87,10 @@ class Config:
     dtype: str = "auto"
     """Compute dtype (autocast): auto (bf16 on a GPU that supports it, else fp32), bf16, fp32.
     Parameters, gradients and AdamW state are fp32 always: a bf16 weight does not move under an
-    lr-1e-6 update (README)."""
+    lr-1e-6 update (docs/memory_and_speed.md)."""
     fsdp: bool = False
     """Shard weights, gradients and AdamW state over ranks (FSDP2), not replicate them (DDP): 7B
-    on 80 GB (README)."""
+    on 80 GB (docs/memory_and_speed.md)."""
     ddp_timeout: int = 1800
     """Seconds a collective waits for the slowest rank (e.g. one still generating) before the run
     aborts."""
@@ -111,8 +111,8 @@ class Config:
     max_completion_length: int = 48
     """Maximum new tokens per rollout; a rollout that hits it is truncated."""
     generation_batch_size: int = 0
-    """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache (README);
-    0 = all in one."""
+    """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache
+    (docs/memory_and_speed.md); 0 = all in one."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -169,7 +169,7 @@ class Config:
     ablation)."""
     kl_clip: float = math.inf
     """delta: tokens with D_t > delta give no gradient (loss min(D_t, delta)); inf = no KL
-    clipping (paper: 1.0; the toy's strategy effect sits on tokens with D_t >> 1, README)."""
+    clipping (paper: 1.0; the toy's strategy effect sits on tokens with D_t >> 1: toy/README.md)."""
     target_selection: bool = True
     """Pick the correct guided rollout most likely under the unguided prompt; false = a random
     correct one."""
@@ -386,15 +386,24 @@ def per_token(rows, values):
 
 # ==== The objective on one micro-batch: GRPO and KD side by side.
 def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None):
-    """Loss of one micro-batch: autonomous (or SFT) and KD rows share ONE student forward. Token
-    weights are global (rl_step), so the loss is a plain sum; times the world size because DDP
-    averages gradients over ranks."""
+    """Loss of one micro-batch. Autonomous (or SFT) and KD rows share ONE student forward; each
+    token carries a weight w_t normalised over the global batch (rl_step), so that
+        L = sum over GRPO tokens  w_t * -min(rho_t A, clip(rho_t, 1-eps, 1+eps_high) A)
+                                        (+ beta * k3 KL to the reference)
+          + sum over KD tokens    w_t * min(D_t, delta)   (no gradient outside the trust region)
+        w_t = 1 / (GRPO tokens of the batch)  and  alpha(q) / (|target| x problems of the batch);
+    the warm-up's SFT rows give w_t * -log p(y_t). Times the world size: DDP averages over ranks."""
     dev = policy.device
-    pairs = [(r.prompt, r.response) for r in rows]
-    hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
+    hidden, targets = policy.response_hidden([(r.prompt, r.response) for r in rows])  # [M, H], [M]
     is_kd = per_token(rows, [isinstance(r, KDRow) for r in rows]).to(dev)  # [M]
     own = [r for r in rows if not isinstance(r, KDRow)]
     kd = [r for r in rows if isinstance(r, KDRow)]
+    # The teacher: the same weights on the guided prompt + target, no gradient. It runs on every
+    # pass, KD rows or not: under FSDP every forward is a collective.
+    with torch.no_grad():
+        pad = policy.tokenizer.pad_token_id
+        t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
+        t_hidden, _ = policy.response_hidden(t_pairs, trained=False)
     loss = hidden.new_zeros((), dtype=torch.float32)
 
     if own and not isinstance(own[0], GRPORow):
@@ -404,7 +413,7 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None):
         loss = loss + (-logp * weight).sum()
         stats.add("loss/sft", (-logp.detach() * weight).sum(), 0)
     elif own:
-        # GRPO: the clipped surrogate on the autonomous rollouts (+ beta k3 KL to a reference)
+        # GRPO: the clipped surrogate on the autonomous rollouts
         logp, _, entropy = head_outputs(policy.head, hidden[~is_kd], targets[~is_kd], cfg)
         first_pass = own[0].old_logps is None
         old_logp = pi_old(own, logp)
@@ -427,14 +436,8 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None):
             sampler = torch.cat([r.sampler_logps for r in own]).to(dev)
             stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
 
-    # The teacher: the same weights on the guided prompt + target, no gradient. It runs on every
-    # pass, KD rows or not: under FSDP every forward is a collective.
-    with torch.no_grad():
-        t_pairs = [(r.teacher_prompt, r.response) for r in kd]
-        pad = policy.tokenizer.pad_token_id
-        t_hidden, _ = policy.response_hidden(t_pairs or [([pad], [pad])], trained=False)
     if kd:
-        # KD: min(D_t, delta) on the target's tokens, no gradient outside the trust region
+        # KD: the clipped divergence on the target's tokens, the trust region on their ratios
         logp, div, _ = head_outputs(policy.head, hidden[is_kd], targets[is_kd], cfg, t_hidden)
         old_logp = pi_old(kd, logp)
         weight = per_token(kd, [r.weight for r in kd]).to(dev)
@@ -522,6 +525,19 @@ def repeat_each(items, n):
     return out
 
 
+def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
+    """(R) alpha(q) of every rank's problems, updated in place from their pass gaps. Every rank
+    applies every rank's updates in the same order: the tables stay identical."""
+    mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
+    for updates in all_gather_objects(mine):
+        for qid, pg, pa in updates:
+            prev = alpha.get(qid, cfg.alpha_0)
+            if cfg.adaptive_alpha:
+                alpha[qid] = update_alpha(prev, pg, pa, cfg.alpha_gamma, cfg.alpha_max)
+            else:
+                alpha[qid] = cfg.alpha_0
+
+
 # ==== One RL step (the method sheet's steps 1-7; README "How one step runs").
 def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     """Rollout -> reward and advantages -> alpha -> target selection -> update. alpha: the
@@ -539,9 +555,8 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
         auto = sample(policy, repeat_each(auto_prompts, g1), cfg)
         guided = sample(policy, repeat_each(guided_prompts, g2), cfg)
-    rollouts = []  # [B][G1 + G2]
-    for b in range(n):
-        rollouts.append(auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2])
+    # [B][G1 + G2]
+    rollouts = [auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2] for b in range(n)]
     t_gen = time.time()
 
     # ---- 2. Reward (math-verify) and group-normalised GRPO advantages.
@@ -551,21 +566,6 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     rewards = torch.tensor(grade(texts, answers)).view(n, g1 + g2)
     r_auto, r_guided = rewards[:, :g1], rewards[:, g1:]  # [B, G1], [B, G2]
     advantages = grpo_advantages(r_auto)  # [B, G1]
-    t_grade = time.time()
-
-    # ---- 3. Adaptive alpha (R), from each problem's pass gap p_guided - p_auto.
-    # Every rank applies every rank's updates in the same order: the tables stay identical.
-    p_auto = r_auto.mean(1)
-    p_guided = r_guided.mean(1) if g2 else r_auto.mean(1)
-    mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
-    for updates in all_gather_objects(mine):
-        for qid, pg, pa in updates:
-            prev = alpha.get(qid, cfg.alpha_0)
-            if cfg.adaptive_alpha:
-                alpha[qid] = update_alpha(prev, pg, pa, cfg.alpha_gamma, cfg.alpha_max)
-            else:
-                alpha[qid] = cfg.alpha_0
-
     # GRPO rows: every token weighs 1 / (autonomous tokens of the global batch), DAPO-style.
     kept = []  # (problem, rollout index, rollout)
     for b in range(n):
@@ -576,6 +576,12 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     weight = 1.0 / max(float(n_tokens), 1.0)
     grpo_rows = [GRPORow(auto_prompts[b], r["ids"], weight, advantage=float(advantages[b, i]),
                          sampler_logps=r["sampler_logps"]) for b, i, r in kept]
+    t_grade = time.time()
+
+    # ---- 3. Adaptive alpha (R), from each problem's pass gap p_guided - p_auto.
+    p_auto = r_auto.mean(1)
+    p_guided = r_guided.mean(1) if g2 else r_auto.mean(1)
+    update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
 
     # ---- 4. Target selection: the correct guided rollout most likely under the UNGUIDED prompt.
     kd_rows, n_problems = [], n * world_size()
@@ -663,19 +669,6 @@ def evaluate_accuracy(policy, problems, cfg: Config, shard=(0, 1), grade=None) -
     return result
 
 
-def batches_of(n_items: int, cfg: Config, epoch: int):
-    """This rank's batches of item indices for an epoch (DistributedSampler, same order on
-    resume)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = world_size()
-    sampler = DistributedSampler(range(n_items), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    idx = list(sampler)
-    step = cfg.batch_size
-    return [idx[i:i + step] for i in range(0, len(idx) - step + 1, step)]
-
-
 def sft_warmup(problems, policy, cfg: Config, log):
     """Warm-up: NLL of the reference `solution` + the end-of-turn token (tokenizer.eos_token,
     which the chat template closes an assistant turn with; generation may stop on other EOS ids
@@ -691,7 +684,7 @@ def sft_warmup(problems, policy, cfg: Config, log):
         examples.append((prompt_ids(tok, cfg, q, guided=False), solution + [eos]))
     step = 0
     for epoch in range(cfg.sft_epochs):
-        for batch in batches_of(len(examples), cfg, epoch):
+        for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
             stats = Stats()
             local = sum(len(examples[i][1]) for i in batch)
             n_tokens = all_reduce(torch.tensor(float(local), device=policy.device))
@@ -788,11 +781,11 @@ def train(cfg: Config, data, resume, policy):
         save_checkpoint(cfg, policy, *opt, state)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
     with bar:  # (closed on Ctrl-C)
-        batches = batches_of(len(problems), cfg, state["epoch"])
+        batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
         while state["step"] < cfg.max_steps:
             if state["position"] >= len(batches):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
-                batches = batches_of(len(problems), cfg, state["epoch"])
+                batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             batch = [problems[i] for i in batches[state["position"]]]
             metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade, ref)
             state["position"] += 1

@@ -2,8 +2,7 @@
 vocabulary size.
 
     python tests/bench_kd_memory.py            # prints a table; each case runs in a fresh process
-    python tests/bench_kd_memory.py chunked 4096 20000 128   # one case: mode, positions,
-    vocabulary, chunk
+    python tests/bench_kd_memory.py chunked 4096 20000 128   # mode, positions, vocabulary, chunk
 Peak RSS minus the RSS before the loss = the loss's own extra memory. MALLOC_MMAP_THRESHOLD_ makes
 glibc return every freed tensor to the OS, so that RSS follows live tensors rather than allocator
 caching.
@@ -52,9 +51,7 @@ if __name__ == "__main__":
         ]
         for mode, T, c in cases:
             out = subprocess.run(
-                [sys.executable, __file__, mode, str(T), "151936", str(c)],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                [sys.executable, __file__, mode, str(T), "151936", str(c)], capture_output=True,
+                text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             )
             print(out.stdout.strip() or out.stderr.strip().splitlines()[-1])

@@ -2,14 +2,14 @@
 update), useful generated tokens per second, update time per trained token and peak memory, for any
 model and sgpo.py flags.
 
-    python tests/bench_step.py                       # the toy model: 8 problems x (8 + 4) rollouts,
-    48 new tokens python tests/bench_step.py --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl
-    --max_completion_length 2048 torchrun --nproc_per_node=8 tests/bench_step.py @paper.args --model
-    ... --data ... --steps 4
+    python tests/bench_step.py          # the toy model: 8 problems x (8 + 4) rollouts, 48 tokens
+    python tests/bench_step.py --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl \
+        --max_completion_length 2048
+    torchrun --nproc_per_node=8 tests/bench_step.py @paper.args --model ... --data ... --steps 4
 Flags after the script's own (--steps) go to sgpo.py unchanged and override its defaults here (8
 problems a rank, no held-out evaluation, no checkpoint but the last, in a temporary folder). The
-first step (allocator and cache warm-up) is left out of the means. Useful tokens: response tokens up
-to the first EOS, all ranks.
+first step (allocator and cache warm-up) is left out of the means. Useful tokens: response tokens
+up to the first EOS, all ranks.
 """
 
 import json
@@ -30,19 +30,8 @@ def main(argv):
         steps, argv = int(argv[1]), argv[2:]
     with tempfile.TemporaryDirectory() as out:
         args = [
-            "--batch_size",
-            "8",
-            "--eval_data",
-            "",
-            "--save_steps",
-            "1000000",
-            "--max_steps",
-            str(steps),
-            *argv,
-            "--output_dir",
-            out,
-            "--overwrite_output_dir",
-            "true",
+            "--batch_size", "8", "--eval_data", "", "--save_steps", "1000000", "--max_steps",
+            str(steps), *argv, "--output_dir", out, "--overwrite_output_dir", "true"
         ]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

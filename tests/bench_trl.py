@@ -1,12 +1,12 @@
 """TRL's GRPO and SDPO trainers on the toy model, timed per step, then sgpo's step
-(tests/bench_step.py) in the same process and thread count: the comparison of README "Speed". TRL is
-not a dependency: `pip install trl` to run it.
+(tests/bench_step.py) in the same process and thread count: the comparison of
+docs/memory_and_speed.md "Speed". TRL is not a dependency: `pip install trl` to run it.
 
-    python tests/bench_trl.py                      # 8 problems a step x 8 rollouts (sgpo: 8 + 4),
-    48 new tokens, fp32 python tests/bench_trl.py --threads 2 --steps 8
-Per trainer: the mean step time after the first step and its generation part (TRL's own `_generate`,
-timed by a wrapper), on the same problems and reward (reward.math_reward); SDPO distils full logits,
-as sgpo does.
+    python tests/bench_trl.py        # 8 problems a step x 8 rollouts (sgpo: 8 + 4), 48 tokens
+    python tests/bench_trl.py --threads 2 --steps 8
+Per trainer: the mean step time after the first step and its generation part (TRL's own
+`_generate`, timed by a wrapper), on the same problems and reward (reward.math_reward); SDPO
+distils full logits, as sgpo does.
 """
 
 import argparse
@@ -43,7 +43,7 @@ def bench(name: str, args) -> None:
                 "prompt": [
                     {
                         "role": "user",
-                        "content": cfg.prompt_template.replace("{problem}", q["problem"]),
+                        "content": cfg.prompt_template.replace("{problem}", q["problem"])
                     }
                 ],
                 "answer": q["answer"],
@@ -52,26 +52,11 @@ def bench(name: str, args) -> None:
         ]
     )
     common = dict(
-        per_device_train_batch_size=8 * args.generations,
-        num_generations=args.generations,
-        max_completion_length=48,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        learning_rate=1e-4,
-        max_steps=args.steps,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        shuffle_dataset=False,
-        output_dir=tempfile.mkdtemp(),
-        epsilon_high=0.28,
-        beta=0.0,
-        disable_tqdm=True,
-        logging_strategy="no",
-        log_level="error",
+        per_device_train_batch_size=8 * args.generations, num_generations=args.generations,
+        max_completion_length=48, temperature=1.0, top_k=0, top_p=1.0, learning_rate=1e-4,
+        max_steps=args.steps, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        bf16=False, shuffle_dataset=False, output_dir=tempfile.mkdtemp(), epsilon_high=0.28,
+        beta=0.0, disable_tqdm=True, logging_strategy="no", log_level="error"
     )
     if name == "grpo":
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
@@ -82,7 +67,7 @@ def bench(name: str, args) -> None:
     model_dir = os.path.join(ROOT, "toy/cups_data/model")
     model, tok = (
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        AutoTokenizer.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir)
     )
     steps, gen = [], []
 
@@ -94,12 +79,8 @@ def bench(name: str, args) -> None:
             steps.append(time.perf_counter() - self.t)
 
     trainer = Trainer(
-        model=model,
-        reward_funcs=correctness,
-        args=Config(**common),
-        train_dataset=data,
-        processing_class=tok,
-        callbacks=[Clock()],
+        model=model, reward_funcs=correctness, args=Config(**common), train_dataset=data,
+        processing_class=tok, callbacks=[Clock()]
     )
     inner = trainer._generate
 

@@ -23,11 +23,8 @@ from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
 def tiny_rows(n=16):
     return [
         {
-            "id": f"q{i}",
-            "problem": f"pick {'ab'[i % 2]}{i}",
-            "answer": "37"[i % 2],
-            "strategy": f"say {'37'[i % 2]}",
-            "solution": f"\\boxed{{{'37'[i % 2]}}}",
+            "id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2],
+            "strategy": f"say {'37'[i % 2]}", "solution": f"\\boxed{{{'37'[i % 2]}}}"
         }
         for i in range(n)
     ]
@@ -78,12 +75,8 @@ def run_sgpo(args, nproc=0, timeout=300, script="sgpo.py"):
         else [sys.executable]
     )
     return subprocess.run(
-        launcher + [str(ROOT / script)] + [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
+        launcher + [str(ROOT / script)] + [str(a) for a in args], capture_output=True, text=True,
+        timeout=timeout, cwd=ROOT, env=env
     )
 
 
@@ -128,24 +121,9 @@ def warm_dir(tiny_dir, data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("warm")
     proc = run_sgpo(
         [
-            "--model",
-            tiny_dir,
-            "--data",
-            data_file,
-            "--output_dir",
-            out,
-            "--sft_epochs",
-            30,
-            "--sft_learning_rate",
-            1e-2,
-            "--batch_size",
-            8,
-            "--micro_batch_size",
-            16,
-            "--max_steps",
-            0,
-            "--eval_data",
-            "",
+            "--model", tiny_dir, "--data", data_file, "--output_dir", out, "--sft_epochs", 30,
+            "--sft_learning_rate", 1e-2, "--batch_size", 8, "--micro_batch_size", 16, "--max_steps",
+            0, "--eval_data", ""
         ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

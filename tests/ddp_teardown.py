@@ -18,7 +18,6 @@ runtime.all_gather_objects(rank)
 dist.destroy_process_group()
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 print(
-    f"rank {rank} gloo threads after destroy: {[t for t in threads if 'gloo' in t]}\n",
-    end="",
-    flush=True,
+    f"rank {rank} gloo threads after destroy: {[t for t in threads if 'gloo' in t]}\n", end="",
+    flush=True
 )

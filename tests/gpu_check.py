@@ -3,8 +3,8 @@ vocabulary size, with DDP and with FSDP (torchrun, world size 1), generation, sc
 and checkpoint included; prints peak GPU memory and the step's time split. Run by
 tests/gpu_check.sh; on a CPU a scaled-down smoke run (no warm-up, fp32, no memory figures).
 
-    bash tests/gpu_check.sh            # or: python tests/gpu_check.py build DIR; torchrun ...
-    gpu_check.py run DIR fsdp
+    bash tests/gpu_check.sh
+    # or: python tests/gpu_check.py build DIR; torchrun ... gpu_check.py run DIR fsdp
 """
 
 import json
@@ -28,18 +28,10 @@ def build(folder):
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(
         Qwen3Config(
-            vocab_size=151936,
-            hidden_size=512,
-            intermediate_size=1536,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=128,
-            max_position_embeddings=2048,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=None,
-            tie_word_embeddings=False,
+            vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+            max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False
         )
     )
     model.save_pretrained(os.path.join(folder, "model"))
@@ -51,43 +43,14 @@ def run(folder, fsdp):
     out = os.path.join(folder, f"run-fsdp-{fsdp}")
     gpu = torch.cuda.is_available()  # on a CPU: a smoke run of the script itself, scaled down
     args = [
-        "--model",
-        os.path.join(folder, "model"),
-        "--data",
-        os.path.join(folder, "train.jsonl"),
-        "--output_dir",
-        out,
-        "--overwrite_output_dir",
-        "--fsdp",
-        fsdp,
-        "--dtype",
-        "bf16" if gpu else "fp32",
-        "--sft_learning_rate",
-        "3e-3",
-        "--sft_epochs",
-        "10" if gpu else "0",
-        "--learning_rate",
-        "1e-6",
-        "--max_steps",
-        "2" if gpu else "1",
-        "--batch_size",
-        "16" if gpu else "2",
-        "--num_generations",
-        "8",
-        "--num_guided_generations",
-        "4",
-        "--max_completion_length",
-        "64" if gpu else "8",
-        "--generation_batch_size",
-        "96" if gpu else "12",
-        "--micro_batch_size",
-        "16",
-        "--gradient_checkpointing",
-        "true",
-        "--kl_clip",
-        "1.0",
-        "--eval_data",
-        "",
+        "--model", os.path.join(folder, "model"), "--data", os.path.join(folder, "train.jsonl"),
+        "--output_dir", out, "--overwrite_output_dir", "--fsdp", fsdp, "--dtype",
+        "bf16" if gpu else "fp32", "--sft_learning_rate", "3e-3", "--sft_epochs",
+        "10" if gpu else "0", "--learning_rate", "1e-6", "--max_steps", "2" if gpu else "1",
+        "--batch_size", "16" if gpu else "2", "--num_generations", "8", "--num_guided_generations",
+        "4", "--max_completion_length", "64" if gpu else "8", "--generation_batch_size",
+        "96" if gpu else "12", "--micro_batch_size", "16", "--gradient_checkpointing", "true",
+        "--kl_clip", "1.0", "--eval_data", ""
     ]
     assert sgpo.main(args) == 0
     if int(os.environ.get("RANK", 0)) == 0:
@@ -98,15 +61,8 @@ def run(folder, fsdp):
             else "n/a (CPU)"
         )
         keys = (
-            "time/generate",
-            "time/grade",
-            "time/select",
-            "time/update",
-            "perf/gen_tokens_per_s",
-            "kd/target_frac",
-            "loss/kd",
-            "rollout_probs_diff_max",
-            "grad_norm",
+            "time/generate", "time/grade", "time/select", "time/update", "perf/gen_tokens_per_s",
+            "kd/target_frac", "loss/kd", "rollout_probs_diff_max", "grad_norm"
         )
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(

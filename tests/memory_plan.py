@@ -1,18 +1,17 @@
 """Per-GPU memory of a run, from a model's config (no download: parameters counted on the meta
 device).
 
-    python tests/memory_plan.py                                   # Qwen2.5-1.5B and 7B under
-    paper.args, 8 GPUs python tests/memory_plan.py --config path/to/config.json --world 4
-    --generation_batch_size 32
+    python tests/memory_plan.py       # Qwen2.5-1.5B and 7B under paper.args, 8 GPUs
+    python tests/memory_plan.py --config path/to/config.json --world 4 --generation_batch_size 32
 
 Arithmetic (bytes): fp32 master weights 4/param, fp32 gradients 4, AdamW moments 8 (DDP: all on
 every GPU; FSDP: divided by the world size); bf16 compute copy of the weights 2/param (DDP:
-autocast's cast cache during a forward;
-FSDP: the full weights gathered for generation); KV cache of one generate call = sequences x (prompt
-+ new tokens) x 2 (K, V) x layers x kv_heads x head_dim x 2 (bf16); KD loss chunk = kd_chunk_size x
-vocab x 14 (3 fp32 and one bf16 [chunk, V] tensors live, measured: tests/bench_kd_memory.py);
-activations under gradient checkpointing (estimate) = micro-batch tokens x (hidden x layers + ~3 x
-intermediate + ~8 x hidden of the recomputed layer) x 2.
+autocast's cast cache during a forward; FSDP: the full weights gathered for generation); KV cache of
+one generate call = sequences x (prompt + new tokens) x 2 (K, V) x layers x kv_heads x head_dim x 2
+(bf16); KD loss chunk = kd_chunk_size x vocab x 14 (3 fp32 and one bf16 [chunk, V] tensors live,
+measured: tests/bench_kd_memory.py); activations under gradient checkpointing (estimate) =
+micro-batch tokens x (hidden x layers + ~3 x intermediate + ~8 x hidden of the recomputed layer)
+x 2.
 """
 
 import argparse
@@ -27,24 +26,12 @@ QWEN = dict(
 )
 CONFIGS = {
     "Qwen2.5-1.5B-Instruct": dict(
-        QWEN,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
+        QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True
     ),
     "Qwen2.5-7B-Instruct": dict(
-        QWEN,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
+        QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False
     ),
 }
 GB = 1e9
@@ -80,14 +67,9 @@ def plan(config, args) -> dict:
             + kd_chunk
         )
         out[mode] = dict(
-            weights_grads_adam=states / GB,
-            bf16_weights=2 * n / GB,
-            kv_cache_per_call=kv_call / GB,
-            generate_calls=calls,
-            kd_chunk=kd_chunk / GB,
-            activations=act / GB,
-            peak_generation=gen / GB,
-            peak_update=train / GB,
+            weights_grads_adam=states / GB, bf16_weights=2 * n / GB, kv_cache_per_call=kv_call / GB,
+            generate_calls=calls, kd_chunk=kd_chunk / GB, activations=act / GB,
+            peak_generation=gen / GB, peak_update=train / GB
         )
     return out
 
@@ -112,22 +94,22 @@ def main():
         else {k: AutoConfig.for_model(**v) for k, v in CONFIGS.items()}
     )
     print(
-        "| model | mode | weights + grads + AdamW | bf16 weights | KV cache / generate call \
-(calls / step) | KD chunk "
-        "| activations (est.) | peak in generation | peak in the update \
-|\n|---|---|---|---|---|---|---|---|---|"
+        "| model | mode | weights + grads + AdamW | bf16 weights | KV cache / generate call "
+        "(calls / step) | KD chunk "
+        "| activations (est.) | peak in generation | peak in the update "
+        "|\n|---|---|---|---|---|---|---|---|---|"
     )
     for name, config in configs.items():
         out = plan(config, args)
         for mode in ("DDP", f"FSDP x{args.world}"):
             m = out[mode]
             print(
-                f"| {name} ({out['parameters (B)']:.2f}B, {out['KV cache per token (KB)']:.0f} \
-KB/token) | {mode} | "
-                f"{m['weights_grads_adam']:.1f} | {m['bf16_weights']:.1f} | \
-{m['kv_cache_per_call']:.1f} ({m['generate_calls']}) "
-                f"| {m['kd_chunk']:.1f} | {m['activations']:.1f} | **{m['peak_generation']:.1f}** \
-| **{m['peak_update']:.1f}** |"
+                f"| {name} ({out['parameters (B)']:.2f}B, {out['KV cache per token (KB)']:.0f} "
+                f"KB/token) | {mode} | "
+                f"{m['weights_grads_adam']:.1f} | {m['bf16_weights']:.1f} | "
+                f"{m['kv_cache_per_call']:.1f} ({m['generate_calls']}) "
+                f"| {m['kd_chunk']:.1f} | {m['activations']:.1f} | **{m['peak_generation']:.1f}** "
+                f"| **{m['peak_update']:.1f}** |"
             )
 
 

@@ -12,28 +12,25 @@ from tests.test_e2e import COMMON
 ABLATIONS = {
     "full": ([], lambda m: m["loss/kd"] > 0 and m["loss/grpo"] != 0),
     "w/o strategy distillation": (
-        ["--use_kd", "false"],
-        lambda m: m["loss/kd"] == 0 and "kd/kl_mean" not in m,
+        ["--use_kd", "false"], lambda m: m["loss/kd"] == 0 and "kd/kl_mean" not in m
     ),
     "w/o autonomous GRPO": (
         ["--use_grpo", "false"],
-        lambda m: m["loss/grpo"] == 0 and "clip_ratio" not in m and m["loss/kd"] > 0,
+        lambda m: m["loss/grpo"] == 0 and "clip_ratio" not in m and m["loss/kd"] > 0
     ),
     "w/o KL clipping": (["--kl_clip", "inf"], lambda m: m["kd/kl_clip_frac"] == 0),
     "w/o target selection": (["--target_selection", "false"], lambda m: m["kd/target_frac"] > 0),
     "fixed alpha": (["--adaptive_alpha", "false"], lambda m: m["alpha/mean"] == 0.5),
     "direct SFT on selected targets": (
-        ["--kd_loss", "sft"],
-        lambda m: m["kd/kl_mean"] == 0 and m["loss/kd"] > 0,
+        ["--kd_loss", "sft"], lambda m: m["kd/kl_mean"] == 0 and m["loss/kd"] > 0
     ),
     "reverse KL": (["--kd_loss", "rkl"], lambda m: m["kd/kl_mean"] > 0),
     "w/o all proximal constraints": (
         ["--kl_clip", "inf", "--target_selection", "false", "--kd_trust_region", "false"],
-        lambda m: m["kd/kl_clip_frac"] == 0,
+        lambda m: m["kd/kl_clip_frac"] == 0
     ),
     "several updates per batch": (
-        ["--num_iterations", "2"],
-        lambda m: m["kd/ratio_out_frac"] >= 0 and m["loss/kd"] > 0,
+        ["--num_iterations", "2"], lambda m: m["kd/ratio_out_frac"] >= 0 and m["loss/kd"] > 0
     ),
     "reference KL": (["--beta", "0.1"], lambda m: "kl" in m),
 }
@@ -96,6 +93,5 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
         for row in ("sgpo_spread", "direct_sft_spread")
     ]
     assert spread[0].model == spread[1].model == "s/model" and (
-        spread[0].kd_loss,
-        spread[1].kd_loss,
+        spread[0].kd_loss, spread[1].kd_loss
     ) == ("fkl", "sft")

@@ -1,7 +1,7 @@
 """Bad input and hostile environments: every case is one line on stderr, exit code 2, and nothing
-written (or, where the input can be handled, the documented behaviour). CASES is the README's
-reliability table: each row's line is asserted here exactly (TMP = the test's temporary folder) and
-must appear in README.md."""
+written (or, where the input can be handled, the documented behaviour). CASES is the reliability
+table of docs/reliability.md: each row's line is asserted here exactly (TMP = the test's temporary
+folder) and must appear there."""
 
 import json
 import os
@@ -74,41 +74,22 @@ def _cut(path, size):
 
 def _sgpo(c, *extra, data=None):
     return [
-        "--model",
-        c["tiny_dir"],
-        "--data",
-        data or c["data_file"],
-        "--eval_data",
-        "",
-        "--output_dir",
-        c["tmp"] / "out",
-        *extra,
+        "--model", c["tiny_dir"], "--data", data or c["data_file"], "--eval_data", "",
+        "--output_dir", c["tmp"] / "out", *extra
     ]
 
 
 def _eval(c, bench, *extra, model=None):
     return [
-        "--model",
-        model or c["tiny_dir"],
-        "--bench",
-        f"b={bench}:1",
-        "--output_dir",
-        c["tmp"] / "out",
-        "--max_new_tokens",
-        4,
-        *extra,
+        "--model", model or c["tiny_dir"], "--bench", f"b={bench}:1", "--output_dir",
+        c["tmp"] / "out", "--max_new_tokens", 4, *extra
     ]
 
 
 def _extract(c, *extra, input=None, output=None):
     return [
-        "--input",
-        input or _data(c["tmp"]),
-        "--output",
-        output or c["tmp"] / "out.jsonl",
-        "--model",
-        "m",
-        *extra,
+        "--input", input or _data(c["tmp"]), "--output", output or c["tmp"] / "out.jsonl",
+        "--model", "m", *extra
     ]
 
 
@@ -123,26 +104,23 @@ SURROGATE = lambda rows: rows[0].update(problem="a \ud800")  # noqa: E731  (vali
 # nothing.
 CASES = [
     (
-        "sgpo.py",
-        "a problem holding a lone UTF-16 surrogate",
+        "sgpo.py", "a problem holding a lone UTF-16 surrogate",
         lambda c: _sgpo(c, data=_data(c["tmp"], SURROGATE)),
-        "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)",
+        "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"
     ),
     (
         "sgpo.py",
         "a problem longer than the model's context",
         lambda c: _sgpo(c, data=_data(c["tmp"], lambda rows: rows[1].update(problem=LONG))),
-        "error: TMP/d.jsonl:2: problem: needs 1239 tokens with the response, more than the \
-model's context of 1024 "
-        "(max_position_embeddings)",
+        "error: TMP/d.jsonl:2: problem: needs 1239 tokens with the response, more than the "
+        "model's context of 1024 (max_position_embeddings)",
     ),
     (
         "sgpo.py",
         "a strategy that makes the guided prompt too long",
         lambda c: _sgpo(c, data=_data(c["tmp"], lambda rows: rows[2].update(strategy=LONG))),
-        "error: TMP/d.jsonl:3: strategy: needs 1289 tokens with the response, more than the \
-model's context of 1024 "
-        "(max_position_embeddings)",
+        "error: TMP/d.jsonl:3: strategy: needs 1289 tokens with the response, more than the "
+        "model's context of 1024 (max_position_embeddings)",
     ),
     (
         "sgpo.py",
@@ -150,9 +128,8 @@ model's context of 1024 "
         lambda c: _sgpo(
             c, "--sft_epochs", 1, data=_data(c["tmp"], lambda rows: rows[3].update(solution=LONG))
         ),
-        "error: TMP/d.jsonl:4: solution: needs 1199 tokens with the response, more than the \
-model's context of 1024 "
-        "(max_position_embeddings)",
+        "error: TMP/d.jsonl:4: solution: needs 1199 tokens with the response, more than the "
+        "model's context of 1024 (max_position_embeddings)",
     ),
     (
         "sgpo.py",
@@ -162,48 +139,37 @@ model's context of 1024 "
         "needed)",
     ),
     (
-        "sgpo.py",
-        "--output_dir is an existing file",
+        "sgpo.py", "--output_dir is an existing file",
         lambda c: _sgpo(c, "--output_dir", _afile(c["tmp"])),
-        "error: --output_dir TMP/afile: is not a directory",
+        "error: --output_dir TMP/afile: is not a directory"
     ),
     (
-        "sgpo.py",
-        "--output_dir under a file",
+        "sgpo.py", "--output_dir under a file",
         lambda c: _sgpo(c, "--output_dir", _afile(c["tmp"]) / "out"),
-        "error: --output_dir TMP/afile/out: TMP/afile is not a directory",
+        "error: --output_dir TMP/afile/out: TMP/afile is not a directory"
     ),
     (
-        "sgpo.py",
-        "--output_dir under /proc",
-        lambda c: _sgpo(c, "--output_dir", "/proc/sgpo-out"),
-        "error: --output_dir /proc/sgpo-out: cannot write there (No such file or directory)",
+        "sgpo.py", "--output_dir under /proc", lambda c: _sgpo(c, "--output_dir", "/proc/sgpo-out"),
+        "error: --output_dir /proc/sgpo-out: cannot write there (No such file or directory)"
     ),
     (
-        "sgpo.py",
-        "an unreadable data file (mode 000)",
-        lambda c: _sgpo(c, data=c["unreadable"]),
-        "error: TMP/unreadable.jsonl: cannot read (Permission denied)",
+        "sgpo.py", "an unreadable data file (mode 000)", lambda c: _sgpo(c, data=c["unreadable"]),
+        "error: TMP/unreadable.jsonl: cannot read (Permission denied)"
     ),
     (
-        "sgpo.py",
-        "--resume with no checkpoint in --output_dir",
-        lambda c: _sgpo(c, "--resume"),
-        "error: --resume: no checkpoint in TMP/out (to start over there: --overwrite_output_dir)",
+        "sgpo.py", "--resume with no checkpoint in --output_dir", lambda c: _sgpo(c, "--resume"),
+        "error: --resume: no checkpoint in TMP/out (to start over there: --overwrite_output_dir)"
     ),
     (
-        "sgpo.py",
-        "--resume naming a folder that is not there",
-        lambda c: _sgpo(c, "--resume", c["tmp"] / "nope"),
-        "error: --resume TMP/nope: not a folder",
+        "sgpo.py", "--resume naming a folder that is not there",
+        lambda c: _sgpo(c, "--resume", c["tmp"] / "nope"), "error: --resume TMP/nope: not a folder"
     ),
     (
         "sgpo.py",
         "--resume naming a checkpoint with an empty trainer_state.pt",
         lambda c: _sgpo(
-            c,
-            "--resume",
-            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 0)),
+            c, "--resume",
+            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 0))
         ),
         "error: --resume TMP/run/checkpoint-2: trainer_state.pt: cannot be loaded (EOFError)",
     ),
@@ -211,9 +177,8 @@ model's context of 1024 "
         "sgpo.py",
         "--resume naming a checkpoint whose trainer_state.pt was cut",
         lambda c: _sgpo(
-            c,
-            "--resume",
-            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 2000)),
+            c, "--resume",
+            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "trainer_state.pt", 2000))
         ),
         "error: --resume TMP/run/checkpoint-2: trainer_state.pt: cannot be loaded (RuntimeError)",
     ),
@@ -221,9 +186,8 @@ model's context of 1024 "
         "sgpo.py",
         "--resume naming a checkpoint whose model.safetensors was cut",
         lambda c: _sgpo(
-            c,
-            "--resume",
-            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "model.safetensors", 5000)),
+            c, "--resume",
+            _damaged(c["tmp"], c["run_dir"], lambda d: _cut(d / "model.safetensors", 5000))
         ),
         "error: --resume TMP/run/checkpoint-2: model.safetensors: damaged or cut short (5000 "
         "bytes)",
@@ -232,25 +196,23 @@ model's context of 1024 "
         "sgpo.py",
         "--resume where every checkpoint is damaged",
         lambda c: _sgpo(c, "--resume") + ["--output_dir", _all_cut(c)],
-        "error: --resume: no whole checkpoint in TMP/run (TMP/run/checkpoint-2/model.safetensors: \
-damaged or cut short "
-        "(0 bytes); TMP/run/checkpoint-1/model.safetensors: damaged or cut short (0 bytes)); to \
-start over: "
+        "error: --resume: no whole checkpoint in TMP/run (TMP/run/checkpoint-2/model.safetensors: "
+        "damaged or cut short "
+        "(0 bytes); TMP/run/checkpoint-1/model.safetensors: damaged or cut short (0 bytes)); to "
+        "start over: "
         "--overwrite_output_dir",
     ),
     (
-        "evaluate.py",
-        "a benchmark problem holding a lone UTF-16 surrogate",
+        "evaluate.py", "a benchmark problem holding a lone UTF-16 surrogate",
         lambda c: _eval(c, _data(c["tmp"], SURROGATE, "b.jsonl", n=1)),
-        "error: TMP/b.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)",
+        "error: TMP/b.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"
     ),
     (
         "evaluate.py",
         "a benchmark prompt longer than the model's context",
         lambda c: _eval(c, _bench(c["tmp"], LONG)),
-        "error: TMP/b.jsonl:1: problem: needs 1192 tokens with the response, more than the \
-model's context of 1024 "
-        "(max_position_embeddings)",
+        "error: TMP/b.jsonl:1: problem: needs 1192 tokens with the response, more than the "
+        "model's context of 1024 (max_position_embeddings)",
     ),
     (
         "evaluate.py",
@@ -260,28 +222,23 @@ model's context of 1024 "
         "needed)",
     ),
     (
-        "evaluate.py",
-        "--output_dir is an existing file",
+        "evaluate.py", "--output_dir is an existing file",
         lambda c: _eval(c, _bench(c["tmp"])) + ["--output_dir", _afile(c["tmp"])],
-        "error: --output_dir TMP/afile: is not a directory",
+        "error: --output_dir TMP/afile: is not a directory"
     ),
     (
-        "evaluate.py",
-        "--output_dir under /proc",
+        "evaluate.py", "--output_dir under /proc",
         lambda c: _eval(c, _bench(c["tmp"])) + ["--output_dir", "/proc/sgpo-ev"],
-        "error: --output_dir /proc/sgpo-ev: cannot write there (No such file or directory)",
+        "error: --output_dir /proc/sgpo-ev: cannot write there (No such file or directory)"
     ),
     (
-        "extract_strategies.py",
-        "an input row holding a lone UTF-16 surrogate",
+        "extract_strategies.py", "an input row holding a lone UTF-16 surrogate",
         lambda c: _extract(c, input=_data(c["tmp"], SURROGATE)),
-        "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)",
+        "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"
     ),
     (
-        "extract_strategies.py",
-        "--output is a folder",
-        lambda c: _extract(c, output=c["tmp"]),
-        "error: --output TMP: is a directory",
+        "extract_strategies.py", "--output is a folder", lambda c: _extract(c, output=c["tmp"]),
+        "error: --output TMP: is a directory"
     ),
     (
         "extract_strategies.py",
@@ -316,22 +273,9 @@ def run_dir(warm_dir, data_file, tmp_path_factory):
     assert (
         sgpo.main(
             [
-                "--model",
-                str(warm_dir),
-                "--data",
-                str(data_file),
-                "--output_dir",
-                str(out),
-                "--eval_data",
-                "",
-                "--max_steps",
-                "2",
-                "--save_steps",
-                "1",
-                "--batch_size",
-                "4",
-                "--max_completion_length",
-                "8",
+                "--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out),
+                "--eval_data", "", "--max_steps", "2", "--save_steps", "1", "--batch_size", "4",
+                "--max_completion_length", "8"
             ]
         )
         == 0
@@ -359,11 +303,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(
         str(a)
         for a in argv(
             dict(
-                tmp=tmp_path,
-                tiny_dir=tiny_dir,
-                data_file=data_file,
-                run_dir=run_dir,
-                unreadable=unreadable,
+                tmp=tmp_path, tiny_dir=tiny_dir, data_file=data_file, run_dir=run_dir,
+                unreadable=unreadable
             )
         )
     ]
@@ -384,7 +325,7 @@ def _raise_eacces():
 
 
 def test_readme_lists_every_case():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "reliability.md").read_text()
     for script, case, _, line in CASES:
         assert f"| {script} | {case} | `{line}` |" in readme, (script, case)
 
@@ -404,20 +345,8 @@ def test_crash_before_the_first_record_does_not_block_a_rerun(warm_dir, data_fil
     out.mkdir()
     (out / "metrics.jsonl").write_text("")
     args = [
-        "--model",
-        str(warm_dir),
-        "--data",
-        str(data_file),
-        "--output_dir",
-        str(out),
-        "--eval_data",
-        "",
-        "--max_steps",
-        "1",
-        "--batch_size",
-        "4",
-        "--max_completion_length",
-        "8",
+        "--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out), "--eval_data",
+        "", "--max_steps", "1", "--batch_size", "4", "--max_completion_length", "8"
     ]
     assert sgpo.main(args) == 0
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1]
@@ -434,29 +363,15 @@ def test_resume_passes_over_a_damaged_latest_checkpoint(run_dir, data_file, tmp_
     capsys.readouterr()
     cfg = json.loads((run_dir / "checkpoint-2" / "sgpo_config.json").read_text())
     args = [
-        "--model",
-        cfg["model"],
-        "--data",
-        str(data_file),
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--eval_data",
-        "",
-        "--max_steps",
-        "2",
-        "--save_steps",
-        "1",
-        "--batch_size",
-        "4",
-        "--max_completion_length",
-        "8",
-        "--resume",
+        "--model", cfg["model"], "--data", str(data_file), "--output_dir", str(tmp_path / "run"),
+        "--eval_data", "", "--max_steps", "2", "--save_steps", "1", "--batch_size", "4",
+        "--max_completion_length", "8", "--resume"
     ]
     assert sgpo.main(args) == 0
     run = tmp_path / "run"
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"warning: --resume: passed over {run}/checkpoint-2/trainer_state.pt: cannot be loaded \
-(RuntimeError); "
+        f"warning: --resume: passed over {run}/checkpoint-2/trainer_state.pt: cannot be loaded "
+        f"(RuntimeError); "
         f"resuming from {run}/checkpoint-1"
     )
     assert (
@@ -496,9 +411,8 @@ def test_checkpoint_is_synced_before_and_after_the_rename(
     before it, the parent folder (the rename itself) after it."""
     events, real_fsync, real_replace = [], os.fsync, os.replace
     monkeypatch.setattr(
-        os,
-        "fsync",
-        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd),
+        os, "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)
     )
     monkeypatch.setattr(
         os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b)
@@ -507,20 +421,9 @@ def test_checkpoint_is_synced_before_and_after_the_rename(
     assert (
         sgpo.main(
             [
-                "--model",
-                str(warm_dir),
-                "--data",
-                str(data_file),
-                "--output_dir",
-                str(out),
-                "--eval_data",
-                "",
-                "--max_steps",
-                "1",
-                "--batch_size",
-                "4",
-                "--max_completion_length",
-                "8",
+                "--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out),
+                "--eval_data", "", "--max_steps", "1", "--batch_size", "4",
+                "--max_completion_length", "8"
             ]
         )
         == 0
@@ -537,24 +440,9 @@ def test_ctrl_c_prints_one_line_and_leaves_no_partial_checkpoint(warm_dir, data_
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [
-            sys.executable,
-            str(ROOT / "sgpo.py"),
-            "--model",
-            str(warm_dir),
-            "--data",
-            str(data_file),
-            "--output_dir",
-            str(out),
-            "--eval_data",
-            "",
-            "--max_steps",
-            "100000",
-            "--save_steps",
-            "1",
-            "--batch_size",
-            "4",
-            "--max_completion_length",
-            "8",
+            sys.executable, str(ROOT / "sgpo.py"), "--model", str(warm_dir), "--data",
+            str(data_file), "--output_dir", str(out), "--eval_data", "", "--max_steps", "100000",
+            "--save_steps", "1", "--batch_size", "4", "--max_completion_length", "8"
         ],
         cwd=ROOT,
         env=env,
@@ -588,20 +476,8 @@ def test_interrupt_while_writing_a_checkpoint_removes_it(
 
     monkeypatch.setattr(sgpo.torch, "save", interrupted)
     args = [
-        "--model",
-        str(warm_dir),
-        "--data",
-        str(data_file),
-        "--output_dir",
-        str(out),
-        "--eval_data",
-        "",
-        "--max_steps",
-        "1",
-        "--batch_size",
-        "4",
-        "--max_completion_length",
-        "8",
+        "--model", str(warm_dir), "--data", str(data_file), "--output_dir", str(out), "--eval_data",
+        "", "--max_steps", "1", "--batch_size", "4", "--max_completion_length", "8"
     ]
     with pytest.raises(KeyboardInterrupt):
         sgpo.main(args)
@@ -629,29 +505,22 @@ def test_unparsable_gold_answers_are_counted_and_named(warm_dir, tmp_path, capsy
     write_jsonl(
         bench,
         [
-            {"problem": "pick a1", "answer": "see figure."},
-            {"problem": "pick b2", "answer": "3"},
-            {"problem": "pick a3", "answer": "\\"},
+            {"problem": "pick a1", "answer": "see figure."}, {"problem": "pick b2", "answer": "3"},
+            {"problem": "pick a3", "answer": "\\"}
         ],
     )
     assert (
         evaluate.main(
             [
-                "--model",
-                str(warm_dir),
-                "--bench",
-                f"b={bench}:1",
-                "--output_dir",
-                str(tmp_path / "out"),
-                "--max_new_tokens",
-                "4",
+                "--model", str(warm_dir), "--bench", f"b={bench}:1", "--output_dir",
+                str(tmp_path / "out"), "--max_new_tokens", "4"
             ]
         )
         == 0
     )
     assert (
-        f"warning: {bench}: 2 of 3 gold answers math-verify cannot parse into a value (lines 1, \
-3): only a "
+        f"warning: {bench}: 2 of 3 gold answers math-verify cannot parse into a value (lines 1, "
+        f"3): only a "
         "response with the same text can match them"
     ) in capsys.readouterr().err.splitlines()
 
@@ -667,7 +536,7 @@ def test_read_only_output_dir(tmp_path, data_file, tiny_dir, monkeypatch, capsys
     monkeypatch.setattr(inputs.tempfile, "mkstemp", read_only)
     for script, args in (
         ("sgpo.py", ["--model", str(tiny_dir), "--data", str(data_file)]),
-        ("evaluate.py", ["--bench", f"b={_bench(tmp_path)}:1"]),
+        ("evaluate.py", ["--bench", f"b={_bench(tmp_path)}:1"])
     ):
         assert SCRIPTS[script].main(args + ["--output_dir", str(tmp_path / "ro")]) == 2
         assert (

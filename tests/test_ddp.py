@@ -14,11 +14,8 @@ HELPER = Path(__file__).with_name("ddp_grads.py")
 def _run(args, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable] + args + [str(HELPER), str(out), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        [sys.executable] + args + [str(HELPER), str(out), *extra], capture_output=True, text=True,
+        env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
@@ -30,9 +27,8 @@ def test_world_size_2_equals_1(tmp_path, parallel):
     forwards keep the collectives matched (a missing one hangs)."""
     one = _run([], tmp_path / "one.pt")
     two = _run(
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-        tmp_path / "two.pt",
-        parallel,
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], tmp_path / "two.pt",
+        parallel
     )
     assert one["grads"].keys() == two["grads"].keys()
     for name, g in one["grads"].items():
@@ -51,13 +47,8 @@ def test_process_group_freed_by_destroy(tiny_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(Path(__file__).with_name("ddp_teardown.py")),
-            str(tiny_dir),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(Path(__file__).with_name("ddp_teardown.py")), str(tiny_dir)
         ],
         capture_output=True,
         text=True,

@@ -22,43 +22,15 @@ from tests.conftest import ROOT, read_metrics, run_sgpo, tiny_rows
 from toy.tiny import build_model, build_tokenizer
 
 COMMON = [
-    "--batch_size",
-    4,
-    "--num_generations",
-    4,
-    "--num_guided_generations",
-    2,
-    "--max_completion_length",
-    12,
-    "--learning_rate",
-    1e-3,
-    "--micro_batch_size",
-    6,
-    "--kl_clip",
-    1.0,
-    "--eval_data",
-    "",
+    "--batch_size", 4, "--num_generations", 4, "--num_guided_generations", 2,
+    "--max_completion_length", 12, "--learning_rate", 1e-3, "--micro_batch_size", 6, "--kl_clip",
+    1.0, "--eval_data", ""
 ]
 REQUIRED = [
-    "reward/autonomous_mean",
-    "reward/guided_mean",
-    "pass_gap",
-    "alpha/mean",
-    "kd/target_frac",
-    "loss/grpo",
-    "loss/kd",
-    "clip_ratio",
-    "kd/kl_clip_frac",
-    "entropy",
-    "completions/mean_length",
-    "completions/clipped_ratio",
-    "frac_reward_zero_std",
-    "rollout_probs_diff_max",
-    "perf/gen_tokens_per_s",
-    "time/generate",
-    "time/grade",
-    "time/select",
-    "time/update",
+    "reward/autonomous_mean", "reward/guided_mean", "pass_gap", "alpha/mean", "kd/target_frac",
+    "loss/grpo", "loss/kd", "clip_ratio", "kd/kl_clip_frac", "entropy", "completions/mean_length",
+    "completions/clipped_ratio", "frac_reward_zero_std", "rollout_probs_diff_max",
+    "perf/gen_tokens_per_s", "time/generate", "time/grade", "time/select", "time/update"
 ]
 TIMING = ("perf/gen_tokens_per_s", "time/generate", "time/grade", "time/select", "time/update")
 
@@ -74,16 +46,8 @@ def test_python_run_metrics_and_checkpoint(warm_dir, data_file, tmp_path):
     out = tmp_path / "run"
     proc = run_sgpo(
         [
-            "--model",
-            warm_dir,
-            "--data",
-            data_file,
-            "--output_dir",
-            out,
-            "--max_steps",
-            3,
-            "--save_steps",
-            2,
+            "--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 3,
+            "--save_steps", 2
         ]
         + COMMON
     )
@@ -115,13 +79,8 @@ def _accuracy_one_at_a_time(model, tok, rows, cfg, guided):
     correct = 0.0
     for q in rows:  # no batching, no padding
         out = engine.generate(
-            model,
-            [engine.prompt_ids(tok, cfg, q, guided)],
-            tok.pad_token_id,
-            [tok.eos_token_id],
-            "cpu",
-            0.0,
-            cfg.max_completion_length,
+            model, [engine.prompt_ids(tok, cfg, q, guided)], tok.pad_token_id, [tok.eos_token_id],
+            "cpu", 0.0, cfg.max_completion_length
         )[0]
         correct += reward.math_reward(tok.decode(out["ids"], skip_special_tokens=True), q["answer"])
     return correct / len(rows)
@@ -208,10 +167,7 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "sgpo.py")] + [str(a) for a in args + ["--output_dir", out]],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
     while not (out / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
@@ -258,7 +214,7 @@ def test_warmup_evaluated_once_across_a_resume(tiny_dir, data_file, eval_file, t
 BAD = [
     (
         '{"problem": "p", "answer": "1", "strategy": "s"}\nnot json\n',
-        ":2: line: not valid JSON (Expecting value)",
+        ":2: line: not valid JSON (Expecting value)"
     ),
     ('{"problem": "p", "answer": "1"}\n', ":1: strategy: missing"),
     ('{"problem": "p", "answer": "", "strategy": "s"}\n', ":1: answer: empty"),
@@ -272,11 +228,11 @@ BAD = [
     ("", ": no problems (empty file)"),
     (
         '{"problem": "p", "answer": "1", "strategy": "s", "solution": 3}\n',
-        ":1: solution: expected a string, got int",
+        ":1: solution: expected a string, got int"
     ),
     (
         '{"problem": "p", "answer": "1", "strategy": "s", "id": [1]}\n',
-        ":1: id: expected a string or an integer",
+        ":1: id: expected a string or an integer"
     ),
     (b'{"problem": "p\xff", "answer": "1", "strategy": "s"}\n', ":1: line: not valid UTF-8"),
 ]
@@ -301,7 +257,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
         (
             ["--sft_epochs", "1", "--sft_data", str(tmp_path / "nosol.jsonl")],
-            ":1: solution: missing",
+            ":1: solution: missing"
         ),
         (["--eval_data", str(tmp_path / "nosol.jsonl")], ":2: answer: missing"),
         (["@" + str(tmp_path / "missing.args")], "missing.args"),
@@ -345,37 +301,22 @@ def test_paper_args_file():
         ["@" + str(ROOT / "paper.args"), "--model", "m", "--data", "d.jsonl", "--max_steps", "7"]
     )
     sheet = dict(
-        num_generations=8,
-        num_guided_generations=4,
-        epsilon=0.2,
-        epsilon_high=0.28,
-        beta=0.0,
-        kd_loss="fkl",
-        kl_clip=1.0,
-        target_selection=True,
-        adaptive_alpha=True,
-        alpha_0=0.5,
-        alpha_gamma=0.1,
-        alpha_max=0.8,
+        num_generations=8, num_guided_generations=4, epsilon=0.2, epsilon_high=0.28, beta=0.0,
+        kd_loss="fkl", kl_clip=1.0, target_selection=True, adaptive_alpha=True, alpha_0=0.5,
+        alpha_gamma=0.1, alpha_max=0.8
     )
     assert {k: getattr(cfg, k) for k in sheet} == sheet
     assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == (
-        "m",
-        "d.jsonl",
-        7,
-        "",
-        True,
+        "m", "d.jsonl", 7, "", True
     )
-    # what fits 7B on 80 GB (README)
+    # what fits 7B on 80 GB (docs/memory_and_speed.md)
     assert (cfg.fsdp, cfg.generation_batch_size, cfg.dtype) == (True, 64, "auto")
     # paper.args never falls back on the toy's data
     with pytest.raises(inputs.UsageError, match="--data: required"):
         sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m"])
     toy = sgpo.parse_args([])  # the defaults are the CPU testbed's
     assert (toy.model, toy.eval_data, toy.kl_clip) == (
-        "toy/cups_data/model",
-        "toy/cups_data/test.jsonl",
-        float("inf"),
+        "toy/cups_data/model", "toy/cups_data/test.jsonl", float("inf")
     )
 
 
@@ -385,16 +326,8 @@ def test_bf16_compute_run_trains_at_lr_1e6_and_saves_fp32(warm_dir, data_file, t
     copy would round the moves away)."""
     out = tmp_path / "bf16"
     args = [
-        "--model",
-        warm_dir,
-        "--data",
-        data_file,
-        "--output_dir",
-        out,
-        "--max_steps",
-        1,
-        "--dtype",
-        "bf16",
+        "--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 1, "--dtype",
+        "bf16"
     ] + COMMON
     assert sgpo.main([str(a) for a in args + ["--learning_rate", 1e-6]]) == 0
     m = read_metrics(out / "metrics.jsonl")[0]
@@ -421,8 +354,7 @@ def test_warmup_ends_with_turn_end_token_and_resume_loads_to_cpu(tmp_path, data_
     tok = build_tokenizer()
     model = build_model(tok)
     model.generation_config.eos_token_id = [
-        tok.convert_tokens_to_ids("<|endoftext|>"),
-        tok.eos_token_id,
+        tok.convert_tokens_to_ids("<|endoftext|>"), tok.eos_token_id
     ]
     # the trap: the smaller id is not the turn end
     assert model.generation_config.eos_token_id[0] < tok.eos_token_id
@@ -436,14 +368,8 @@ def test_warmup_ends_with_turn_end_token_and_resume_loads_to_cpu(tmp_path, data_
         torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k)
     )
     args = [
-        "--model",
-        tmp_path / "model",
-        "--data",
-        data_file,
-        "--output_dir",
-        tmp_path / "out",
-        "--sft_epochs",
-        1,
+        "--model", tmp_path / "model", "--data", data_file, "--output_dir", tmp_path / "out",
+        "--sft_epochs", 1
     ] + COMMON
     assert sgpo.main([str(a) for a in args + ["--max_steps", 0]]) == 0
     sft = [r for r in seen if type(r) is sgpo.Row]
@@ -483,9 +409,8 @@ def test_generation_batch_size_bounds_each_call(warm_dir, eval_file):
     expected = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg)
     assert (
         sgpo.evaluate_accuracy(
-            sgpo.Policy.of(model, tok, "cpu"),
-            rows,
-            dataclasses.replace(cfg, generation_batch_size=2),
+            sgpo.Policy.of(model, tok, "cpu"), rows,
+            dataclasses.replace(cfg, generation_batch_size=2)
         )
         == expected
     )

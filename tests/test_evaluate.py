@@ -13,13 +13,8 @@ from tests.conftest import run_sgpo, write_jsonl
 
 def _s(pid, mode, sample, correct, length=10, truncated=False, bench="b"):
     return dict(
-        bench=bench,
-        id=pid,
-        mode=mode,
-        sample=sample,
-        correct=float(correct),
-        length=length,
-        truncated=truncated,
+        bench=bench, id=pid, mode=mode, sample=sample, correct=float(correct), length=length,
+        truncated=truncated
     )
 
 
@@ -63,17 +58,8 @@ def _run(args, nproc=0):
 
 def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
     args = [
-        "--model",
-        warm_dir,
-        "--bench",
-        f"tiny={bench_file}:1",
-        "--temperature",
-        0,
-        "--max_new_tokens",
-        12,
-        "--guided",
-        "--batch_size",
-        4,
+        "--model", warm_dir, "--bench", f"tiny={bench_file}:1", "--temperature", 0,
+        "--max_new_tokens", 12, "--guided", "--batch_size", 4
     ]
     one = _run(args + ["--output_dir", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-3000:]
@@ -88,10 +74,7 @@ def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
     two = _run(args + ["--output_dir", tmp_path / "two"], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "two")) == [
-        "samples-rank0.jsonl",
-        "samples-rank1.jsonl",
-        "summary.json",
-        "summary.md",
+        "samples-rank0.jsonl", "samples-rank1.jsonl", "summary.json", "summary.md"
     ]
     assert json.load(open(tmp_path / "two" / "summary.json"))["results"] == summary
 
@@ -99,14 +82,8 @@ def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
 def test_resume_skips_finished_samples(warm_dir, bench_file, tmp_path):
     out = tmp_path / "ev"
     args = [
-        "--model",
-        str(warm_dir),
-        "--bench",
-        f"tiny={bench_file}:3",
-        "--max_new_tokens",
-        "12",
-        "--output_dir",
-        str(out),
+        "--model", str(warm_dir), "--bench", f"tiny={bench_file}:3", "--max_new_tokens", "12",
+        "--output_dir", str(out)
     ]
     assert evaluate.main(args) == 0
     path = out / "samples-rank0.jsonl"
@@ -137,8 +114,7 @@ def test_resume_skips_finished_samples(warm_dir, bench_file, tmp_path):
         ("tiny={missing}:2", "missing.jsonl: file not found"),
         ('{"problem": "p", "answer": "1"}\n{"problem": "q"}\n', ":2: answer: missing"),
         ('{"problem": "p", "answer": "1"}\nnope\n', ":2: line: not valid JSON"),
-        ("tiny={path}:0", "k must be an integer >= 1"),
-        ("tiny={path}", "expected NAME=PATH:K"),
+        ("tiny={path}:0", "k must be an integer >= 1"), ("tiny={path}", "expected NAME=PATH:K")
     ],
 )
 def test_bad_input(spec_or_content, message, tmp_path, capsys):

@@ -39,8 +39,7 @@ class ChatServer(BaseHTTPRequestHandler):
         data = json.dumps(reply).encode() if reply is not None else b""
         self.send_response(status)
         for key, value in {
-            **headers,
-            **({"Content-Type": "application/json"} if reply is not None else {}),
+            **headers, **({"Content-Type": "application/json"} if reply is not None else {})
         }.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))
@@ -94,10 +93,8 @@ def server():
 def _input(tmp_path):
     rows = [
         {
-            "id": f"p{i}",
-            "problem": f"p{i}: solve 2x = 85",
-            "answer": "42.5",
-            "solution": "x = 85/2 = \\boxed{42.5}",
+            "id": f"p{i}", "problem": f"p{i}: solve 2x = 85", "answer": "42.5",
+            "solution": "x = 85/2 = \\boxed{42.5}"
         }
         for i in range(1, 5)
     ]
@@ -123,22 +120,9 @@ def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STUB_KEY", "sekret")
     out = tmp_path / "out.jsonl"
     args = [
-        "--input",
-        str(_input(tmp_path)),
-        "--output",
-        str(out),
-        "--backend",
-        "openai",
-        "--base_url",
-        server,
-        "--model",
-        "stub",
-        "--api_key_env",
-        "STUB_KEY",
-        "--backoff",
-        "0.01",
-        "--batch_size",
-        "2",
+        "--input", str(_input(tmp_path)), "--output", str(out), "--backend", "openai", "--base_url",
+        server, "--model", "stub", "--api_key_env", "STUB_KEY", "--backoff", "0.01", "--batch_size",
+        "2"
     ]
     assert ex.main(args) == 0
     rows = {r["id"]: r for r in _read(out)}
@@ -178,20 +162,9 @@ def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
 def test_endpoint_down_records_failure(tmp_path):
     out = tmp_path / "out.jsonl"
     args = [
-        "--input",
-        str(_input(tmp_path)),
-        "--output",
-        str(out),
-        "--base_url",
-        "http://127.0.0.1:9/v1",
-        "--model",
-        "m",
-        "--retries",
-        "1",
-        "--backoff",
-        "0.01",
-        "--timeout",
-        "2",
+        "--input", str(_input(tmp_path)), "--output", str(out), "--base_url",
+        "http://127.0.0.1:9/v1", "--model", "m", "--retries", "1", "--backoff", "0.01", "--timeout",
+        "2"
     ]
     assert ex.main(args) == 0
     rows = _read(out)
@@ -203,18 +176,8 @@ def test_endpoint_down_records_failure(tmp_path):
 def test_hf_backend_plumbing(warm_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     args = [
-        "--input",
-        str(_input(tmp_path)),
-        "--output",
-        str(out),
-        "--backend",
-        "hf",
-        "--model",
-        str(warm_dir),
-        "--max_new_tokens",
-        "8",
-        "--num_candidates",
-        "2",
+        "--input", str(_input(tmp_path)), "--output", str(out), "--backend", "hf", "--model",
+        str(warm_dir), "--max_new_tokens", "8", "--num_candidates", "2"
     ]
     assert ex.main(args) == 0
     rows = _read(out)
@@ -227,8 +190,7 @@ def test_hf_backend_plumbing(warm_dir, tmp_path):
     [
         ('{"problem": "p", "answer": "1"}\n', ":1: solution: missing"),
         ('{"problem": "p", "answer": "1", "solution": ""}\n', ":1: solution: empty"),
-        ("oops\n", ":1: line: not valid JSON"),
-        ("", "no problems (empty file)"),
+        ("oops\n", ":1: line: not valid JSON"), ("", "no problems (empty file)")
     ],
 )
 def test_bad_input(content, message, tmp_path, capsys):
@@ -298,18 +260,8 @@ def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed
     write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     args = [
-        "--input",
-        str(tmp_path / "in.jsonl"),
-        "--output",
-        str(out),
-        "--model",
-        "m",
-        "--num_candidates",
-        "3",
-        "--batch_size",
-        "1",
-        "--timeout",
-        "10",
+        "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "m",
+        "--num_candidates", "3", "--batch_size", "1", "--timeout", "10"
     ]
     with serving(Faulty) as url:
         args += ["--base_url", url]
@@ -396,17 +348,8 @@ def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
     model = str(ROOT / "toy" / "cups_data" / "model")
     server = subprocess.Popen(
         [
-            "transformers",
-            "serve",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--default-seed",
-            "0",
+            "transformers", "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device",
+            "cpu", "--default-seed", "0"
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -425,10 +368,8 @@ def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
                 time.sleep(1)
         rows = [
             {
-                "id": f"c{i}",
-                "problem": f"Ball under cup {i}. Swaps: 12 23. Which cup?",
-                "answer": "3",
-                "solution": "12:1 23:1 \\boxed{1}",
+                "id": f"c{i}", "problem": f"Ball under cup {i}. Swaps: 12 23. Which cup?",
+                "answer": "3", "solution": "12:1 23:1 \\boxed{1}"
             }
             for i in (1, 2)
         ]
@@ -437,22 +378,9 @@ def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
         assert (
             ex.main(
                 [
-                    "--input",
-                    str(tmp_path / "in.jsonl"),
-                    "--output",
-                    str(out),
-                    "--base_url",
-                    f"http://127.0.0.1:{port}/v1",
-                    "--model",
-                    model,
-                    "--num_candidates",
-                    "2",
-                    "--max_new_tokens",
-                    "24",
-                    "--batch_size",
-                    "2",
-                    "--timeout",
-                    "60",
+                    "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--base_url",
+                    f"http://127.0.0.1:{port}/v1", "--model", model, "--num_candidates", "2",
+                    "--max_new_tokens", "24", "--batch_size", "2", "--timeout", "60"
                 ]
             )
             == 0

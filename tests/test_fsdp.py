@@ -25,31 +25,13 @@ def _args(warm_dir, data_file, eval_file, out):
     forwards; with paper.args' activation checkpointing and several generate calls a step."""
     return (
         [
-            "--model",
-            warm_dir,
-            "--data",
-            data_file,
-            "--output_dir",
-            out,
-            "--max_steps",
-            STEPS,
-            "--save_steps",
-            1,
-            "--sft_epochs",
-            1,
-            "--sft_learning_rate",
-            1e-3,
+            "--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", STEPS,
+            "--save_steps", 1, "--sft_epochs", 1, "--sft_learning_rate", 1e-3
         ]
         + COMMON
         + [
-            "--eval_data",
-            eval_file,
-            "--eval_steps",
-            2,
-            "--gradient_checkpointing",
-            "true",
-            "--generation_batch_size",
-            10,
+            "--eval_data", eval_file, "--eval_steps", 2, "--gradient_checkpointing", "true",
+            "--generation_batch_size", 10
         ]
     )
 
@@ -70,8 +52,7 @@ def test_fsdp_equals_ddp(fsdp_run, warm_dir, data_file, eval_file, tmp_path):
     ddp = run_sgpo(_args(warm_dir, data_file, eval_file, tmp_path / "ddp"), nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = (
-        read_metrics(fsdp_run / "metrics.jsonl"),
-        read_metrics(tmp_path / "ddp" / "metrics.jsonl"),
+        read_metrics(fsdp_run / "metrics.jsonl"), read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     )
     # 2 warm-up steps
     assert [m.get("step") for m in a] == [m.get("step") for m in b] == [None, None, 0, 1, 2, 3]
@@ -81,7 +62,7 @@ def test_fsdp_equals_ddp(fsdp_run, warm_dir, data_file, eval_file, tmp_path):
     for step in range(STEPS + 1):
         fsdp, plain = (
             _weights(fsdp_run / f"checkpoint-{step}"),
-            _weights(tmp_path / "ddp" / f"checkpoint-{step}"),
+            _weights(tmp_path / "ddp" / f"checkpoint-{step}")
         )
         assert max((fsdp[n] - plain[n]).abs().max().item() for n in plain) < 1e-5, step
     assert all(p.dtype == torch.float32 for p in fsdp.values())
@@ -100,12 +81,8 @@ def test_fsdp_kill_and_resume(fsdp_run, warm_dir, data_file, eval_file, tmp_path
     args = [str(a) for a in _args(warm_dir, data_file, eval_file, out) + ["--fsdp", "true"]]
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "sgpo.py"),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "sgpo.py")
         ]
         + args,
         cwd=ROOT,
@@ -148,14 +125,8 @@ def test_fsdp_checkpoint_needs_fsdp_to_resume(fsdp_run, data_file, tmp_path, cap
     assert (
         sgpo.main(
             [
-                "--model",
-                "unused",
-                "--data",
-                str(data_file),
-                "--output_dir",
-                str(tmp_path),
-                "--resume",
-                str(fsdp_run / "checkpoint-1"),
+                "--model", "unused", "--data", str(data_file), "--output_dir", str(tmp_path),
+                "--resume", str(fsdp_run / "checkpoint-1")
             ]
         )
         == 2

@@ -127,9 +127,8 @@ def test_update_alpha():
     assert sgpo.update_alpha(0.5, 0.5, 0.5) == pytest.approx(0.4)  # no gap: fade
     assert sgpo.update_alpha(0.05, 0.0, 0.5) == 0.0  # floor 0
     t = sgpo.update_alpha(
-        torch.tensor([0.5, 0.75, 0.5, 0.05]),
-        torch.tensor([0.75, 1.0, 0.5, 0.0]),
-        torch.tensor([0.25, 0.0, 0.5, 0.5]),
+        torch.tensor([0.5, 0.75, 0.5, 0.05]), torch.tensor([0.75, 1.0, 0.5, 0.0]),
+        torch.tensor([0.25, 0.0, 0.5, 0.5])
     )
     assert torch.allclose(t, torch.tensor([0.6, 0.8, 0.4, 0.0]))
 
@@ -175,10 +174,8 @@ def test_chunked_kd_memory_is_flat_in_length():
     peak = {}
     for T in (1024, 4096):
         out = subprocess.run(
-            [sys.executable, str(bench), "chunked", str(T), "20000", "512"],
-            capture_output=True,
-            text=True,
-            env=env,
+            [sys.executable, str(bench), "chunked", str(T), "20000", "512"], capture_output=True,
+            text=True, env=env
         )
         peak[T] = float(out.stdout.split()[3])  # mode, positions, chunk, GiB, seconds
     unit = 512 * 20000 * 4 / 2**30  # one [chunk, V] fp32 tensor: 0.038 GiB
@@ -212,9 +209,7 @@ def test_chunked_head_hand_written_gradient_equals_autograd(kind):
     M, H, V, T = 10, 8, 13, 0.7
     head = torch.nn.Linear(H, V, bias=False)
     s_h, t_h, targets = (
-        torch.randn(M, H, requires_grad=True),
-        torch.randn(M, H),
-        torch.randint(V, (M,)),
+        torch.randn(M, H, requires_grad=True), torch.randn(M, H), torch.randint(V, (M,))
     )
     a, b = torch.randn(M), torch.randn(M)  # d loss / d D_t, d loss / d log p_s(y)
     s_logits, t_logits = head(s_h) / T, head(t_h) / T
@@ -223,8 +218,7 @@ def test_chunked_head_hand_written_gradient_equals_autograd(kind):
     )
     log_s = s_logits.log_softmax(-1)
     logp_ref, ent_ref = (
-        log_s.gather(-1, targets[:, None]).squeeze(-1),
-        -(log_s.exp() * log_s).sum(-1),
+        log_s.gather(-1, targets[:, None]).squeeze(-1), -(log_s.exp() * log_s).sum(-1)
     )
     (a * div_ref + b * logp_ref).sum().backward()
     g_ref = s_h.grad.clone(), head.weight.grad.clone()
@@ -235,11 +229,8 @@ def test_chunked_head_hand_written_gradient_equals_autograd(kind):
         )
         (a * div + b * logp).sum().backward()
         for x, ref in (
-            (logp, logp_ref),
-            (div, div_ref),
-            (ent, ent_ref),
-            (s_h.grad, g_ref[0]),
-            (head.weight.grad, g_ref[1]),
+            (logp, logp_ref), (div, div_ref), (ent, ent_ref), (s_h.grad, g_ref[0]),
+            (head.weight.grad, g_ref[1])
         ):
             assert torch.allclose(x, ref, atol=1e-5), (chunk, (x - ref).abs().max())
         assert not ent.requires_grad
@@ -252,9 +243,7 @@ def test_chunked_head_under_bf16_autocast_matches_autograd():
     torch.manual_seed(2)
     head = torch.nn.Linear(16, 50, bias=False)
     s_h, t_h, targets = (
-        torch.randn(12, 16, requires_grad=True),
-        torch.randn(12, 16),
-        torch.randint(50, (12,)),
+        torch.randn(12, 16, requires_grad=True), torch.randn(12, 16), torch.randint(50, (12,))
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         div, logp = chunked_head.kd_divergence(s_h, t_h, targets, head, 1.0, "fkl", chunk_size=5)

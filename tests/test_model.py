@@ -53,13 +53,8 @@ def test_sampler_logps_equal_trainer_logps_left_padded(arch):
     # a genuinely left-padded batch, each prompt twice (prefilled once)
     assert len({len(p) for p in prompts}) > 1
     rollouts = engine.generate(
-        model,
-        prompts,
-        tok.pad_token_id,
-        [tok.eos_token_id],
-        "cpu",
-        cfg.temperature,
-        cfg.max_completion_length,
+        model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", cfg.temperature,
+        cfg.max_completion_length
     )
     assert any(not r["truncated"] for r in rollouts) and any(r["truncated"] for r in rollouts)
     for r in rollouts:  # response = up to and including the first EOS
@@ -173,9 +168,7 @@ def _train(dtype_flag, weights_dtype, steps=5, lr=1e-6):
     rows = training_rows(tok, model, cfg)
     start = [p.detach().clone() for p in model.parameters()]
     policy, opt, first_grads = (
-        sgpo.Policy.of(model, tok, "cpu"),
-        sgpo.make_optimizer(model, lr, cfg),
-        None,
+        sgpo.Policy.of(model, tok, "cpu"), sgpo.make_optimizer(model, lr, cfg), None
     )
     for _ in range(steps):
         sgpo.accumulate_gradients(policy, fresh(rows), cfg, runtime.Stats())
@@ -197,7 +190,10 @@ def test_bf16_compute_moves_weights_at_lr_1e6_and_matches_fp32():
     fp32, fp32_grads = _train("fp32", torch.float32)
     bf16, bf16_grads = _train("bf16", torch.float32)
     stale, _ = _train("fp32", torch.bfloat16)
-    share = lambda moved: sum(m for m, _ in moved.values()) / sum(n for _, n in moved.values())  # noqa: E731
+
+    def share(moved):
+        return sum(m for m, _ in moved.values()) / sum(n for _, n in moved.values())
+
     assert share(bf16) > 0.8 and share(bf16) == pytest.approx(share(fp32), abs=0.02)
     assert all(m > 0 for n, (m, _) in bf16.items() if "norm" in n)
     # the trap the test guards
@@ -231,13 +227,8 @@ def test_prefill_once_per_distinct_prompt_samples_what_hf_generate_samples():
         input_ids=ids,
         attention_mask=mask,
         generation_config=GenerationConfig(
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=12,
-            eos_token_id=[tok.eos_token_id],
-            pad_token_id=tok.pad_token_id,
+            do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12,
+            eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id
         ),
     )
     lengths, _ = engine.first_eos_lengths(out[:, width:], [tok.eos_token_id])

@@ -64,13 +64,8 @@ def test_committed_warm_checkpoint_is_in_the_regime():
     assert acc["eval/guided_acc"] >= 0.9 and acc["eval/unguided_acc"] <= 0.6
     torch.manual_seed(0)
     outs = engine.generate(
-        model,
-        [engine.prompt_ids(tok, sgpo.Config(), q, False) for q in test[:48]],
-        tok.pad_token_id,
-        [tok.eos_token_id],
-        "cpu",
-        1.0,
-        48,
+        model, [engine.prompt_ids(tok, sgpo.Config(), q, False) for q in test[:48]],
+        tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 48
     )
     # unguided samples never write the working
     assert not any(":" in tok.decode(o["ids"]) for o in outs)
@@ -144,7 +139,7 @@ def test_default_run_transfers_the_guided_working_to_the_unguided_policy(tmp_pat
     written out": 'The ball starts under cup S.', a surface never trained on): the working transfers
     to it. Measured at step 50, seeds 0, 1, 2: written on 92 / 95 / 99 % of its problems, accuracy
     43.4 / 52.8 / 62.3 %; the warm model and the SFT-on-solutions rows write it on 0 % (35.8 %; 33.0
-    / 32.1 / 34.0 %); at step 80 (README) 69.8 / 68.9 / 75.5 %."""
+    / 32.1 / 34.0 %); at step 80 (toy/README.md) 69.8 / 68.9 / 75.5 %."""
     from toy.ablation import generalisation_splits
 
     out = tmp_path / "cups"
@@ -161,18 +156,13 @@ def test_default_run_transfers_the_guided_working_to_the_unguided_policy(tmp_pat
     assert sum(m["completions/mean_length"] for m in metrics[-5:]) / 5 > 25
     problems = generalisation_splits()["start written out"]
     for path, written_range, acc_range in (
-        (CUPS / "model", (0, 0), (0, 0.4)),
-        (out / "checkpoint-50", (0.8, 1), (0.4, 1)),
+        (CUPS / "model", (0, 0), (0, 0.4)), (out / "checkpoint-50", (0.8, 1), (0.4, 1))
     ):
         model, tok = engine.load_model(str(path), torch.float32, "cpu")
         outs = engine.generate(
             model,
             [engine.prompt_ids(tok, sgpo.Config(), {**q, "strategy": ""}, False) for q in problems],
-            tok.pad_token_id,
-            [tok.eos_token_id],
-            "cpu",
-            0.0,
-            96,
+            tok.pad_token_id, [tok.eos_token_id], "cpu", 0.0, 96
         )
         texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
         written = sum(bool(re.search(r"\d\d:\d", t)) for t in texts) / len(texts)

@@ -4,11 +4,12 @@ seeds; prints greedy held-out accuracy (unguided and guided) after RL, mean +- s
 over seeds, and the unguided accuracy on a generalisation split the training never sees in kind
 (7-10 swaps; training has 4-6).
 
-    python toy/ablation.py                        # the ablation rows x 3 seeds, ~3 min a run on 2
-    cores python toy/ablation.py --rows sft_solutions sft_grpo sgpo   # the main table in miniature
-    python toy/ablation.py --rows sgpo_spread direct_sft_spread   # forward KL vs direct SFT,
-    teacher with spread python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40   #
-    a subset; extra sgpo.py flags after --
+    python toy/ablation.py              # the ablation rows x 3 seeds, ~3 min a run on 2 cores
+    python toy/ablation.py --rows sft_solutions sft_grpo sgpo   # the main table in miniature
+    # forward KL vs direct SFT, teacher with spread
+    python toy/ablation.py --rows sgpo_spread direct_sft_spread
+    # a subset; extra sgpo.py flags after --
+    python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40
 
 Finished runs (out/ablation/<row>-seed<k>/metrics.jsonl with its final evaluation) are read, not
 rerun; so is their generalisation accuracy (generalisation.json next to them).
@@ -34,18 +35,14 @@ from toy.tiny import write_jsonl  # noqa: E402
 
 # SFT on a strong model's solutions: the answer alone, reached "in its head", the way a strong model
 # that needs no written working would answer; the small model cannot imitate the computation it does
-# not see (README).
+# not see (toy/README.md).
 SFT = ["--sft_epochs", "2", "--sft_data", "{strong}", "--sft_learning_rate", "1e-4"]
 # A teacher with real spread (toy/cups.py spread_warmup, built once into <output_dir>/spread, ~12
 # min): three notations per working step, so one sampled guided rollout is one of 3^(swaps) valid
 # ones.
 SPREAD = [
-    "--model",
-    "{spread}/model",
-    "--data",
-    "{spread}/train.jsonl",
-    "--eval_data",
-    "{spread}/test.jsonl",
+    "--model", "{spread}/model", "--data", "{spread}/train.jsonl", "--eval_data",
+    "{spread}/test.jsonl"
 ]
 ROWS = {  # name -> (label, sgpo.py flags)
     "sgpo": ("SGPO (defaults)", []),
@@ -56,7 +53,7 @@ ROWS = {  # name -> (label, sgpo.py flags)
     "kl_clip_1": ("KL clipping at the paper's delta = 1", ["--kl_clip", "1"]),
     "no_proximal": (
         "w/o all proximal constraints",
-        ["--kl_clip", "inf", "--target_selection", "false", "--kd_trust_region", "false"],
+        ["--kl_clip", "inf", "--target_selection", "false", "--kd_trust_region", "false"]
     ),
     "sft_solutions": ("SFT on the strong model's solutions", SFT + ["--max_steps", "0"]),
     "sft_grpo": ("SFT, then GRPO", SFT + ["--use_kd", "false"]),
@@ -64,13 +61,12 @@ ROWS = {  # name -> (label, sgpo.py flags)
     # adaptive alpha needs revisits: 128 problems, 16 a step, 80 steps = 10 epochs
     "sgpo_128": ("SGPO, 128 problems x 10 epochs", ["--data", "{small}"]),
     "fixed_alpha_128": (
-        "fixed alpha, 128 problems x 10 epochs",
-        ["--data", "{small}", "--adaptive_alpha", "false"],
+        "fixed alpha, 128 problems x 10 epochs", ["--data", "{small}", "--adaptive_alpha", "false"]
     ),
     "sgpo_spread": ("SGPO (forward KL), teacher with spread", SPREAD),
     "direct_sft_spread": (
         "direct SFT on the selected guided targets, teacher with spread",
-        SPREAD + ["--kd_loss", "sft"],
+        SPREAD + ["--kd_loss", "sft"]
     ),
 }
 DEFAULT_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1"]
@@ -175,8 +171,7 @@ def main():
     small = os.path.join(args.output_dir, "train_128.jsonl")
     write_jsonl(small, train[:128])
     spread, spread_rows = (
-        os.path.join(args.output_dir, "spread"),
-        [r for r in args.rows if uses_spread(r)],
+        os.path.join(args.output_dir, "spread"), [r for r in args.rows if uses_spread(r)]
     )
     if spread_rows and not os.path.exists(f"{spread}/spread.json"):
         print(f"building the teacher with spread in {spread}", flush=True)
@@ -192,15 +187,8 @@ def main():
             if final_eval(out) is None:
                 flags = [f.format(strong=strong, small=small, spread=spread) for f in ROWS[row][1]]
                 cmd = [
-                    sys.executable,
-                    os.path.join(ROOT, "sgpo.py"),
-                    "--seed",
-                    str(seed),
-                    "--output_dir",
-                    out,
-                    "--overwrite_output_dir",
-                    *flags,
-                    *extra,
+                    sys.executable, os.path.join(ROOT, "sgpo.py"), "--seed", str(seed),
+                    "--output_dir", out, "--overwrite_output_dir", *flags, *extra
                 ]
                 print(" ".join(cmd), flush=True)
                 os.makedirs(out, exist_ok=True)
@@ -211,15 +199,15 @@ def main():
     for warm, rows in (
         (
             "the warm checkpoint",
-            [r for r in args.rows if not {"--sft_epochs", "--model"} & set(ROWS[r][1])],
+            [r for r in args.rows if not {"--sft_epochs", "--model"} & set(ROWS[r][1])]
         ),
         ("the teacher with spread", spread_rows),
     ):
         base = [results[row, s][0] for row in rows for s in args.seeds]
         if base:
             print(
-                f"seeds {args.seeds}; {warm}, before RL: unguided \
-{mean_sd([b['eval/unguided_acc'] for b in base])}, "
+                f"seeds {args.seeds}; {warm}, before RL: unguided "
+                f"{mean_sd([b['eval/unguided_acc'] for b in base])}, "
                 f"guided {mean_sd([b['eval/guided_acc'] for b in base])}"
             )
     if os.path.exists(f"{spread}/spread.json"):
@@ -254,8 +242,7 @@ def main():
         for seed in args.seeds:
             model, tok = engine.load_model(
                 runtime.latest_checkpoint(os.path.join(args.output_dir, f"{row}-seed{seed}")),
-                torch.float32,
-                "cpu",
+                torch.float32, "cpu"
             )
             print(
                 f"{row} seed {seed}: unguided samples at the end: "
@@ -278,23 +265,18 @@ def alpha_report(out: str, problems: list) -> str:
     model, tok = engine.load_model(ckpt, torch.float32, "cpu")
     cfg, solved = sgpo.Config(), {True: [], False: []}
     outs = engine.generate(
-        model,
-        [engine.prompt_ids(tok, cfg, q, False) for q in problems],
-        tok.pad_token_id,
-        model.generation_config.eos_token_id,
-        "cpu",
-        0.0,
-        cfg.max_completion_length,
+        model, [engine.prompt_ids(tok, cfg, q, False) for q in problems], tok.pad_token_id,
+        model.generation_config.eos_token_id, "cpu", 0.0, cfg.max_completion_length
     )
     for q, o in zip(problems, outs):
         solved[
             reward.math_reward(tok.decode(o["ids"], skip_special_tokens=True), q["answer"]) > 0
         ].append(alpha[q["id"]])
     return (
-        f"alpha/mean every 10 steps: {' '.join(f'{a:.2f}' for a in curve[::10] + curve[-1:])}; at \
-the end, solved "
-        f"unguided: {statistics.mean(solved[True] or [0]):.2f} ({len(solved[True])} problems), \
-not solved: "
+        f"alpha/mean every 10 steps: {' '.join(f'{a:.2f}' for a in curve[::10] + curve[-1:])}; at "
+        f"the end, solved "
+        f"unguided: {statistics.mean(solved[True] or [0]):.2f} ({len(solved[True])} problems), "
+        f"not solved: "
         f"{statistics.mean(solved[False] or [0]):.2f} ({len(solved[False])})"
     )
 

@@ -6,8 +6,8 @@ teaches a tiny character-level Qwen3 to follow the strategy when the prompt give
 directly (weakly) when it does not: the regime SGPO is for. Answers are graded by the same
 math-verify reward as real data.
 
-    python toy/cups.py            # regenerates toy/cups_data/{model,train.jsonl,test.jsonl} (fixed
-    seed, ~8 min on 2 cores)
+    # regenerates toy/cups_data/{model,train.jsonl,test.jsonl} (fixed seed, ~8 min on 2 cores)
+    python toy/cups.py
 
 A variant whose teacher has real spread (toy/ablation.py builds it on demand; see spread_warmup):
 each swap's step may be written in three notations, 13:2, 13>2 or 13=2, drawn independently, so a
@@ -54,9 +54,7 @@ def make_problem(rng: random.Random, idx: int, prefix: str, swaps_range=(4, 6)) 
     return {
         "id": f"{prefix}-{idx}",
         "problem": f"Ball under cup {start}. Swaps: {' '.join(swaps)}. Which cup?",
-        "answer": str(cup),
-        "strategy": STRATEGY,
-        "solution": f"{' '.join(steps)} \\boxed{{{cup}}}",
+        "answer": str(cup), "strategy": STRATEGY, "solution": f"{' '.join(steps)} \\boxed{{{cup}}}"
     }
 
 
@@ -72,16 +70,8 @@ def spread_working(solution: str, rng: random.Random) -> str:
 
 
 def warmup(
-    train,
-    test,
-    steps=1200,
-    batch=64,
-    lr=3e-3,
-    seed=0,
-    log=print,
-    model=None,
-    tok=None,
-    working=None,
+    train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=None, tok=None,
+    working=None
 ):
     """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without
     working).
@@ -125,10 +115,9 @@ def warmup(
             log(
                 json.dumps(
                     {
-                        "step": step,
-                        "loss": round(stats.sums["loss/sft"], 4),
+                        "step": step, "loss": round(stats.sums["loss/sft"], 4),
                         "time_s": round(time.time() - t0),
-                        **sgpo.evaluate_accuracy(policy, test[:128], cfg),
+                        **sgpo.evaluate_accuracy(policy, test[:128], cfg)
                     }
                 )
             )
@@ -144,13 +133,8 @@ def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     cfg = sgpo.Config()
     outs = engine.generate(
-        model,
-        [engine.prompt_ids(tok, cfg, q, guided) for q in problems],
-        tok.pad_token_id,
-        [tok.eos_token_id],
-        "cpu",
-        1.0,
-        cfg.max_completion_length,
+        model, [engine.prompt_ids(tok, cfg, q, guided) for q in problems], tok.pad_token_id,
+        [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length
     )
     texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
     # each rollout's separators
@@ -183,15 +167,8 @@ def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, l
     model, tok = engine.load_model(os.path.join(data, "model"), torch.float32, "cpu")
     rng = random.Random(seed + 1)
     model, tok = warmup(
-        train,
-        test,
-        steps=steps,
-        lr=lr,
-        seed=seed,
-        log=log,
-        model=model,
-        tok=tok,
-        working=lambda solution: spread_working(solution, rng),
+        train, test, steps=steps, lr=lr, seed=seed, log=log, model=model, tok=tok,
+        working=lambda solution: spread_working(solution, rng)
     )
     spread = notation_spread(model, tok, test[:64], guided=True, seed=seed)
     log(json.dumps(spread))

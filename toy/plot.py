@@ -56,11 +56,8 @@ def main():
                 continue
             (line,) = ax.plot(steps, mean, marker="o", ms=3, label=label)
             ax.fill_between(
-                steps,
-                [min(v) for v in values],
-                [max(v) for v in values],
-                color=line.get_color(),
-                alpha=0.15,
+                steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                alpha=0.15
             )
     for ax, mode in zip(axes, ("unguided", "guided")):
         ax.set(

@@ -7,11 +7,7 @@ import json
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
+    LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 )
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -31,11 +27,9 @@ def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
+        tokenizer_object=core, eos_token="<|im_end|>", unk_token="<|endoftext|>",
         pad_token="<|im_end|>" if pad_is_eos else "<|endoftext|>",
-        additional_special_tokens=SPECIALS[1:],
+        additional_special_tokens=SPECIALS[1:]
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -44,18 +38,10 @@ def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
 def build_model(tokenizer, arch: str = "qwen3", hidden: int = 32, layers: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden // 4, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False
     )
     if arch == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**common))
