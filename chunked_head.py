@@ -96,7 +96,9 @@ class ChunkedHead(torch.autograd.Function):
         hidden, weight, t_hidden, targets, div = ctx.saved_tensors
         chunk_size = ctx.args[2]
         w = weight.to(ctx.dtype)
-        g_weight = torch.zeros_like(weight)
+        # summed over the chunks in fp32, rounded once: under FSDP the weight is the gathered bf16
+        # parameter, and 64 chunks added up in bf16 lose ~4x more than one rounding
+        g_weight = torch.zeros_like(weight, dtype=torch.float32)
         g_hidden = []
         for i in range(0, len(targets), chunk_size):
             c = slice(i, i + chunk_size)
@@ -104,6 +106,7 @@ class ChunkedHead(torch.autograd.Function):
             upstream = g_div[c, None].float(), g_logp[c, None].float()
             g_hidden.append(_chunk_backward(chunk, w, ctx, upstream, g_weight))
         g_hidden = torch.cat(g_hidden)
+        g_weight = g_weight.to(weight.dtype)
         return g_hidden.to(hidden.dtype), g_weight, None, None, None, None, None
 
 

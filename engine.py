@@ -4,11 +4,14 @@ in the chat format, model loading, the training forward without the LM head (`Ba
 generation engine: batched sampling that records the sampler's log-probs, prefills each distinct
 prompt once and cuts every response at its first EOS.
 """
+import inspect
 import re
 
 import torch
 
-from inputs import UsageError
+from inputs import UsageError, has_usable_strategy
+from reward import Grader
+from runtime import all_reduce, autocast
 
 AUTO_TEMPLATE = (
     "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -33,9 +36,9 @@ def prompt_ids(tokenizer, cfg, problem: dict, guided: bool) -> list:
     return list(ids)
 
 
-def load_model(path: str, dtype, device, check=None):
+def load_model(path: str, dtype, device, check=None, trainable=False):
     """Tokenizer and model; check(tokenizer, model config) validates data before the weights load
-    (minutes for 7B)."""
+    (minutes for 7B). trainable: also refuse what sgpo.py cannot train (check_trainable)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -43,8 +46,11 @@ def load_model(path: str, dtype, device, check=None):
         if not tokenizer.chat_template:
             raise UsageError(f"--model {path}: its tokenizer has no chat template "
                              "(an instruct/chat model is needed)")
+        config = AutoConfig.from_pretrained(path)
+        if trainable:
+            check_trainable(path, config)
         if check:
-            check(tokenizer, AutoConfig.from_pretrained(path))
+            check(tokenizer, config)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0][:200]
@@ -54,7 +60,8 @@ def load_model(path: str, dtype, device, check=None):
     # Sampling must be exactly what the config says: the model's own generation defaults (e.g. a
     # repetition penalty) would otherwise leak into generate(). Kept aside and written back in
     # checkpoints.
-    eos_ids = set()
+    # generation stops at every EOS id of the model, and where the chat template ends a turn
+    eos_ids = set(turn_end_ids(tokenizer)[-1:])
     for eos in (model.generation_config.eos_token_id, model.config.eos_token_id,
                 tokenizer.eos_token_id):  # each an id, a list of ids or None
         eos_ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -63,6 +70,42 @@ def load_model(path: str, dtype, device, check=None):
     model.generation_config = GenerationConfig(eos_token_id=eos_ids,
                                                pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
+
+
+def turn_end_ids(tokenizer) -> list:
+    """The ids that close an assistant turn in the tokenizer's chat template: what it writes after
+    an assistant message's content, up to and including the first special token (ChatML:
+    <|im_end|>, Llama 3: <|eot_id|>, Gemma: <end_of_turn>, which is not Gemma's eos token). The
+    eos token where the template writes no special token there."""
+    probe = "Turn end probe."
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": probe}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = text[text.rfind(probe) + len(probe):] if probe in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    for k, i in enumerate(ids):
+        if i in special:
+            return ids[:k + 1]
+    return [tokenizer.eos_token_id]
+
+
+def check_trainable(path: str, config):
+    """UsageError unless sgpo.py can train the model of this config. Its loss applies the LM head
+    itself (h @ W.T / T): a model that post-processes its logits (Gemma-2's final soft-cap,
+    Cohere's logit_scale, Granite's logits_scaling) would sample from other log-probs than the
+    trainer optimises. A multimodal checkpoint loads with a vision (or audio) tower that never gets
+    a gradient, and DDP fails at its second step."""
+    for name in ("vision_config", "audio_config"):
+        if getattr(config, name, None) is not None:
+            raise UsageError(f"--model {path}: a multimodal checkpoint ({config.model_type}, "
+                             f"{name}); sgpo.py trains text-only causal LMs")
+    text = getattr(config, "text_config", None) or config
+    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0),
+                          ("logits_scaling", 1.0)):
+        value = getattr(text, name, None)
+        if value is not None and value != neutral:
+            raise UsageError(f"--model {path}: its logits are post-processed ({name} = {value}), "
+                             "which sgpo.py's loss does not apply")
 
 
 def enable_activation_checkpointing(model):
@@ -162,32 +205,81 @@ def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperatu
 
 def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     """One HF generate call on the prompts of batch -> [N, T] sampled ids."""
-    from transformers import DynamicCache, LogitsProcessorList
+    from transformers import LogitsProcessorList
     distinct = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, batch)))}  # prompt -> row
     width = max(len(p) for p in distinct)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in distinct],
                              device=device)  # [U, P]
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct], device=device)
     rows = torch.tensor([distinct[tuple(p)] for p in batch], device=device)  # [N]: its prompt's row
-    was_training, cache = model.training, None
+    was_training = model.training
+    # transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated)
+    accepted = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    cache = _kv_cache(model)
     # eval() also turns HF activation checkpointing off (it acts in training mode only), so the
     # KV cache works
     model.eval()
     try:
         # prefill each distinct prompt once, all but its last token (generate runs that one), then
-        # copy its KV cache to the rows that share it
+        # copy its KV cache to the rows that share it; its logits are not used: keep one
         if len(distinct) < len(batch) and width > 1:
-            cache = DynamicCache(config=model.config)
+            cache = cache or _kv_cache(model, always=True)
             position_ids = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache,
-                  use_cache=True, position_ids=position_ids)
+            keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+            model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
+                  position_ids=position_ids, **{cache_arg: cache}, **keep)
             cache.batch_select_indices(rows)
         out = model.generate(input_ids=input_ids[rows], attention_mask=mask[rows],
-                             past_key_values=cache, generation_config=gen_cfg,
+                             generation_config=gen_cfg, **{cache_arg: cache},
                              logits_processor=LogitsProcessorList([recorder]))
     finally:
         model.train(was_training)
     return out[:, width:]
+
+
+def _kv_cache(model, always=False):
+    """The KV cache of a generate call. Under autocast over fp32 weights the residual stream stays
+    fp32, and keys come out of rotary embeddings (and Qwen3's k_norm) in fp32 beside bf16 values:
+    1.5x the memory, and attention casts them back at every step. This cache stores keys and values
+    in the autocast dtype, as attention uses them. None (HF's default) when there is nothing to
+    cast, unless always."""
+    from transformers import DynamicCache
+    device = next(model.parameters()).device.type
+    dtype = torch.get_autocast_dtype(device)
+    if not torch.is_autocast_enabled(device) or dtype == torch.float32:
+        return DynamicCache(config=model.config) if always else None
+
+    class CacheInComputeDtype(DynamicCache):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+
+    return CacheInComputeDtype(config=model.config)
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, problems, cfg, device, shard=(0, 1), grade=None) -> dict:
+    """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided.
+    cfg: sgpo.py's Config (prompts, dtype, max_completion_length, generation_batch_size,
+    reward_timeout); shard: (rank, world), this rank's rows, summed over ranks; grade: a Grader
+    (default: in this process)."""
+    counts, grade = [], grade or Grader(0, cfg.reward_timeout)
+    rank, world = shard
+    for guided in (False, True):
+        rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
+        with autocast(cfg.dtype, device):
+            prompts = [prompt_ids(tokenizer, cfg, q, guided) for q in rows]
+            outs = generate(model, prompts, tokenizer.pad_token_id,
+                            model.generation_config.eos_token_id, device, 0.0,
+                            cfg.max_completion_length, batch_size=cfg.generation_batch_size)
+        texts = [tokenizer.decode(o["ids"], skip_special_tokens=True) for o in outs]
+        counts += [sum(grade(texts, [q["answer"] for q in rows])), len(rows)]
+    c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+    result = {}
+    for k, mode in enumerate(("unguided", "guided")):
+        if c[2 * k + 1]:
+            result[f"eval/{mode}_acc"] = c[2 * k] / c[2 * k + 1]
+    return result
 
 
 def first_eos_lengths(completions, eos_ids):

@@ -68,6 +68,9 @@ class EvalConfig:
     """As in sgpo.py: the guided user message."""
     reward_timeout: int = 5
     """Seconds for math-verify per parse and per verify."""
+    ddp_timeout: int = 7200
+    """Seconds the final gather waits for the slowest rank (torchrun): at avg@32 and 32K tokens
+    ranks finish far apart, and the 30-minute default would abort the run before its summary."""
 
 
 def parse_bench(spec: str):
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
             raise inputs.UsageError(
                 "--temperature must be >= 0, --max_new_tokens and --batch_size >= 1"
             )
+        inputs.require([(cfg.ddp_timeout >= 1, "ddp_timeout", "must be >= 1")])
         specs = [parse_bench(s) for s in cfg.bench]
         benches = [
             (name, inputs.load_problems(path, required=("problem", "answer")), k)
@@ -211,7 +215,7 @@ def main(argv=None) -> int:
                 "--output_dir"
             )
         inputs.check_writable_dir(cfg.output_dir, "--output_dir")
-        ddp, rank, world, device = runtime.setup_distributed()
+        ddp, rank, world, device = runtime.setup_distributed(cfg.ddp_timeout)
 
         # every prompt tokenizes and leaves room to answer (before the weights load)
         def check_rows(tokenizer, config):

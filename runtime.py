@@ -49,8 +49,8 @@ def world_size() -> int:
 
 
 def compute_dtype(name: str) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it, else fp32."""
-    auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """auto: bf16 on a GPU that supports it natively, else fp32 (V100 and T4 only emulate bf16)."""
+    auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.bfloat16 if name == "bf16" or (name == "auto" and auto) else torch.float32
 
 

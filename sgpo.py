@@ -2,39 +2,33 @@
 SGPO: Strategy-Guided Policy Optimization (arXiv:2606.24064), a single-file reference.
 
 The policy samples G1 autonomous rollouts per problem (prompt: the problem) and G2 strategy-guided
-rollouts (prompt: a strategy text + the problem). It is trained with
-    L = L_GRPO(autonomous rollouts) + mean_q alpha(q) * L_KD(q)
-where L_KD is a per-token full-vocabulary forward KL from the model *with* the strategy in its
-prompt (teacher, stop-gradient) to the model *without* it (student), on the correct guided rollout
-that the unguided policy finds most likely. See ../shared/SGPO_METHOD.md and README.md.
+ones (prompt: a strategy + the problem), and is trained with
+    L = L_GRPO(autonomous rollouts) + mean_q alpha(q) * L_KD(q),
+L_KD a per-token full-vocabulary forward KL from the model *with* the strategy in its prompt
+(teacher, no gradient) to the model *without* it (student), on the correct guided rollout the
+unguided policy finds most likely. ../shared/SGPO_METHOD.md is the method; README.md the rest.
 
-The defaults run the CPU testbed of toy/ (ball under cups, a 117k-parameter model, ~3 min on 2
-cores) and print greedy held-out accuracy before RL, every 10 steps and at the end; paper.args
-holds the paper's setting:
-    python sgpo.py                           # the CPU testbed, no download
+    python sgpo.py                  # the CPU testbed of toy/ (~2 min on 2 cores, no download)
     python sgpo.py @paper.args --fsdp false --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl
-    torchrun --standalone --nproc_per_node=8 sgpo.py @paper.args \
-        --model Qwen/Qwen2.5-7B-Instruct --data train.jsonl       # 8 GPUs, FSDP
-    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 \
-        --nproc_per_node=8 sgpo.py ...                           # two nodes
-Add --resume to continue a run from its latest checkpoint.
+    torchrun --standalone --nproc_per_node=8 sgpo.py @paper.args --model ... --data ...
+    ... --resume                    # continue a run from its latest checkpoint
 
 Design choices:
-1. One model plays every part: policy, sampler, teacher (the same weights with the strategy in the
-   prompt, no gradient) and student. `Policy` bundles its views.
-2. The loss needs full-vocabulary log-probs at every response position, but never holds
-   [B, T, V] logits: the LM head runs chunk by chunk with a hand-written gradient
-   (chunked_head.py). `--chunked_head false` runs the plain formulas below instead.
-3. Every token's weight in the loss is global (over micro-batches and ranks), so the gradient does
+1. One model plays every part: sampler, teacher (the same weights with the strategy in the prompt,
+   no gradient) and student. `Policy` bundles its views.
+2. The loss needs full-vocabulary log-probs at every response position but never holds [B, T, V]
+   logits: the LM head runs chunk by chunk with a hand-written gradient (chunked_head.py);
+   `--chunked_head false` runs the plain formulas below instead.
+3. Every token's weight in the loss is global (over micro-batches and ranks): the gradient does
    not depend on micro-batching or on the number of GPUs.
-4. pi_old is the trainer's own log-prob of each sampled token, stored on the row by the first of
+4. pi_old is the trainer's own log-prob of each sampled token, stored on its row by the first of
    the mu passes; the sampler's log-probs are only checked against it.
 5. fp32 master weights, forwards in --dtype under autocast: a bf16 weight would not move under an
    lr-1e-6 AdamW step.
 
 Reading order: Config; the pure loss functions; `micro_batch_loss` (the objective); `rl_step` (one
-step, phases 1-5); `main`. Plumbing lives in engine.py (generation), runtime.py (ranks, FSDP,
-checkpoints), inputs.py (command line, data), reward.py (math-verify), chunked_head.py.
+step, phases 1-5); `train`. Plumbing: engine.py (the model, generation), runtime.py (ranks, FSDP,
+checkpoints), inputs.py (flags, data), reward.py (math-verify), chunked_head.py.
 """
 import itertools
 import json
@@ -51,9 +45,9 @@ from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
 from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
-                    enable_activation_checkpointing, generate, load_model, prompt_ids)
-from inputs import (UsageError, check_train_config, config_from_args, has_usable_strategy,
-                    load_train_data)
+                    enable_activation_checkpointing, generate, greedy_accuracy, load_model,
+                    prompt_ids, turn_end_ids)
+from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, check_output_dir,
                      compute_dtype, full_weights, grad_sync, prepare_output_dir, rank_batches,
@@ -147,9 +141,8 @@ class Config:
     gradient_checkpointing: bool = False
     """Recompute activations in backward (off while generating)."""
     chunked_head: bool = True
-    """Apply the LM head in the loss kd_chunk_size positions at a time with a hand-written
-    gradient (chunked_head.py); false: the plain formulas on full [tokens, V] logits (same values,
-    memory O(tokens x V))."""
+    """The loss's LM head in chunks, hand-written gradient (chunked_head.py); false: the plain
+    formulas on full [tokens, V] logits (same values)."""
     kd_chunk_size: int = 256
     """Positions per chunk of the LM head in the loss: memory O(chunk x vocab), flat in length."""
     # ---- GRPO (sheet step 2) ----
@@ -508,12 +501,11 @@ def mean_logps(policy, pairs, cfg: Config) -> list:
     return out
 
 
-def sample(policy, prompts, cfg: Config, greedy=False):
+def sample(policy, prompts, cfg: Config):
     """Responses to prompts (engine.generate: ids up to the first EOS, truncation, sampler
     log-probs), cfg.generation_batch_size sequences per generate call."""
-    temperature = 0.0 if greedy else cfg.temperature
     return generate(policy.lm, prompts, policy.tokenizer.pad_token_id,
-                    policy.lm.generation_config.eos_token_id, policy.device, temperature,
+                    policy.lm.generation_config.eos_token_id, policy.device, cfg.temperature,
                     cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
 
 
@@ -646,42 +638,18 @@ def step_metrics(stats, times, grad_norm, opt, cfg: Config, device) -> dict:
     return metrics
 
 
-@torch.no_grad()
-def evaluate_accuracy(policy, problems, cfg: Config, shard=(0, 1), grade=None) -> dict:
-    """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided.
-    shard: (rank, world): this rank's rows, summed over ranks. grade: a Grader (default: in this
-    process)."""
-    counts, grade = [], grade or Grader(0, cfg.reward_timeout)
-    rank, world = shard
-    tok = policy.tokenizer
-    for guided in (False, True):
-        rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
-        with autocast(cfg.dtype, policy.device):
-            prompts = [prompt_ids(tok, cfg, q, guided) for q in rows]
-            outs = sample(policy, prompts, cfg, greedy=True)
-        texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
-        counts += [sum(grade(texts, [q["answer"] for q in rows])), len(rows)]
-    c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=policy.device)).tolist()
-    result = {}
-    for k, mode in enumerate(("unguided", "guided")):
-        if c[2 * k + 1]:
-            result[f"eval/{mode}_acc"] = c[2 * k] / c[2 * k + 1]
-    return result
-
-
 def sft_warmup(problems, policy, cfg: Config, log):
-    """Warm-up: NLL of the reference `solution` + the end-of-turn token (tokenizer.eos_token,
-    which the chat template closes an assistant turn with; generation may stop on other EOS ids
-    too) under the autonomous prompt."""
+    """Warm-up: NLL of the reference `solution` + the end of turn under the autonomous prompt. The
+    end of turn is what the chat template closes an assistant turn with (engine.turn_end_ids; not
+    always the eos token: Gemma's is <end_of_turn>), and generation stops there."""
     tok = policy.tokenizer
     opt = make_optimizer(policy.lm, cfg.sft_learning_rate, cfg)
-    eos = tok.eos_token_id
-    if eos is None:
-        eos = policy.lm.generation_config.eos_token_id[0]
+    turn_end = [i for i in turn_end_ids(tok) if i is not None]
+    turn_end = turn_end or policy.lm.generation_config.eos_token_id[:1]
     examples = []
     for q in problems:
         solution = tok(q["solution"], add_special_tokens=False)["input_ids"]
-        examples.append((prompt_ids(tok, cfg, q, guided=False), solution + [eos]))
+        examples.append((prompt_ids(tok, cfg, q, guided=False), solution + turn_end))
     step = 0
     for epoch in range(cfg.sft_epochs):
         for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
@@ -714,7 +682,7 @@ def setup(argv):
     # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its
     # GPU. check_data: every row tokenizes and fits the context, before the weights load.
     lm, tokenizer = load_model(resume[0] if resume else cfg.model, torch.float32,
-                               "cpu" if cfg.fsdp else device, check_data)
+                               "cpu" if cfg.fsdp else device, check_data, trainable=True)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(lm)
     policy = Policy.of(lm, tokenizer, device, lambda backbone: wrap(backbone, cfg, ddp, device))
@@ -762,7 +730,8 @@ def train(cfg: Config, data, resume, policy):
     # greedy held-out accuracy: printed next to the one before RL, logged with the step
     def evaluate() -> dict:
         with full_weights(policy.wrapped):
-            result = evaluate_accuracy(policy, eval_problems, cfg, (rank, world), grade)
+            result = greedy_accuracy(policy.lm, policy.tokenizer, eval_problems, cfg,
+                                     policy.device, (rank, world), grade)
         start = state["eval_start"] = state["eval_start"] or result
         if master:
             parts = []

@@ -49,11 +49,12 @@ def main(argv):
             for line in open(os.path.join(out, "metrics.jsonl"))
             if '"step"' in line
         ][1:]
-    mean = {
-        k: sum(m[k] for m in metrics) / len(metrics)
-        for k in metrics[0]
-        if isinstance(metrics[0][k], (int, float))
-    }
+    # a step without KD targets has no KD metrics: each mean is over the steps that have it
+    mean = {}
+    for m in metrics:
+        for k in m:
+            values = [x[k] for x in metrics if isinstance(x.get(k), (int, float))]
+            mean[k] = sum(values) / len(values) if values else 0.0
     split = ("generate", "grade", "select", "update")
     step = sum(mean[f"time/{k}"] for k in split)
     print(f"{len(metrics)} steps after the first, mean per step "

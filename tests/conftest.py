@@ -30,9 +30,9 @@ def tiny_rows(n=16):
     ]
 
 
-def tiny_setup(pad_is_eos=False, seed=0, arch="qwen3"):
+def tiny_setup(pad_is_eos=False, seed=0, arch="qwen3", tied=False):
     tok = build_tokenizer(pad_is_eos=pad_is_eos)
-    model = build_model(tok, arch=arch, seed=seed)
+    model = build_model(tok, arch=arch, seed=seed, tied=tied)
     # 40 tokens at ~1/100 EOS probability each: some responses end early, others hit the limit
     cfg = sgpo.Config(
         max_completion_length=40, temperature=0.9, micro_batch_size=3, kd_chunk_size=5

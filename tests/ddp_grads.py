@@ -1,6 +1,6 @@
 """Helper for test_ddp.py: accumulate the gradient of fixed rollouts with `python` (all rows) or
-under `torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo, or FSDP2 with a
-second argument `fsdp`); rank 0 saves it."""
+under `torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo, or FSDP2 with
+the argument `fsdp`; with `tied`, a model whose LM head is its input embedding); rank 0 saves it."""
 
 import os
 import sys
@@ -16,7 +16,8 @@ from tests.conftest import tiny_setup, training_rows  # noqa: E402
 
 out_path = sys.argv[1]
 torch.manual_seed(0)
-tok, model, cfg = tiny_setup()
+# arguments after the output path: fsdp (else DDP), tied (the LM head shares the input embedding)
+tok, model, cfg = tiny_setup(tied="tied" in sys.argv[2:])
 cfg.micro_batch_size = 2
 rows = training_rows(tok, model, cfg, n=6)  # identical on every rank; loss weights are global
 if "RANK" in os.environ:
@@ -25,7 +26,7 @@ if "RANK" in os.environ:
     # (one pass, then zero-loss passes) and so no KD metrics at all
     last = [r for r in rows if isinstance(r, sgpo.GRPORow)][-2:]
     rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
-    fsdp = sys.argv[2:] == ["fsdp"]
+    fsdp = "fsdp" in sys.argv[2:]
     wrap = (
         (lambda b: runtime.shard_fsdp(b, runtime.compute_dtype(cfg.dtype), torch.device("cpu")))
         if fsdp

@@ -21,14 +21,16 @@ def _run(args, out, *extra):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp tied"])
 def test_world_size_2_equals_1(tmp_path, parallel):
     """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and zero-loss
-    forwards keep the collectives matched (a missing one hangs)."""
-    one = _run([], tmp_path / "one.pt")
+    forwards keep the collectives matched (a missing one hangs). Tied: the LM head is the input
+    embedding, whose gradient comes from ChunkedHead and from the embedding lookup."""
+    flags = parallel.split()
+    one = _run([], tmp_path / "one.pt", *flags[1:])
     two = _run(
         ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], tmp_path / "two.pt",
-        parallel
+        *flags
     )
     assert one["grads"].keys() == two["grads"].keys()
     for name, g in one["grads"].items():

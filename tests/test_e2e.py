@@ -99,14 +99,10 @@ def test_held_out_accuracy_equals_one_problem_at_a_time(warm_dir, eval_file):
         f"eval/{m}_acc": _accuracy_one_at_a_time(model, tok, rows, cfg, m == "guided")
         for m in ("unguided", "guided")
     }
-    assert sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg) == pytest.approx(
-        expected
-    )
+    assert engine.greedy_accuracy(model, tok, rows, cfg, "cpu") == pytest.approx(expected)
     assert 0 < expected["eval/unguided_acc"] < 1  # the case discriminates
     # no process group: per shard
-    shards = [
-        sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg, (r, 2)) for r in (0, 1)
-    ]
+    shards = [engine.greedy_accuracy(model, tok, rows, cfg, "cpu", (r, 2)) for r in (0, 1)]
     assert shards[0]["eval/unguided_acc"] * 4 + shards[1]["eval/unguided_acc"] * 3 == pytest.approx(
         7 * expected["eval/unguided_acc"]
     )
@@ -130,7 +126,7 @@ def test_torchrun_two_ranks(warm_dir, data_file, eval_file, tmp_path):
     model, tok = engine.load_model(str(warm_dir), torch.float32, "cpu")
     rows = inputs.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
     cfg = sgpo.parse_args(["--max_completion_length", "12"])
-    expected = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg)
+    expected = engine.greedy_accuracy(model, tok, rows, cfg, "cpu")
     # both ranks' shares counted
     assert {k: v for k, v in metrics[0].items() if k != "step"} == pytest.approx(expected)
     assert all("eval/unguided_acc" in m and "eval/guided_acc" in m for m in metrics)
@@ -406,12 +402,10 @@ def test_generation_batch_size_bounds_each_call(warm_dir, eval_file):
         (a["sampler_logps"] - b["sampler_logps"]).abs().max() < 1e-5 for a, b in zip(one, split)
     )
     calls.clear()
-    expected = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), rows, cfg)
+    expected = engine.greedy_accuracy(model, tok, rows, cfg, "cpu")
     assert (
-        sgpo.evaluate_accuracy(
-            sgpo.Policy.of(model, tok, "cpu"), rows,
-            dataclasses.replace(cfg, generation_batch_size=2)
-        )
+        engine.greedy_accuracy(model, tok, rows, dataclasses.replace(cfg, generation_batch_size=2),
+                               "cpu")
         == expected
     )
     assert calls == [7, 4] + [2, 2, 2, 1] + [2, 2]  # default (0): all in one call; then 2 at a time

