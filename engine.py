@@ -76,10 +76,13 @@ def turn_end_ids(tokenizer) -> list:
     """The ids that close an assistant turn in the tokenizer's chat template: what it writes after
     an assistant message's content, up to and including the first special token (ChatML:
     <|im_end|>, Llama 3: <|eot_id|>, Gemma: <end_of_turn>, which is not Gemma's eos token). The
-    eos token where the template writes no special token there."""
+    eos token where the template writes no special token there (or refuses the probe)."""
     probe = "Turn end probe."
     messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": probe}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template with rules of its own (e.g. a system message first)
+        text = ""
     after = text[text.rfind(probe) + len(probe):] if probe in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids)

@@ -107,6 +107,10 @@ class Config:
     generation_batch_size: int = 0
     """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache
     (docs/memory_and_speed.md); 0 = all in one."""
+    generate_by_mode: bool = True
+    """One generate call per mode: a call runs until its longest sequence ends, and guided rollouts
+    (which write the working) often run longer. false: both modes in one call, faster where both
+    run to similar lengths and decoding is memory-bound (README "Real models")."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -509,6 +513,17 @@ def sample(policy, prompts, cfg: Config):
                     cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
 
 
+def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
+    """G1 autonomous and G2 guided responses per problem: one generate call (or
+    generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode false)."""
+    auto = repeat_each(auto_prompts, cfg.num_generations)
+    guided = repeat_each(guided_prompts, cfg.num_guided_generations)
+    if not cfg.generate_by_mode:
+        both = sample(policy, auto + guided, cfg)
+        return both[:len(auto)], both[len(auto):]
+    return sample(policy, auto, cfg), sample(policy, guided, cfg)
+
+
 def repeat_each(items, n):
     """[a, b], 2 -> [a, a, b, b]."""
     out = []
@@ -541,12 +556,9 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     guided_prompts = [prompt_ids(tok, cfg, q, guided=True) for q in problems]
 
     # ---- 1. Rollout: G1 autonomous and G2 strategy-guided samples per problem.
-    # One generate call (or generation_batch_size-sized calls) per mode: a call runs until its
-    # longest sequence ends, and guided rollouts, which write the strategy's working, run longer.
     # FSDP: the weights are gathered once for all generate calls.
     with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
-        auto = sample(policy, repeat_each(auto_prompts, g1), cfg)
-        guided = sample(policy, repeat_each(guided_prompts, g2), cfg)
+        auto, guided = sample_rollouts(policy, auto_prompts, guided_prompts, cfg)
     # [B][G1 + G2]
     rollouts = [auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2] for b in range(n)]
     t_gen = time.time()

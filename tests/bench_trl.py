@@ -12,6 +12,7 @@ distils full logits, as sgpo does.
 """
 
 import argparse
+import shlex
 import os
 import sys
 import tempfile
@@ -106,6 +107,8 @@ if __name__ == "__main__":
     p.add_argument("--guided", type=int, default=4, help="sgpo's guided rollouts per problem (G2)")
     p.add_argument("--problems", type=int, default=8, help="problems a step")
     p.add_argument("--max_completion_length", type=int, default=48)
+    p.add_argument("--trainers", nargs="*", default=["grpo", "sdpo"], help="TRL's, to time")
+    p.add_argument("--sgpo", default="", help='more sgpo.py flags, one string: "--flag value"')
     p.add_argument("--model", default=os.path.join(ROOT, "toy/cups_data/model"))
     p.add_argument("--data", default=os.path.join(ROOT, "toy/cups_data/train.jsonl"))
     args = p.parse_args()
@@ -114,7 +117,7 @@ if __name__ == "__main__":
         "| trainer | steps after the first | step s | generation s | rest s "
         "|\n|---|---|---|---|---|"
     )
-    for name in ("grpo", "sdpo"):
+    for name in args.trainers:
         bench(name, args)
     import bench_step
 
@@ -123,5 +126,5 @@ if __name__ == "__main__":
         "--steps", str(args.steps), "--reward_workers", "0", "--model", args.model, "--data",
         args.data, "--batch_size", str(args.problems), "--num_generations", str(args.generations),
         "--num_guided_generations", str(args.guided), "--max_completion_length",
-        str(args.max_completion_length)
+        str(args.max_completion_length), *shlex.split(args.sgpo)
     ])

@@ -95,3 +95,23 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
     assert spread[0].model == spread[1].model == "s/model" and (
         spread[0].kd_loss, spread[1].kd_loss
     ) == ("fkl", "sft")
+
+
+def test_generate_by_mode_or_together_gives_each_mode_its_rollouts(monkeypatch):
+    """--generate_by_mode false samples both modes in one generate call; each problem still gets
+    its G1 autonomous and G2 guided responses, in order."""
+    calls = []
+
+    def echo(policy, prompts, cfg):
+        calls.append(len(prompts))
+        return [{"ids": list(p)} for p in prompts]
+
+    monkeypatch.setattr(sgpo, "sample", echo)
+    auto, guided = [[1], [2]], [[10], [20]]
+    for by_mode, expected_calls in ((True, [6, 4]), (False, [10])):
+        calls.clear()
+        cfg = sgpo.Config(num_generations=3, num_guided_generations=2, generate_by_mode=by_mode)
+        a, g = sgpo.sample_rollouts(None, auto, guided, cfg)
+        assert calls == expected_calls
+        assert [r["ids"] for r in a] == [[1]] * 3 + [[2]] * 3
+        assert [r["ids"] for r in g] == [[10]] * 2 + [[20]] * 2

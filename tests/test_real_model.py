@@ -15,7 +15,7 @@ import evaluate
 import extract_strategies as ex
 import runtime
 import sgpo
-from tests.conftest import ROOT, read_metrics
+from tests.conftest import ROOT, fresh, read_metrics
 from tests.smollm2 import convert, gguf_folder
 from toy.tiny import write_jsonl
 
@@ -112,12 +112,8 @@ def test_plain_and_chunked_loss_agree_on_smollm2(smollm2):
     for chunked in (True, False):
         model.zero_grad()
         stats = runtime.Stats()
-        fresh = [sgpo.KDRow(r.prompt, r.response, r.weight, teacher_prompt=r.teacher_prompt)
-                 if isinstance(r, sgpo.KDRow) else sgpo.GRPORow(
-                     r.prompt, r.response, r.weight, advantage=r.advantage,
-                     sampler_logps=r.sampler_logps) for r in rows]
         cfg.chunked_head = chunked
-        sgpo.accumulate_gradients(policy, fresh, cfg, stats)
+        sgpo.accumulate_gradients(policy, fresh(rows), cfg, stats)
         results.append((stats.reduce("cpu"), model.model.embed_tokens.weight.grad.clone()))
     (chunked, g_chunked), (plain, g_plain) = results
     assert chunked["kd/kl_mean"] > 0
