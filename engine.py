@@ -219,15 +219,15 @@ def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     # transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated)
     accepted = inspect.signature(model.forward).parameters
     cache_arg = "cache" if "cache" in accepted else "past_key_values"
-    cache = _kv_cache(model)
+    # prefill each distinct prompt once, all but its last token (generate runs that one), then
+    # copy its KV cache to the rows that share it; its logits are not used: keep one
+    prefill = len(distinct) < len(batch) and width > 1
+    cache = _kv_cache(model, device, always=prefill)
     # eval() also turns HF activation checkpointing off (it acts in training mode only), so the
     # KV cache works
     model.eval()
     try:
-        # prefill each distinct prompt once, all but its last token (generate runs that one), then
-        # copy its KV cache to the rows that share it; its logits are not used: keep one
-        if len(distinct) < len(batch) and width > 1:
-            cache = cache or _kv_cache(model, always=True)
+        if prefill:
             position_ids = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
             keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
             model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
@@ -241,14 +241,14 @@ def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     return out[:, width:]
 
 
-def _kv_cache(model, always=False):
+def _kv_cache(model, device, always=False):
     """The KV cache of a generate call. Under autocast over fp32 weights the residual stream stays
     fp32, and keys come out of rotary embeddings (and Qwen3's k_norm) in fp32 beside bf16 values:
     1.5x the memory, and attention casts them back at every step. This cache stores keys and values
     in the autocast dtype, as attention uses them. None (HF's default) when there is nothing to
     cast, unless always."""
     from transformers import DynamicCache
-    device = next(model.parameters()).device.type
+    device = torch.device(device).type
     dtype = torch.get_autocast_dtype(device)
     if not torch.is_autocast_enabled(device) or dtype == torch.float32:
         return DynamicCache(config=model.config) if always else None

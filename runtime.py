@@ -48,6 +48,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def compute_dtype(name: str) -> torch.dtype:
     """auto: bf16 on a GPU that supports it natively, else fp32 (V100 and T4 only emulate bf16)."""
     auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -122,8 +126,7 @@ def grad_sync(model, last: bool):
 def rank_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list:
     """This rank's batches of item indices for an epoch: DistributedSampler's shuffled shard, the
     same order on resume; a last partial batch is dropped."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    sampler = DistributedSampler(range(n_items), num_replicas=world_size(), rank=rank,
+    sampler = DistributedSampler(range(n_items), num_replicas=world_size(), rank=get_rank(),
                                  shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     idx = list(sampler)
@@ -222,7 +225,7 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, state: dict):
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                               "cuda": cuda_rng})
-    master = not dist.is_initialized() or dist.get_rank() == 0
+    master = get_rank() == 0
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
     tmp, weights = final + ".tmp", None
     try:
@@ -291,7 +294,7 @@ def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict) ->
         dcp.load(sharded, checkpoint_id=os.path.join(path, "optimizer"))
         set_optimizer_state_dict(model, optimizer, sharded)
     scheduler.load_state_dict(saved["scheduler"])
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = get_rank(), world_size()
     if len(saved["rng"]) == world:
         rng = saved["rng"][rank]
         torch.set_rng_state(rng["torch"])

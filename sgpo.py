@@ -50,9 +50,9 @@ from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, check_output_dir,
-                     compute_dtype, full_weights, grad_sync, prepare_output_dir, rank_batches,
-                     resolve_resume, restore_checkpoint, save_checkpoint, setup_distributed,
-                     world_size, wrap)
+                     compute_dtype, full_weights, get_rank, grad_sync, prepare_output_dir,
+                     rank_batches, resolve_resume, restore_checkpoint, save_checkpoint,
+                     setup_distributed, world_size, wrap)
 
 
 @dataclass
@@ -705,7 +705,7 @@ def train(cfg: Config, data, resume, policy):
     """The SFT warm-up (if any), then max_steps RL steps, with held-out evaluations, metrics.jsonl
     and checkpoints (rank 0)."""
     problems, sft_problems, eval_problems = data
-    rank, world = (dist.get_rank(), world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = get_rank(), world_size()
     master = rank == 0
     ref = None
     if cfg.beta > 0:
