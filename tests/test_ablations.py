@@ -78,16 +78,36 @@ def test_reference_kl_term():
 
 
 def test_toy_ablation_rows_are_valid_sgpo_flags():
-    """Every row of toy/ablation.py parses as sgpo.py flags, and the SFT rows warm up on answer-only
-    solutions."""
-    from toy.ablation import ROWS, SFT
+    """Every row of toy/ablation.py parses as sgpo.py flags; the SFT rows warm up on a strong
+    model's solutions in their style; each size runs SGPO and its baselines from its own
+    checkpoint; the two ablation rows of the paper the toy added switch what they name."""
+    from toy.ablation import GROUPS, ROWS, SIZE_ROWS, SIZES, start_of
+    from toy.cups import SOLUTION_STYLES
 
+    paths = dict(small="small.jsonl", spread="spread", size_32="s32", size_128="s128")
+    paths.update({f"strong_{style}": f"strong_{style}.jsonl" for style in SOLUTION_STYLES})
     for label, flags in ROWS.values():
-        cfg = sgpo.parse_args(
-            [f.format(strong="strong.jsonl", small="small.jsonl", spread="spread") for f in flags]
-        )
-        assert (cfg.sft_epochs > 0) == (flags[: len(SFT)] == SFT), label
+        cfg = sgpo.parse_args([f.format(**paths) for f in flags])
+        assert (cfg.sft_epochs > 0) == (cfg.sft_data.startswith("strong_")), label
     assert sgpo.parse_args(ROWS["no_proximal"][1]).kd_trust_region is False
+    assert sgpo.parse_args(ROWS["no_grpo"][1]).use_grpo is False
+    no_selection = sgpo.parse_args(ROWS["no_target_selection"][1])
+    assert no_selection.target_selection is False and no_selection.kl_clip == float("inf")
+    styles = {row: sgpo.parse_args([f.format(**paths) for f in ROWS[row][1]]).sft_data
+              for row in ("sft_solutions", "sft_full", "sft_full_grpo", "sft_arrangement")}
+    assert styles == dict(sft_solutions="strong_answer.jsonl", sft_full="strong_full.jsonl",
+                          sft_full_grpo="strong_full.jsonl",
+                          sft_arrangement="strong_arrangement.jsonl")
+    for hidden in SIZES:
+        for row in SIZE_ROWS:
+            sized = sgpo.parse_args([f.format(**paths) for f in ROWS[f"{row}_h{hidden}"][1]])
+            same = sgpo.parse_args([f.format(**paths) for f in ROWS[row][1]])
+            assert vars(sized) == {**vars(same), "model": f"s{hidden}/model"}
+        assert start_of(f"sgpo_h{hidden}") == f"the warm checkpoint of hidden {hidden}"
+    assert start_of("sgpo") == "the warm checkpoint" and start_of("sft_full_h32") == ""
+    for group in GROUPS.values():
+        assert set(group) <= set(ROWS)
+    assert len(GROUPS["sizes"]) == len(SIZE_ROWS) * (1 + len(SIZES))
     spread = [
         sgpo.parse_args([f.format(spread="s") for f in ROWS[row][1]])
         for row in ("sgpo_spread", "direct_sft_spread")
@@ -115,3 +135,25 @@ def test_generate_by_mode_or_together_gives_each_mode_its_rollouts(monkeypatch):
         assert calls == expected_calls
         assert [r["ids"] for r in a] == [[1]] * 3 + [[2]] * 3
         assert [r["ids"] for r in g] == [[10]] * 2 + [[20]] * 2
+
+
+def test_size_gain_is_sgpo_minus_its_best_baseline_seed_by_seed(capsys):
+    """toy/ablation.py print_gain on hand-made results: the best baseline is the one with the best
+    mean (SFT here, not the better seed-0 run of GRPO), the gain is paired by seed; a size whose
+    rows did not all run prints nothing."""
+    from toy.ablation import print_gain
+
+    def ran(*accuracies):
+        return [({}, {"eval/unguided_acc": a}, {}) for a in accuracies]
+
+    results = {}
+    for row, accuracies in {"sgpo": (0.9, 0.8), "grpo_only": (0.95, 0.1),
+                            "sft_full": (1.0, 0.6)}.items():
+        results.update({(row, seed): r for seed, r in enumerate(ran(*accuracies))})
+    print_gain(64, "toy/cups_data/model", results, [0, 1])
+    assert capsys.readouterr().out == (
+        "hidden 64 (117,536 non-embedding parameters): SGPO 85.0, best baseline SFT on full "
+        "worked solutions 80.0, gain +5.0 (per seed -10.0 / +20.0)\n"
+    )
+    print_gain(32, "toy/cups_data/model", results, [0, 1])
+    assert capsys.readouterr().out == ""

@@ -170,3 +170,53 @@ def test_default_run_transfers_the_guided_working_to_the_unguided_policy(tmp_pat
         assert (
             written_range[0] <= written <= written_range[1] and acc_range[0] <= acc <= acc_range[1]
         ), (path, written, acc)
+
+
+def test_strong_solutions_write_correct_workings_in_each_style():
+    """The SFT baselines' targets (toy/cups.py strong_solution): every style earns the reward; the
+    full working is the strategy's (the committed solution); the verbose one has a sentence per
+    swap; the arrangement's rows are the cups' order after each swap, checked against a step by
+    step simulation of all three cups, and it reads the ball's cup off the last row."""
+    from toy.cups import SOLUTION_STYLES, strong_solution
+
+    q = {"problem": "Ball under cup 2. Swaps: 13 12. Which cup?"}
+    assert [strong_solution(q, style) for style in SOLUTION_STYLES] == [
+        "\\boxed{1}", "13:2 12:1 \\boxed{1}",
+        "swap 1 and 3, ball under 2. swap 1 and 2, ball under 1. so \\boxed{1}",
+        "13>321 12>231 2@1 \\boxed{1}", "\\boxed{1} since 13:2 12:1",
+    ]
+    for r in make_split(200, seed=6, prefix="t"):
+        swaps = r["problem"].split("Swaps: ")[1].split(".")[0].split()
+        for style in SOLUTION_STYLES:
+            assert reward.math_reward(strong_solution(r, style), r["answer"]) == 1.0
+        assert strong_solution(r, "full") == r["solution"]
+        answer, working = strong_solution(r, "answer_first").split(" since ")
+        assert f"{working} {answer}" == r["solution"]
+        assert strong_solution(r, "verbose").count("ball under") == len(swaps)
+        steps = strong_solution(r, "arrangement").split()
+        cups = {1: 1, 2: 2, 3: 3}  # position -> the cup that started there
+        for swap, step in zip(swaps, steps):
+            a, b = int(swap[0]), int(swap[1])
+            cups[a], cups[b] = cups[b], cups[a]
+            assert step == f"{swap}>{cups[1]}{cups[2]}{cups[3]}"
+        start = int(r["problem"].split("cup ")[1][0])
+        where = [p for p in cups if cups[p] == start][0]
+        assert steps[len(swaps)] == f"{start}@{where}" and str(where) == r["answer"]
+
+
+def test_sized_warmup_builds_the_testbed_at_another_model_size(tmp_path):
+    """The same data and recipe from a fresh model of another width: 2 steps."""
+    from transformers import AutoConfig
+
+    from toy.cups import sized_warmup
+
+    lines = []
+    sized_warmup(str(tmp_path), 32, steps=2, log=lines.append)
+    config = AutoConfig.from_pretrained(tmp_path / "model")
+    assert (config.hidden_size, config.num_hidden_layers, config.head_dim) == (32, 3, 8)
+    assert json.loads(lines[-1])["step"] == 2
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / name).read_text() == (CUPS / name).read_text()
+    model, tok = engine.load_model(str(tmp_path / "model"), torch.float32, "cpu")
+    assert tok("13>321 2@1")["input_ids"] == engine.load_model(
+        str(CUPS / "model"), torch.float32, "cpu")[1]("13>321 2@1")["input_ids"]

@@ -16,6 +16,7 @@ rerun; so is their generalisation accuracy (generalisation.json next to them).
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -30,13 +31,23 @@ import reward  # noqa: E402
 import engine  # noqa: E402
 import runtime  # noqa: E402
 import sgpo  # noqa: E402
-from toy.cups import make_split, notation_spread, spread_warmup  # noqa: E402
+from toy.cups import (  # noqa: E402
+    SOLUTION_STYLES, make_split, notation_spread, sized_warmup, spread_warmup, strong_solution
+)
 from toy.tiny import write_jsonl  # noqa: E402
 
-# SFT on a strong model's solutions: the answer alone, reached "in its head", the way a strong model
-# that needs no written working would answer; the small model cannot imitate the computation it does
-# not see (toy/README.md).
-SFT = ["--sft_epochs", "2", "--sft_data", "{strong}", "--sft_learning_rate", "1e-4"]
+def sft(style: str) -> list:
+    """SFT on a strong model's solutions written in `style` (toy/cups.py strong_solution): 2 epochs
+    of the 2,000 training problems at lr 1e-4, unguided prompt -> solution."""
+    return ["--sft_epochs", "2", "--sft_data", f"{{strong_{style}}}", "--sft_learning_rate", "1e-4"]
+
+
+# Answer-only solutions: what a strong model that tracks the ball in its head writes; the small
+# model cannot imitate the computation it does not see (toy/README.md). Full worked solutions: the
+# strong model writes every step; in the strategy's own notation (full), in words (verbose, ~5x
+# longer), organised otherwise (arrangement: the whole row of cups after each swap) or ordered
+# otherwise (answer_first: the answer, then the working).
+SFT = sft("answer")
 # A teacher with real spread (toy/cups.py spread_warmup, built once into <output_dir>/spread, ~12
 # min): three notations per working step, so one sampled guided rollout is one of 3^(swaps) valid
 # ones.
@@ -51,13 +62,31 @@ ROWS = {  # name -> (label, sgpo.py flags)
     "reverse_kl": ("reverse KL", ["--kd_loss", "rkl"]),
     "fixed_alpha": ("fixed alpha", ["--adaptive_alpha", "false"]),
     "kl_clip_1": ("KL clipping at the paper's delta = 1", ["--kl_clip", "1"]),
+    "no_grpo": ("w/o autonomous GRPO", ["--use_grpo", "false"]),
+    "no_target_selection": ("w/o target selection", ["--target_selection", "false"]),
     "no_proximal": (
         "w/o all proximal constraints",
         ["--kl_clip", "inf", "--target_selection", "false", "--kd_trust_region", "false"]
     ),
-    "sft_solutions": ("SFT on the strong model's solutions", SFT + ["--max_steps", "0"]),
-    "sft_grpo": ("SFT, then GRPO", SFT + ["--use_kd", "false"]),
-    "sft_sgpo": ("SFT, then SGPO", SFT),
+    "sft_solutions": ("SFT on the strong model's answers", SFT + ["--max_steps", "0"]),
+    "sft_grpo": ("SFT on the answers, then GRPO", SFT + ["--use_kd", "false"]),
+    "sft_sgpo": ("SFT on the answers, then SGPO", SFT),
+    "sft_full": ("SFT on full worked solutions", sft("full") + ["--max_steps", "0"]),
+    "sft_full_grpo": (
+        "SFT on full worked solutions, then GRPO", sft("full") + ["--use_kd", "false"]
+    ),
+    # the workings written otherwise are longer: room for the longest (6 swaps) and its end of turn
+    "sft_verbose": (
+        "SFT on full worked solutions in words",
+        sft("verbose") + ["--max_steps", "0", "--max_completion_length", "192"]
+    ),
+    "sft_arrangement": (
+        "SFT on full worked solutions tracking the whole row of cups",
+        sft("arrangement") + ["--max_steps", "0", "--max_completion_length", "64"]
+    ),
+    "sft_answer_first": (
+        "SFT on full worked solutions, answer first", sft("answer_first") + ["--max_steps", "0"]
+    ),
     # adaptive alpha needs revisits: 128 problems, 16 a step, 80 steps = 10 epochs
     "sgpo_128": ("SGPO, 128 problems x 10 epochs", ["--data", "{small}"]),
     "fixed_alpha_128": (
@@ -69,7 +98,38 @@ ROWS = {  # name -> (label, sgpo.py flags)
         SPREAD + ["--kd_loss", "sft"]
     ),
 }
-DEFAULT_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1"]
+# Base capability: the testbed at other model sizes (hidden units; toy/cups.py sized_warmup, the
+# committed checkpoint's data and warm-up recipe, built once into <output_dir>/size-<hidden>).
+# Each size runs SGPO and its baselines from its own warm checkpoint.
+SIZES = (32, 128)
+SIZE_ROWS = ("sgpo", "grpo_only", "sft_full")  # at hidden 64: these rows themselves
+for hidden in SIZES:
+    for row in SIZE_ROWS:
+        label, flags = ROWS[row]
+        ROWS[f"{row}_h{hidden}"] = (
+            f"{label}, hidden {hidden}", ["--model", f"{{size_{hidden}}}/model", *flags]
+        )
+
+
+def size_rows(hidden: int) -> list:
+    """SGPO and its baselines at one model size (SIZE_ROWS; hidden 64 is the committed
+    checkpoint)."""
+    return [row if hidden == 64 else f"{row}_h{hidden}" for row in SIZE_ROWS]
+
+
+DEFAULT_ROWS = [
+    "sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1", "no_grpo",
+    "no_target_selection"
+]
+GROUPS = {  # --rows names a group for its rows
+    "main": ["sgpo", "sft_solutions", "sft_grpo", "sft_sgpo", "no_proximal", "sft_full",
+             "sft_full_grpo"],
+    "imitation": ["sgpo", "sft_full", "sft_full_grpo", "sft_verbose", "sft_arrangement",
+                  "sft_answer_first"],
+}
+GROUPS["sizes"] = []
+for hidden in sorted((64, *SIZES)):
+    GROUPS["sizes"] += size_rows(hidden)
 
 
 def records(out: str, key: str) -> list:
@@ -125,8 +185,11 @@ def generalisation(out: str, splits: dict) -> dict:
         else {}
     )
     if set(splits) - set(done):
-        model, tok = engine.load_model(runtime.latest_checkpoint(out), torch.float32, "cpu")
-        cfg = sgpo.Config(max_completion_length=96)  # 10 swaps of working: ~60 tokens
+        ckpt = runtime.latest_checkpoint(out)
+        model, tok = engine.load_model(ckpt, torch.float32, "cpu")
+        # 10 swaps of working: ~60 tokens in the strategy's notation; twice the run's room for 4-6
+        length = json.load(open(os.path.join(ckpt, "sgpo_config.json")))["max_completion_length"]
+        cfg = sgpo.Config(max_completion_length=max(96, 2 * length))
         for name in set(splits) - set(done):
             problems = [{**q, "strategy": ""} for q in splits[name]]
             accuracy = engine.greedy_accuracy(model, tok, problems, cfg, "cpu")
@@ -151,40 +214,79 @@ def mean_sd(values):
     return f"{statistics.mean(values):.1f} +- {sd:.1f}"
 
 
-def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
-    parser.add_argument("--output_dir", default="out/ablation")
-    args, extra = parser.parse_known_args()
-    extra = [a for a in extra if a != "--"]
-    os.makedirs(args.output_dir, exist_ok=True)
-    # train.jsonl with answer-only solutions
-    strong = os.path.join(args.output_dir, "strong_solutions.jsonl")
+def write_once(path: str, rows: list) -> None:
+    """write_jsonl through a temporary file, so that a run of another ablation.py process reading
+    the same path never sees it half written."""
+    write_jsonl(f"{path}.tmp{os.getpid()}", rows)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def prepare_inputs(output_dir: str, rows: list) -> dict:
+    """What the rows' flags name ({strong_full}, {small}, {spread}, {size_32}, ...), written into
+    output_dir: the training problems with a strong model's solutions in each style, the first 128
+    problems, and the checkpoints built once (the teacher with spread, the other model sizes)."""
     train = [
         json.loads(line) for line in open(os.path.join(ROOT, "toy", "cups_data", "train.jsonl"))
     ]
-    write_jsonl(strong, [{**q, "solution": f"\\boxed{{{q['answer']}}}"} for q in train])
-    small = os.path.join(args.output_dir, "train_128.jsonl")
-    write_jsonl(small, train[:128])
-    spread, spread_rows = (
-        os.path.join(args.output_dir, "spread"), [r for r in args.rows if uses_spread(r)]
-    )
-    if spread_rows and not os.path.exists(f"{spread}/spread.json"):
+    paths = {"small": os.path.join(output_dir, "train_128.jsonl")}
+    write_once(paths["small"], train[:128])
+    for style in SOLUTION_STYLES:
+        paths[f"strong_{style}"] = os.path.join(output_dir, f"strong_{style}.jsonl")
+        write_once(
+            paths[f"strong_{style}"], [{**q, "solution": strong_solution(q, style)} for q in train]
+        )
+    paths["spread"] = spread = os.path.join(output_dir, "spread")
+    if any(map(uses_spread, rows)) and not os.path.exists(f"{spread}/spread.json"):
         print(f"building the teacher with spread in {spread}", flush=True)
         with open(f"{spread}.log", "w") as log:
             found = spread_warmup(spread, log=lambda line: print(line, file=log, flush=True))
         with open(f"{spread}/spread.json", "w") as f:
             json.dump(found, f)
+    for hidden in SIZES:
+        paths[f"size_{hidden}"] = size = os.path.join(output_dir, f"size-{hidden}")
+        needed = any(f"{{size_{hidden}}}/model" in ROWS[row][1] for row in rows)
+        # test.jsonl is written last
+        if needed and not os.path.exists(f"{size}/test.jsonl"):
+            print(f"building the warm checkpoint of hidden {hidden} in {size}", flush=True)
+            with open(f"{size}.log", "w") as log:
+                sized_warmup(size, hidden, log=lambda line: print(line, file=log, flush=True))
+    return paths
+
+
+def start_of(row: str) -> str:
+    """The checkpoint a row's RL starts from, as the report names it ("" when it warms up with SFT
+    first)."""
+    flags = ROWS[row][1]
+    if "--sft_data" in flags:
+        return ""
+    if uses_spread(row):
+        return "the teacher with spread"
+    for hidden in SIZES:
+        if f"{{size_{hidden}}}/model" in flags:
+            return f"the warm checkpoint of hidden {hidden}"
+    return "the warm checkpoint"
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=[*ROWS, *GROUPS])
+    parser.add_argument("--output_dir", default="out/ablation")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    args.rows = list(dict.fromkeys(sum((GROUPS.get(row, [row]) for row in args.rows), [])))
+    os.makedirs(args.output_dir, exist_ok=True)
+    paths = prepare_inputs(args.output_dir, args.rows)
+    spread, spread_rows = paths["spread"], [r for r in args.rows if uses_spread(r)]
     splits = generalisation_splits()
     results = {}
     for row in args.rows:
         for seed in args.seeds:
             out = os.path.join(args.output_dir, f"{row}-seed{seed}")
             if final_eval(out) is None:
-                flags = [f.format(strong=strong, small=small, spread=spread) for f in ROWS[row][1]]
+                flags = [f.format(**paths) for f in ROWS[row][1]]
                 cmd = [
                     sys.executable, os.path.join(ROOT, "sgpo.py"), "--seed", str(seed),
                     "--output_dir", out, "--overwrite_output_dir", *flags, *extra
@@ -195,19 +297,15 @@ def main():
                 with open(os.path.join(out, "log.txt"), "w") as log:
                     subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             results[row, seed] = (*final_eval(out), generalisation(out, splits))
-    for warm, rows in (
-        (
-            "the warm checkpoint",
-            [r for r in args.rows if not {"--sft_epochs", "--model"} & set(ROWS[r][1])]
-        ),
-        ("the teacher with spread", spread_rows),
-    ):
-        base = [results[row, s][0] for row in rows for s in args.seeds]
-        if base:
+    base = {}  # the evaluations before RL, by starting checkpoint
+    for row in args.rows:
+        base.setdefault(start_of(row), []).extend(results[row, s][0] for s in args.seeds)
+    for start, evals in base.items():
+        if start:
             print(
-                f"seeds {args.seeds}; {warm}, before RL: unguided "
-                f"{mean_sd([b['eval/unguided_acc'] for b in base])}, "
-                f"guided {mean_sd([b['eval/guided_acc'] for b in base])}"
+                f"seeds {args.seeds}; {start}, before RL: unguided "
+                f"{mean_sd([b['eval/unguided_acc'] for b in evals])}, "
+                f"guided {mean_sd([b['eval/guided_acc'] for b in evals])}"
             )
     if os.path.exists(f"{spread}/spread.json"):
         print(
@@ -222,12 +320,9 @@ def main():
     print("|---" * (6 + len(splits)) + "|")
     for row in args.rows:
         ends = [results[row, s][1] for s in args.seeds]
-        flags = (
-            " ".join(ROWS[row][1])
-            .replace("{strong}", "strong_solutions.jsonl")
-            .replace("{small}", "train_128.jsonl")
-        )
-        flags = flags.replace(" ".join(SPREAD), "--model/--data/--eval_data spread/...") or "-"
+        flags = " ".join(ROWS[row][1])
+        flags = flags.replace(" ".join(SPREAD), "--model/--data/--eval_data {spread}/...")
+        flags = flags.format(**{k: os.path.relpath(v, args.output_dir) for k, v in paths.items()})
         print(
             f"| {ROWS[row][0]} | `{flags}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
             f"| {mean_sd([e['eval/guided_acc'] for e in ends])} "
@@ -236,6 +331,9 @@ def main():
             + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits)
             + f" | {entropy(os.path.join(args.output_dir, f'{row}-seed{args.seeds[0]}'))} |"
         )
+    for hidden in sorted((64, *SIZES)):
+        model = paths[f"size_{hidden}"] if hidden in SIZES else os.path.join(ROOT, "toy/cups_data")
+        print_gain(hidden, os.path.join(model, "model"), results, args.seeds)
     test = [json.loads(line) for line in open(f"{spread}/test.jsonl")][:64] if spread_rows else []
     for row in spread_rows:  # does the student keep the teacher's spread?
         for seed in args.seeds:
@@ -247,12 +345,34 @@ def main():
                 f"{row} seed {seed}: unguided samples at the end: "
                 f"{notation_spread(model, tok, test, guided=False)}"
             )
+    small = [json.loads(line) for line in open(paths["small"])]
     for row in [r for r in args.rows if r.endswith("_128")]:
         for seed in args.seeds:
             print(
                 f"{row} seed {seed}: "
-                f"{alpha_report(os.path.join(args.output_dir, f'{row}-seed{seed}'), train[:128])}"
+                f"{alpha_report(os.path.join(args.output_dir, f'{row}-seed{seed}'), small)}"
             )
+
+
+def print_gain(hidden: int, model: str, results: dict, seeds: list) -> None:
+    """SGPO's gain in unguided accuracy over its best baseline at one model size (its warm
+    checkpoint: model), if every row of that size ran: results maps (row, seed) to (evaluation
+    before RL, at the end, generalisation)."""
+    rows = size_rows(hidden)
+    if not set(itertools.product(rows, seeds)) <= set(results):
+        return
+    accuracy = {row: [100 * results[row, s][1]["eval/unguided_acc"] for s in seeds] for row in rows}
+    best = max(rows[1:], key=lambda row: statistics.mean(accuracy[row]))
+    # seed by seed: the runs of one seed share their sampling seed
+    gains = [a - b for a, b in zip(accuracy[rows[0]], accuracy[best])]
+    weights = engine.load_model(model, torch.float32, "cpu")[0].named_parameters()
+    size = sum(w.numel() for name, w in weights if "embed_tokens" not in name)
+    print(
+        f"hidden {hidden} ({size:,} non-embedding parameters): SGPO "
+        f"{statistics.mean(accuracy[rows[0]]):.1f}, best baseline {ROWS[best][0]} "
+        f"{statistics.mean(accuracy[best]):.1f}, gain {statistics.mean(gains):+.1f} "
+        f"(per seed {' / '.join(f'{g:+.1f}' for g in gains)})"
+    )
 
 
 def alpha_report(out: str, problems: list) -> str:

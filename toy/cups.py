@@ -63,6 +63,44 @@ def make_split(n: int, seed: int, prefix: str, swaps_range=(4, 6)) -> list:
     return [make_problem(rng, i, prefix, swaps_range) for i in range(n)]
 
 
+PROBLEM = re.compile(r"cup (\d)\. Swaps: ([\d ]+)\.")
+SOLUTION_STYLES = ("answer", "full", "verbose", "arrangement", "answer_first")
+
+
+def strong_solution(problem: dict, style: str) -> str:
+    """How a strong solver writes the solution of a cups problem (the SFT baselines' targets), for
+    "Ball under cup 2. Swaps: 13 12. Which cup?":
+      answer       the answer alone, the ball tracked in its head: \\boxed{1}
+      full         every swap and the cup after it, in the strategy's notation: 13:2 12:1 \\boxed{1}
+      verbose      the same steps in words, ~5x longer:
+                   swap 1 and 3, ball under 2. swap 1 and 2, ball under 1. so \\boxed{1}
+      arrangement  organised otherwise: the whole row of cups after each swap (which starting cup
+                   stands where), the ball's cup read off at the end: 13>321 12>231 2@1 \\boxed{1}
+      answer_first ordered otherwise: the answer, then the working that justifies it:
+                   \\boxed{1} since 13:2 12:1
+    """
+    start, swaps = PROBLEM.search(problem["problem"]).groups()
+    cup, row, states = int(start), "123", []
+    for swap in swaps.split():
+        a, b = int(swap[0]), int(swap[1])
+        cup = b if cup == a else a if cup == b else cup
+        cells = list(row)
+        cells[a - 1], cells[b - 1] = cells[b - 1], cells[a - 1]
+        row = "".join(cells)
+        states.append((swap, cup, row))
+    if style == "answer":
+        working = []
+    elif style == "full":
+        working = [f"{swap}:{cup}" for swap, cup, _ in states]
+    elif style == "verbose":
+        working = [f"swap {s[0]} and {s[1]}, ball under {c}." for s, c, _ in states] + ["so"]
+    elif style == "arrangement":
+        working = [f"{swap}>{row}" for swap, _, row in states] + [f"{start}@{row.index(start) + 1}"]
+    else:
+        return " ".join([f"\\boxed{{{cup}}}", "since"] + [f"{s}:{c}" for s, c, _ in states])
+    return " ".join(working + [f"\\boxed{{{cup}}}"])
+
+
 def spread_working(solution: str, rng: random.Random) -> str:
     """The worked solution with each step's separator drawn from NOTATIONS: '12:2 13:3 \\boxed{3}'
     -> '12>2 13=3 ...'."""
@@ -71,16 +109,17 @@ def spread_working(solution: str, rng: random.Random) -> str:
 
 def warmup(
     train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=None, tok=None,
-    working=None
+    working=None, hidden=64
 ):
     """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without
     working).
-    model/tok: continue from these instead of a fresh model; working(solution): the guided target,
-    redrawn each time an example is picked (default: the solution as written)."""
+    model/tok: continue from these instead of a fresh model (else a fresh one of `hidden` units,
+    3 layers); working(solution): the guided target, redrawn each time an example is picked
+    (default: the solution as written)."""
     torch.manual_seed(seed)
     if model is None:
         tok = build_tokenizer()
-        model = build_model(tok, hidden=64, layers=3, seed=seed)
+        model = build_model(tok, hidden=hidden, layers=3, seed=seed)
     cfg = sgpo.Config(micro_batch_size=batch, kd_chunk_size=4096)
     eos = tok.eos_token_id
     # prompts tokenized once (the chat template is slow); the responses per pick, as `working` may
@@ -178,6 +217,23 @@ def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, l
     write_jsonl(os.path.join(out, "train.jsonl"), train)
     write_jsonl(os.path.join(out, "test.jsonl"), test)
     return spread
+
+
+def sized_warmup(out: str, hidden: int, steps: int = 1200, log=print) -> None:
+    """The testbed at another model size: toy/cups_data's problems and the same warm-up recipe
+    (seed, steps, batch, learning rate) from a fresh model of `hidden` units. Writes out/{model,
+    train.jsonl, test.jsonl}."""
+    data = os.path.join(ROOT, "toy", "cups_data")
+    train, test = (
+        [json.loads(line) for line in open(os.path.join(data, name))]
+        for name in ("train.jsonl", "test.jsonl")
+    )
+    model, tok = warmup(train, test, steps=steps, log=log, hidden=hidden)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(os.path.join(out, "model"))
+    tok.save_pretrained(os.path.join(out, "model"))
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
+    write_jsonl(os.path.join(out, "test.jsonl"), test)
 
 
 if __name__ == "__main__":

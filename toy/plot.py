@@ -5,6 +5,7 @@ install matplotlib`).
 
     python toy/plot.py                              # every row with finished runs in out/ablation
     python toy/plot.py --rows sgpo grpo_only sft_grpo --out toy/main_table.png
+    python toy/plot.py --sizes                      # final accuracy against model size
 """
 
 import argparse
@@ -13,7 +14,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import ROWS, final_eval, records  # noqa: E402
+from toy.ablation import (  # noqa: E402
+    ROWS, SIZE_ROWS, SIZES, final_eval, records, size_rows
+)
 
 
 def curves(out: str) -> dict:
@@ -23,6 +26,35 @@ def curves(out: str) -> dict:
         mode: ([m["step"] for m in evals], [100 * m[f"eval/{mode}_acc"] for m in evals])
         for mode in ("unguided", "guided")
     }
+
+
+def plot_sizes(plt, output_dir: str, out: str) -> None:
+    """Final unguided accuracy of SGPO and its baselines against the warm checkpoint's size (one
+    point per seed, a line through the means), and SGPO's gain over the best baseline."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = sorted((64, *SIZES))
+    means = {row: [] for row in SIZE_ROWS}
+    for hidden in sizes:
+        for row, sized in zip(SIZE_ROWS, size_rows(hidden)):
+            runs = [os.path.join(output_dir, f"{sized}-seed{seed}") for seed in (0, 1, 2)]
+            ends = [100 * final_eval(r)[1]["eval/unguided_acc"] for r in runs]
+            axes[0].scatter([hidden] * len(ends), ends, s=12, alpha=0.5)
+            means[row].append(sum(ends) / len(ends))
+    for row in SIZE_ROWS:
+        axes[0].plot(sizes, means[row], marker="o", label=ROWS[row][0])
+    best = [max(values) for values in zip(*[means[row] for row in SIZE_ROWS[1:]])]
+    axes[1].bar([str(h) for h in sizes], [s - b for s, b in zip(means[SIZE_ROWS[0]], best)])
+    axes[0].set(title="unguided greedy accuracy after training", xlabel="hidden units (3 layers)",
+                ylabel="accuracy (%)", ylim=(0, 102), xscale="log", xticks=sizes)
+    axes[0].set_xticklabels([str(h) for h in sizes])
+    axes[1].set(title="SGPO minus its best baseline (mean of 3 seeds)",
+                xlabel="hidden units (3 layers)", ylabel="points")
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def main():
@@ -35,7 +67,10 @@ def main():
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--output_dir", default="out/ablation")
     parser.add_argument("--out", default=os.path.join(ROOT, "toy", "ablation.png"))
+    parser.add_argument("--sizes", action="store_true", help="plot_sizes into toy/sizes.png")
     args = parser.parse_args()
+    if args.sizes:
+        return plot_sizes(plt, args.output_dir, os.path.join(ROOT, "toy", "sizes.png"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for row in args.rows:
         runs = [
