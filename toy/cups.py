@@ -219,16 +219,16 @@ def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, l
     return spread
 
 
-def sized_warmup(out: str, hidden: int, steps: int = 1200, log=print) -> None:
+def sized_warmup(out: str, hidden: int, lr: float = 3e-3, steps: int = 1200, log=print) -> None:
     """The testbed at another model size: toy/cups_data's problems and the same warm-up recipe
-    (seed, steps, batch, learning rate) from a fresh model of `hidden` units. Writes out/{model,
-    train.jsonl, test.jsonl}."""
+    (seed, steps, batch, schedule; learning rate lr) from a fresh model of `hidden` units. Writes
+    out/{model, train.jsonl, test.jsonl}."""
     data = os.path.join(ROOT, "toy", "cups_data")
     train, test = (
         [json.loads(line) for line in open(os.path.join(data, name))]
         for name in ("train.jsonl", "test.jsonl")
     )
-    model, tok = warmup(train, test, steps=steps, log=log, hidden=hidden)
+    model, tok = warmup(train, test, steps=steps, lr=lr, log=log, hidden=hidden)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "model"))
     tok.save_pretrained(os.path.join(out, "model"))
