@@ -189,6 +189,16 @@ def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
     }
 
 
+def save_testbed(out: str, model, tok, train: list, test: list) -> None:
+    """A testbed's files: out/model (weights and tokenizer), out/train.jsonl and out/test.jsonl
+    (written last: its presence says the testbed is complete)."""
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(os.path.join(out, "model"))
+    tok.save_pretrained(os.path.join(out, "model"))
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
+    write_jsonl(os.path.join(out, "test.jsonl"), test)
+
+
 def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, log=print) -> dict:
     """The spread variant's teacher: the committed warm checkpoint trained `steps` more with
     SPREAD_STRATEGY in the guided prompts and a separator drawn per step in their workings (unguided
@@ -211,11 +221,7 @@ def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, l
     )
     spread = notation_spread(model, tok, test[:64], guided=True, seed=seed)
     log(json.dumps(spread))
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(os.path.join(out, "model"))
-    tok.save_pretrained(os.path.join(out, "model"))
-    write_jsonl(os.path.join(out, "train.jsonl"), train)
-    write_jsonl(os.path.join(out, "test.jsonl"), test)
+    save_testbed(out, model, tok, train, test)
     return spread
 
 
@@ -229,11 +235,7 @@ def sized_warmup(out: str, hidden: int, lr: float = 3e-3, steps: int = 1200, log
         for name in ("train.jsonl", "test.jsonl")
     )
     model, tok = warmup(train, test, steps=steps, lr=lr, log=log, hidden=hidden)
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(os.path.join(out, "model"))
-    tok.save_pretrained(os.path.join(out, "model"))
-    write_jsonl(os.path.join(out, "train.jsonl"), train)
-    write_jsonl(os.path.join(out, "test.jsonl"), test)
+    save_testbed(out, model, tok, train, test)
 
 
 if __name__ == "__main__":
@@ -243,8 +245,5 @@ if __name__ == "__main__":
     train_problems = {q["problem"] for q in train}
     test = [q for q in test if q["problem"] not in train_problems]  # held-out instances only
     model, tok = warmup(train, test, steps=steps)
-    model.save_pretrained(os.path.join(out, "model"))
-    tok.save_pretrained(os.path.join(out, "model"))
-    write_jsonl(os.path.join(out, "train.jsonl"), train)
-    write_jsonl(os.path.join(out, "test.jsonl"), test)
+    save_testbed(out, model, tok, train, test)
     print(f"wrote {out}/model, train.jsonl ({len(train)}), test.jsonl ({len(test)})")
