@@ -117,18 +117,24 @@ ROWS = {  # name -> (label, sgpo.py flags)
 # size: hidden 128 stalled at 3e-3 (loss 0.149 at step 800 of 1200, guided 32 %; toy/README.md).
 SIZES = {32: 3e-3, 128: 1e-3}
 SIZE_ROWS = ("sgpo", "grpo_only", "sft_full")  # at hidden 64: these rows themselves
+# the RL learning rate was chosen at hidden 64: does SGPO at another size need another one?
+ROWS["sgpo_lr3e-5"] = ("SGPO, lr 3e-5", ["--learning_rate", "3e-5"])
 for hidden in SIZES:
-    for row in SIZE_ROWS:
+    for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
         label, flags = ROWS[row]
         ROWS[f"{row}_h{hidden}"] = (
             f"{label}, hidden {hidden}", ["--model", f"{{size_{hidden}}}/model", *flags]
         )
 
 
+def at_size(row: str, hidden: int) -> str:
+    """A row's name at one model size (hidden 64 is the committed checkpoint: the row itself)."""
+    return row if hidden == 64 else f"{row}_h{hidden}"
+
+
 def size_rows(hidden: int) -> list:
-    """SGPO and its baselines at one model size (SIZE_ROWS; hidden 64 is the committed
-    checkpoint)."""
-    return [row if hidden == 64 else f"{row}_h{hidden}" for row in SIZE_ROWS]
+    """SGPO and its baselines at one model size."""
+    return [at_size(row, hidden) for row in SIZE_ROWS]
 
 
 DEFAULT_ROWS = [
@@ -339,6 +345,7 @@ def main():
         flags = " ".join(ROWS[row][1])
         flags = flags.replace(" ".join(SPREAD), "--model/--data/--eval_data {spread}/...")
         flags = flags.format(**{k: os.path.relpath(v, args.output_dir) for k, v in paths.items()})
+        flags = flags or "-"
         print(
             f"| {ROWS[row][0]} | `{flags}` | {mean_sd([e['eval/unguided_acc'] for e in ends])} "
             f"| {mean_sd([e['eval/guided_acc'] for e in ends])} "

@@ -14,9 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import (  # noqa: E402
-    ROWS, SIZE_ROWS, SIZES, final_eval, records, size_rows
-)
+from toy.ablation import ROWS, SIZE_ROWS, SIZES, at_size, final_eval, records  # noqa: E402
 
 
 def curves(out: str) -> dict:
@@ -28,30 +26,46 @@ def curves(out: str) -> dict:
     }
 
 
+def final_accuracies(output_dir: str, row: str, hidden: int):
+    """Final unguided accuracies (%) of a row's seeds 0-2 at one model size; None unless all three
+    finished."""
+    ends = [final_eval(os.path.join(output_dir, f"{at_size(row, hidden)}-seed{seed}"))
+            for seed in (0, 1, 2)]
+    return None if None in ends else [100 * end[1]["eval/unguided_acc"] for end in ends]
+
+
 def plot_sizes(plt, output_dir: str, out: str) -> None:
-    """Final unguided accuracy of SGPO and its baselines against the warm checkpoint's size (one
-    point per seed, a line through the means), and SGPO's gain over the best baseline."""
+    """Final unguided accuracy of SGPO (at the default learning rate and at 3e-5, dashed) and its
+    baselines against the warm checkpoint's size (a point per seed, a line through the means), and
+    SGPO's gain over its best baseline."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     sizes = sorted((64, *SIZES))
-    means = {row: [] for row in SIZE_ROWS}
-    for hidden in sizes:
-        for row, sized in zip(SIZE_ROWS, size_rows(hidden)):
-            runs = [os.path.join(output_dir, f"{sized}-seed{seed}") for seed in (0, 1, 2)]
-            ends = [100 * final_eval(r)[1]["eval/unguided_acc"] for r in runs]
-            axes[0].scatter([hidden] * len(ends), ends, s=12, alpha=0.5)
-            means[row].append(sum(ends) / len(ends))
-    for row in SIZE_ROWS:
-        axes[0].plot(sizes, means[row], marker="o", label=ROWS[row][0])
-    best = [max(values) for values in zip(*[means[row] for row in SIZE_ROWS[1:]])]
-    axes[1].bar([str(h) for h in sizes], [s - b for s, b in zip(means[SIZE_ROWS[0]], best)])
+    means = {}  # row -> {hidden: mean over seeds}
+    for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
+        found = {h: final_accuracies(output_dir, row, h) for h in sizes}
+        found = {h: ends for h, ends in found.items() if ends}
+        if not found:
+            continue
+        means[row] = {h: sum(ends) / len(ends) for h, ends in found.items()}
+        (line,) = axes[0].plot(list(means[row]), list(means[row].values()), marker="o",
+                               ls="-" if row in SIZE_ROWS else "--", label=ROWS[row][0])
+        for h, ends in found.items():
+            axes[0].scatter([h] * len(ends), ends, s=12, alpha=0.5, color=line.get_color())
+    for k, row in enumerate(r for r in ("sgpo", "sgpo_lr3e-5") if r in means):
+        gains = {h: mean - max(means[b][h] for b in SIZE_ROWS[1:])
+                 for h, mean in means[row].items()}
+        axes[1].bar([sizes.index(h) + 0.4 * k for h in gains], list(gains.values()), width=0.4,
+                    label=ROWS[row][0])
     axes[0].set(title="unguided greedy accuracy after training", xlabel="hidden units (3 layers)",
                 ylabel="accuracy (%)", ylim=(0, 102), xscale="log", xticks=sizes)
     axes[0].set_xticklabels([str(h) for h in sizes])
-    axes[1].set(title="SGPO minus its best baseline (mean of 3 seeds)",
-                xlabel="hidden units (3 layers)", ylabel="points")
-    axes[0].legend(fontsize=8)
+    axes[1].set(title="SGPO minus its best baseline (means of 3 seeds)", ylabel="points",
+                xlabel="hidden units (3 layers)", xticks=[i + 0.2 for i in range(len(sizes))])
+    axes[1].set_xticklabels([str(h) for h in sizes])
+    axes[1].axhline(0, color="gray", lw=1)
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
