@@ -51,16 +51,19 @@ def plot_sizes(plt, output_dir: str, out: str) -> None:
                                ls="-" if row in SIZE_ROWS else "--", label=ROWS[row][0])
         for h, ends in found.items():
             axes[0].scatter([h] * len(ends), ends, s=12, alpha=0.5, color=line.get_color())
-    for k, row in enumerate(r for r in ("sgpo", "sgpo_lr3e-5") if r in means):
+    sgpo_rows = [row for row in ("sgpo", "sgpo_lr3e-5") if row in means]
+    for k, row in enumerate(sgpo_rows):
         gains = {h: mean - max(means[b][h] for b in SIZE_ROWS[1:])
                  for h, mean in means[row].items()}
         axes[1].bar([sizes.index(h) + 0.4 * k for h in gains], list(gains.values()), width=0.4,
                     label=ROWS[row][0])
+    shift = 0.2 * (len(sgpo_rows) - 1)
     axes[0].set(title="unguided greedy accuracy after training", xlabel="hidden units (3 layers)",
                 ylabel="accuracy (%)", ylim=(0, 102), xscale="log", xticks=sizes)
     axes[0].set_xticklabels([str(h) for h in sizes])
+    axes[0].minorticks_off()
     axes[1].set(title="SGPO minus its best baseline (means of 3 seeds)", ylabel="points",
-                xlabel="hidden units (3 layers)", xticks=[i + 0.2 for i in range(len(sizes))])
+                xlabel="hidden units (3 layers)", xticks=[i + shift for i in range(len(sizes))])
     axes[1].set_xticklabels([str(h) for h in sizes])
     axes[1].axhline(0, color="gray", lw=1)
     for ax in axes:
