@@ -369,7 +369,7 @@ def main():
                 f"{notation_spread(model, tok, test, guided=False)}"
             )
     small = [json.loads(line) for line in open(paths["small"])]
-    for row in [r for r in args.rows if r.endswith("_128")]:
+    for row in [r for r in args.rows if "{small}" in ROWS[r][1]]:  # 128 problems x 10 epochs
         for seed in args.seeds:
             print(
                 f"{row} seed {seed}: "
