@@ -36,7 +36,8 @@ import engine  # noqa: E402
 import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from toy.cups import (  # noqa: E402
-    SOLUTION_STYLES, make_split, notation_spread, sized_warmup, spread_warmup, strong_solution
+    COMMITTED, SOLUTION_STYLES, committed_problems, make_split, notation_spread, sized_warmup,
+    spread_warmup, strong_solution
 )
 from toy.tiny import write_jsonl  # noqa: E402
 
@@ -116,20 +117,31 @@ ROWS = {  # name -> (label, sgpo.py flags)
 # Each size runs SGPO and its baselines from its own warm checkpoint. Warm-up learning rate per
 # size: hidden 128 stalled at 3e-3 (loss 0.149 at step 800 of 1200, guided 32 %; toy/README.md).
 SIZES = {32: 3e-3, 128: 1e-3}
+ALL_SIZES = sorted((64, *SIZES))
 SIZE_ROWS = ("sgpo", "grpo_only", "sft_full")  # at hidden 64: these rows themselves
-# the RL learning rate was chosen at hidden 64: does SGPO at another size need another one?
-ROWS["sgpo_lr3e-5"] = ("SGPO, lr 3e-5", ["--learning_rate", "3e-5"])
-for hidden in SIZES:
-    for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
-        label, flags = ROWS[row]
-        ROWS[f"{row}_h{hidden}"] = (
-            f"{label}, hidden {hidden}", ["--model", f"{{size_{hidden}}}/model", *flags]
-        )
 
 
 def at_size(row: str, hidden: int) -> str:
     """A row's name at one model size (hidden 64 is the committed checkpoint: the row itself)."""
     return row if hidden == 64 else f"{row}_h{hidden}"
+
+
+# the RL learning rate was chosen at hidden 64: does SGPO at another size need another one?
+ROWS["sgpo_lr3e-5"] = ("SGPO, lr 3e-5", ["--learning_rate", "3e-5"])
+for hidden in SIZES:
+    for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
+        label, flags = ROWS[row]
+        ROWS[at_size(row, hidden)] = (
+            f"{label}, hidden {hidden}", ["--model", f"{{size_{hidden}}}/model", *flags]
+        )
+
+
+def size_of(row: str) -> int:
+    """The hidden size of the warm checkpoint a row starts from (64: the committed one)."""
+    for hidden in SIZES:
+        if f"{{size_{hidden}}}/model" in ROWS[row][1]:
+            return hidden
+    return 64
 
 
 def size_rows(hidden: int) -> list:
@@ -148,7 +160,7 @@ GROUPS = {  # --rows names a group for its rows
                   "sft_arrangement", "sft_arrangement_lr1e-3", "sft_answer_first"],
 }
 GROUPS["sizes"] = []
-for hidden in sorted((64, *SIZES)):
+for hidden in ALL_SIZES:
     GROUPS["sizes"] += size_rows(hidden)
 
 
@@ -245,9 +257,7 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
     """What the rows' flags name ({strong_full}, {small}, {spread}, {size_32}, ...), written into
     output_dir: the training problems with a strong model's solutions in each style, the first 128
     problems, and the checkpoints built once (the teacher with spread, the other model sizes)."""
-    train = [
-        json.loads(line) for line in open(os.path.join(ROOT, "toy", "cups_data", "train.jsonl"))
-    ]
+    train = committed_problems("train.jsonl")
     paths = {"small": os.path.join(output_dir, "train_128.jsonl")}
     write_once(paths["small"], train[:128])
     for style in SOLUTION_STYLES:
@@ -264,7 +274,7 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
             json.dump(found, f)
     for hidden in SIZES:
         paths[f"size_{hidden}"] = size = os.path.join(output_dir, f"size-{hidden}")
-        needed = any(f"{{size_{hidden}}}/model" in ROWS[row][1] for row in rows)
+        needed = any(size_of(row) == hidden for row in rows)
         # test.jsonl is written last
         if needed and not os.path.exists(f"{size}/test.jsonl"):
             print(f"building the warm checkpoint of hidden {hidden} in {size}", flush=True)
@@ -283,9 +293,8 @@ def start_of(row: str) -> str:
         return ""
     if uses_spread(row):
         return "the teacher with spread"
-    for hidden in SIZES:
-        if f"{{size_{hidden}}}/model" in flags:
-            return f"the warm checkpoint of hidden {hidden}"
+    if size_of(row) != 64:
+        return f"the warm checkpoint of hidden {size_of(row)}"
     return "the warm checkpoint"
 
 
@@ -354,8 +363,8 @@ def main():
             + " | ".join(mean_sd([results[row, s][2][k] for s in args.seeds]) for k in splits)
             + f" | {entropy(os.path.join(args.output_dir, f'{row}-seed{args.seeds[0]}'))} |"
         )
-    for hidden in sorted((64, *SIZES)):
-        model = paths[f"size_{hidden}"] if hidden in SIZES else os.path.join(ROOT, "toy/cups_data")
+    for hidden in ALL_SIZES:
+        model = paths[f"size_{hidden}"] if hidden in SIZES else COMMITTED
         print_gain(hidden, os.path.join(model, "model"), results, args.seeds)
     test = [json.loads(line) for line in open(f"{spread}/test.jsonl")][:64] if spread_rows else []
     for row in spread_rows:  # does the student keep the teacher's spread?

@@ -189,6 +189,14 @@ def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
     }
 
 
+COMMITTED = os.path.join(ROOT, "toy", "cups_data")  # the committed testbed (python toy/cups.py)
+
+
+def committed_problems(name: str) -> list:
+    """The committed testbed's problems: name is train.jsonl or test.jsonl."""
+    return [json.loads(line) for line in open(os.path.join(COMMITTED, name))]
+
+
 def save_testbed(out: str, model, tok, train: list, test: list) -> None:
     """A testbed's files: out/model (weights and tokenizer), out/train.jsonl and out/test.jsonl
     (written last: its presence says the testbed is complete)."""
@@ -205,15 +213,11 @@ def spread_warmup(out: str, steps: int = 600, lr: float = 3e-3, seed: int = 0, l
     prompts: the answer alone, as before). Writes out/{model, train.jsonl, test.jsonl}
     (toy/cups_data's problems, strategy replaced); returns the teacher's notation_spread on 64 test
     problems."""
-    data = os.path.join(ROOT, "toy", "cups_data")
     train, test = (
-        [
-            {**json.loads(line), "strategy": SPREAD_STRATEGY}
-            for line in open(os.path.join(data, name))
-        ]
+        [{**q, "strategy": SPREAD_STRATEGY} for q in committed_problems(name)]
         for name in ("train.jsonl", "test.jsonl")
     )
-    model, tok = engine.load_model(os.path.join(data, "model"), torch.float32, "cpu")
+    model, tok = engine.load_model(os.path.join(COMMITTED, "model"), torch.float32, "cpu")
     rng = random.Random(seed + 1)
     model, tok = warmup(
         train, test, steps=steps, lr=lr, seed=seed, log=log, model=model, tok=tok,
@@ -229,17 +233,13 @@ def sized_warmup(out: str, hidden: int, lr: float = 3e-3, steps: int = 1200, log
     """The testbed at another model size: toy/cups_data's problems and the same warm-up recipe
     (seed, steps, batch, schedule; learning rate lr) from a fresh model of `hidden` units. Writes
     out/{model, train.jsonl, test.jsonl}."""
-    data = os.path.join(ROOT, "toy", "cups_data")
-    train, test = (
-        [json.loads(line) for line in open(os.path.join(data, name))]
-        for name in ("train.jsonl", "test.jsonl")
-    )
+    train, test = committed_problems("train.jsonl"), committed_problems("test.jsonl")
     model, tok = warmup(train, test, steps=steps, lr=lr, log=log, hidden=hidden)
     save_testbed(out, model, tok, train, test)
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "toy", "cups_data")
+    out = sys.argv[1] if len(sys.argv) > 1 else COMMITTED
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1200
     train, test = make_split(2000, seed=1, prefix="train"), make_split(256, seed=2, prefix="test")
     train_problems = {q["problem"] for q in train}

@@ -14,7 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import ROWS, SIZE_ROWS, SIZES, at_size, final_eval, records  # noqa: E402
+from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size, final_eval, records  # noqa: E402
 
 
 def curves(out: str) -> dict:
@@ -39,7 +39,7 @@ def plot_sizes(plt, output_dir: str, out: str) -> None:
     baselines against the warm checkpoint's size (a point per seed, a line through the means), and
     SGPO's gain over its best baseline."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    sizes = sorted((64, *SIZES))
+    sizes = ALL_SIZES
     means = {}  # row -> {hidden: mean over seeds}
     for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
         found = {h: final_accuracies(output_dir, row, h) for h in sizes}
