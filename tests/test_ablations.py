@@ -1,5 +1,7 @@
 """Each ablation row of the method sheet is one flag away, and the flag does what its row says."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -8,56 +10,108 @@ import sgpo
 from tests.conftest import fresh, read_metrics, tiny_setup, training_rows
 from tests.test_e2e import COMMON
 
-# flag -> check on the metrics of a 2-step run
+def run_row(flags, out, warm_dir, data_file):
+    """2 RL steps of sgpo.py in this process with the row's flags -> (metrics per step, the rows
+    each step trained on, counts of optimizer steps and of scoring passes). --kl_clip 1e-4: some
+    tokens of the tiny model exceed it, so clipping is visibly on in the full run."""
+    rows, calls = [], dict(steps=0, scoring=0)
+    real, real_step, real_scoring = (sgpo.accumulate_gradients, sgpo.optimizer_step,
+                                     sgpo.mean_logps)
+
+    def spy(policy, batch, cfg, stats, ref=None):
+        rows.append(list(batch))
+        return real(policy, batch, cfg, stats, ref)
+
+    def step(*args):
+        calls["steps"] += 1
+        return real_step(*args)
+
+    def scoring(*args):
+        calls["scoring"] += 1
+        return real_scoring(*args)
+
+    args = (["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2]
+            + COMMON + ["--kl_clip", 1e-4, "--num_guided_generations", 4] + flags)
+    with mock.patch.object(sgpo, "accumulate_gradients", spy), \
+            mock.patch.object(sgpo, "optimizer_step", step), \
+            mock.patch.object(sgpo, "mean_logps", scoring):
+        assert sgpo.main([str(a) for a in args]) == 0
+    return read_metrics(out / "metrics.jsonl"), rows, calls
+
+
+def kd_rows(rows):
+    return [r for r in rows if isinstance(r, sgpo.KDRow)]
+
+
+def targets(rows):
+    """Step rows -> {student prompt: KD target}."""
+    return {tuple(r.prompt): tuple(r.response) for r in kd_rows(rows)}
+
+
+def alphas(rows, n_problems=4):
+    """The alpha(q) each KD row's weight carries: weight x |target| x problems."""
+    return sorted(round(r.weight * len(r.response) * n_problems, 9) for r in kd_rows(rows))
+
+
+# row -> its flags, and a check of (its run, the full run): what the flag names, changed. A run:
+# (metrics per step, rows per step, call counts). The warm model writes every correct answer the
+# same way, so a random correct target equals the most likely one here: without target selection
+# the check is that no scoring pass is made (tests/test_assembly.py: the random pick itself). Step 1 samples the same rollouts in every
+# row (same seed, same weights), so step-1 values compare row to row.
 ABLATIONS = {
-    "full": ([], lambda m: m["loss/kd"] > 0 and m["loss/grpo"] != 0),
-    "w/o strategy distillation": (
-        ["--use_kd", "false"], lambda m: m["loss/kd"] == 0 and "kd/kl_mean" not in m
-    ),
-    "w/o autonomous GRPO": (
-        ["--use_grpo", "false"],
-        lambda m: m["loss/grpo"] == 0 and "clip_ratio" not in m and m["loss/kd"] > 0
-    ),
-    "w/o KL clipping": (["--kl_clip", "inf"], lambda m: m["kd/kl_clip_frac"] == 0),
-    "w/o target selection": (["--target_selection", "false"], lambda m: m["kd/target_frac"] > 0),
-    "fixed alpha": (["--adaptive_alpha", "false"], lambda m: m["alpha/mean"] == 0.5),
-    "direct SFT on selected targets": (
-        ["--kd_loss", "sft"], lambda m: m["kd/kl_mean"] == 0 and m["loss/kd"] > 0
-    ),
-    "reverse KL": (["--kd_loss", "rkl"], lambda m: m["kd/kl_mean"] > 0),
+    "w/o strategy distillation": (["--use_kd", "false"], lambda run, full: (
+        not any(kd_rows(rows) for rows in run[1]) and kd_rows(full[1][0])
+        and all(m["loss/kd"] == 0 and "kd/kl_mean" not in m for m in run[0]))),
+    "w/o autonomous GRPO": (["--use_grpo", "false"], lambda run, full: (
+        all(isinstance(r, sgpo.KDRow) for rows in run[1] for r in rows)
+        and targets(run[1][0]) == targets(full[1][0]) and run[0][0]["loss/grpo"] == 0
+        and "clip_ratio" not in run[0][0])),
+    "w/o KL clipping": (["--kl_clip", "inf"], lambda run, full: (
+        run[0][0]["kd/kl_clip_frac"] == 0 < full[0][0]["kd/kl_clip_frac"]
+        and run[0][0]["kd/kl_mean"] == full[0][0]["kd/kl_mean"])),
+    "w/o target selection": (["--target_selection", "false"], lambda run, full: (
+        targets(run[1][0]).keys() == targets(full[1][0]).keys()
+        and run[2]["scoring"] == 0 < full[2]["scoring"])),
+    "fixed alpha": (["--adaptive_alpha", "false"], lambda run, full: (
+        set(alphas(run[1][0])) == {0.5} and set(alphas(full[1][0])) <= {0.4, 0.6})),
+    "direct SFT on selected targets": (["--kd_loss", "sft"], lambda run, full: (
+        run[0][0]["kd/kl_mean"] == 0 < full[0][0]["kd/kl_mean"]
+        and targets(run[1][0]) == targets(full[1][0])
+        and run[0][0]["loss/kd"] > 10 * full[0][0]["loss/kd"])),
+    "reverse KL": (["--kd_loss", "rkl"], lambda run, full: (
+        targets(run[1][0]) == targets(full[1][0])
+        and abs(run[0][0]["kd/kl_mean"] / full[0][0]["kd/kl_mean"] - 1) > 1e-3)),
     "w/o all proximal constraints": (
         ["--kl_clip", "inf", "--target_selection", "false", "--kd_trust_region", "false"],
-        lambda m: m["kd/kl_clip_frac"] == 0
-    ),
-    "several updates per batch": (
-        ["--num_iterations", "2"], lambda m: m["kd/ratio_out_frac"] >= 0 and m["loss/kd"] > 0
-    ),
-    "reference KL": (["--beta", "0.1"], lambda m: "kl" in m),
+        lambda run, full: (
+            run[0][0]["kd/kl_clip_frac"] == 0 < full[0][0]["kd/kl_clip_frac"]
+            and run[2]["scoring"] == 0 < full[2]["scoring"])),
+    "several updates per batch": (["--num_iterations", "2"], lambda run, full: (
+        run[2]["steps"] == 4 and full[2]["steps"] == 2 and len(run[1]) == 4
+        and run[0][0]["loss/grpo"] != full[0][0]["loss/grpo"])),
+    # the reference is the initial policy: KL 0 at step 1, > 0 once it moved
+    "reference KL": (["--beta", "0.1"], lambda run, full: (
+        run[0][0]["kl"] < 1e-6 < run[0][1]["kl"] and "kl" not in full[0][0])),
 }
 
 
+@pytest.fixture(scope="module")
+def full_run(warm_dir, data_file, tmp_path_factory):
+    return run_row([], tmp_path_factory.mktemp("full") / "out", warm_dir, data_file)
+
+
+def test_full_run_has_every_term(full_run):
+    metrics, rows, calls = full_run
+    assert calls["steps"] == 2 and kd_rows(rows[0]) and metrics[0]["loss/grpo"] != 0
+    assert metrics[0]["loss/kd"] > 0 and metrics[0]["kd/kl_clip_frac"] > 0
+
+
 @pytest.mark.parametrize("name", list(ABLATIONS))
-def test_ablation_flag(name, warm_dir, data_file, tmp_path):
+def test_ablation_flag(name, full_run, warm_dir, data_file, tmp_path):
+    """Each row's flag changes what it names, seen against the full run under the same seed."""
     flags, check = ABLATIONS[name]
-    out = tmp_path / "out"
-    # --kl_clip 1e-4: with the tiny model some tokens exceed it, so clipping is visibly on in the
-    # full run
-    args = (
-        ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2]
-        + COMMON
-        + ["--kl_clip", 1e-4]
-        + flags
-    )
-    assert sgpo.main([str(a) for a in args]) == 0
-    metrics = read_metrics(out / "metrics.jsonl")
-    assert all(check(m) for m in metrics if m["kd/target_frac"] > 0), metrics
-    if name == "full":
-        assert any(m["kd/kl_clip_frac"] > 0 for m in metrics)
-    # the reference is the initial policy: KL 0 at step 1, > 0 once it moved
-    if name == "reference KL":
-        assert metrics[0]["kl"] < 1e-6 < metrics[1]["kl"]
-    if name == "w/o target selection":  # no scoring pass is made
-        assert all(m["time/select"] < 1.0 for m in metrics)
+    run = run_row(flags, tmp_path / "out", warm_dir, data_file)
+    assert check(run, full_run), (run[0], full_run[0])
 
 
 def test_reference_kl_term():
