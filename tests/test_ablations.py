@@ -54,10 +54,11 @@ def alphas(rows, n_problems=4):
 
 
 # row -> its flags, and a check of (its run, the full run): what the flag names, changed. A run:
-# (metrics per step, rows per step, call counts). The warm model writes every correct answer the
-# same way, so a random correct target equals the most likely one here: without target selection
-# the check is that no scoring pass is made (tests/test_assembly.py: the random pick itself). Step 1 samples the same rollouts in every
-# row (same seed, same weights), so step-1 values compare row to row.
+# (metrics per step, rows per step, call counts). Step 1 samples the same rollouts in every row
+# (same seed, same weights), so step-1 values compare row to row. The warm model writes every
+# correct answer the same way, so a random correct target equals the most likely one here: without
+# target selection the check is that no scoring pass is made (tests/test_assembly.py checks the
+# random pick itself).
 ABLATIONS = {
     "w/o strategy distillation": (["--use_kd", "false"], lambda run, full: (
         not any(kd_rows(rows) for rows in run[1]) and kd_rows(full[1][0])

