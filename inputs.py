@@ -223,8 +223,16 @@ def check_train_config(cfg):
         (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")
     ]
     for name in ("batch_size", "num_generations", "max_completion_length", "micro_batch_size",
-                 "num_iterations", "kd_chunk_size", "save_steps", "ddp_timeout"):
+                 "num_iterations", "steps_per_generation", "kd_chunk_size", "save_steps",
+                 "ddp_timeout"):
         checks.append((getattr(cfg, name) >= 1, name, "must be >= 1"))
+    # every rank splits its problems into the same number of whole-problem mini-batches
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    k = cfg.steps_per_generation
+    checks.append((k < 1 or cfg.batch_size % k == 0, "steps_per_generation",
+                   f"{k} mini-batches do not divide the global batch of {cfg.batch_size} x "
+                   f"{world} problems into {k} x {world} equal parts (--batch_size must be a "
+                   f"multiple of {k})"))
     checks.append((cfg.reward_workers >= -1, "reward_workers", "must be >= -1 (-1: one per core)"))
     for name in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps",
                  "generation_batch_size"):

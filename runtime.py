@@ -168,6 +168,13 @@ class Stats:
     def max(self, name, value):
         self.maxes[name] = max(self.maxes.get(name, -math.inf), float(value))
 
+    def merge(self, other):
+        """Adds other's sums and counts to this one's, and takes the larger maxima."""
+        for name, value in other.sums.items():
+            self.add(name, value, other.counts[name])
+        for name, value in other.maxes.items():
+            self.max(name, value)
+
     def reduce(self, device) -> dict:
         # Ranks may hold different names (a rank with no KD target has no KD metrics): reduce over
         # the union.

@@ -140,8 +140,13 @@ class Config:
     micro_batch_size: int = 32
     """Sequences per forward/backward (gradient accumulation inside a step)."""
     num_iterations: int = 1
-    """Optimizer steps per rollout batch (GRPO's mu); > 1 makes the clipping and trust region
-    bite."""
+    """Epochs over each rollout batch (GRPO's mu): mu x steps_per_generation optimizer steps per
+    batch."""
+    steps_per_generation: int = 1
+    """k: each rollout batch is split into k mini-batches of whole problems (a problem's GRPO
+    group and its KD target together), in a seeded order, one optimizer step each; pi_old is the
+    sampling policy for all of them. k > 1 lets the clipping and the trust region act (veRL's
+    ppo_mini_batch_size = global problems / k; README)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (off while generating)."""
     chunked_head: bool = True
@@ -532,6 +537,40 @@ def repeat_each(items, n):
     return out
 
 
+def split_by_problem(grpo_rows, kd_rows, k, device):
+    """Per problem b: its GRPO rows grpo_rows[b] and KD row kd_rows[b] (or None) -> k mini-batches
+    of whole problems (a seeded random split; in order for k = 1), each its GRPO rows then its KD
+    rows. GRPO weights: 1 / (autonomous tokens of the mini-batch over all ranks), DAPO-style."""
+    n = len(grpo_rows)
+    order = torch.randperm(n).tolist() if k > 1 else list(range(n))
+    minibatches = []
+    for i in range(k):
+        problems = order[i * n // k:(i + 1) * n // k]
+        grpo = [r for b in problems for r in grpo_rows[b]]
+        local = float(sum(len(r.response) for r in grpo))
+        n_tokens = all_reduce(torch.tensor(local, device=device))
+        for r in grpo:
+            r.weight = 1.0 / max(float(n_tokens), 1.0)
+        minibatches.append(grpo + [kd_rows[b] for b in problems if kd_rows[b] is not None])
+    return minibatches
+
+
+@torch.no_grad()
+def store_pi_old(policy, rows, cfg: Config, stats):
+    """Stores log pi_old (the policy now) on each row, micro-batch by micro-batch, and the largest
+    gap to the sampler's log-probs."""
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        chunk = rows[i:i + cfg.micro_batch_size]
+        hidden, targets = policy.response_hidden([(r.prompt, r.response) for r in chunk],
+                                                 trained=False)
+        logp, _, _ = head_outputs(policy.head, hidden, targets, cfg)
+        pi_old(chunk, logp)
+        for r in chunk:
+            if isinstance(r, GRPORow):
+                gap = (r.sampler_logps.to(logp.device) - r.old_logps).abs().max()
+                stats.max("rollout_probs_diff_max", gap)
+
+
 def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
     """(R) alpha(q) of every rank's problems, updated in place from their pass gaps. Every rank
     applies every rank's updates in the same order: the tables stay identical."""
@@ -570,16 +609,14 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     rewards = torch.tensor(grade(texts, answers)).view(n, g1 + g2)
     r_auto, r_guided = rewards[:, :g1], rewards[:, g1:]  # [B, G1], [B, G2]
     advantages = grpo_advantages(r_auto)  # [B, G1]
-    # GRPO rows: every token weighs 1 / (autonomous tokens of the global batch), DAPO-style.
-    kept = []  # (problem, rollout index, rollout)
+    # GRPO rows, per problem (weights: 5.)
+    grpo_rows = [[] for _ in range(n)]
     for b in range(n):
         for i, r in enumerate(rollouts[b][:g1]):
             if cfg.use_grpo and not (cfg.mask_truncated_completions and r["truncated"]):
-                kept.append((b, i, r))
-    n_tokens = all_reduce(torch.tensor(float(sum(len(r["ids"]) for _, _, r in kept)), device=dev))
-    weight = 1.0 / max(float(n_tokens), 1.0)
-    grpo_rows = [GRPORow(auto_prompts[b], r["ids"], weight, advantage=float(advantages[b, i]),
-                         sampler_logps=r["sampler_logps"]) for b, i, r in kept]
+                grpo_rows[b].append(GRPORow(auto_prompts[b], r["ids"], 0.0,
+                                            advantage=float(advantages[b, i]),
+                                            sampler_logps=r["sampler_logps"]))
     t_grade = time.time()
 
     # ---- 3. Adaptive alpha (R), from each problem's pass gap p_guided - p_auto.
@@ -588,7 +625,8 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
 
     # ---- 4. Target selection: the correct guided rollout most likely under the UNGUIDED prompt.
-    kd_rows, n_problems = [], n * world_size()
+    # problems of a mini-batch, over all ranks
+    kd_rows, n_problems = [None] * n, n * world_size() // cfg.steps_per_generation
     if cfg.use_kd and g2:
         mean_logp = torch.full((n, g2), -math.inf)  # [B, G2], scored for correct rollouts only
         candidates = torch.nonzero(r_guided > 0).tolist()  # [(b, j)]
@@ -603,26 +641,37 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
         for b, q in enumerate(problems):
             j = select_target(r_guided[b], mean_logp[b], cfg.target_selection)
             if j >= 0:
-                # KD weight alpha(q) / |target| / global problem count: mean_q alpha(q) L_KD(q)
+                # KD weight alpha(q) / |target| / the mini-batch's global problem count:
+                # mean_q alpha(q) L_KD(q)
                 target = rollouts[b][g1 + j]["ids"]
                 weight = alpha[q["id"]] / (len(target) * n_problems)
-                kd_rows.append(KDRow(auto_prompts[b], target, weight,
-                                     teacher_prompt=guided_prompts[b]))
+                kd_rows[b] = KDRow(auto_prompts[b], target, weight,
+                                   teacher_prompt=guided_prompts[b])
     t_select = time.time()
 
-    # ---- 5. Update: mu optimizer steps on the same rows (pi_old stored by the first).
+    # ---- 5. Update: k mini-batches of whole problems, one optimizer step each, mu epochs.
+    minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
     policy.wrapped.train()
-    grad_norm, rows = 0.0, grpo_rows + kd_rows
-    for _ in range(cfg.num_iterations):
-        if accumulate_gradients(policy, rows, cfg, stats, ref):
-            grad_norm = optimizer_step(policy.lm, opt, cfg)
+    # pi_old is the sampling policy: the first mini-batch's first forward stores it (nothing has
+    # moved yet), the other mini-batches' a forward before the first optimizer step
+    if len(minibatches) > 1:
+        with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
+            for rows in minibatches[1:]:
+                store_pi_old(policy, rows, cfg, stats)
+    # the passes after the first optimizer step: where ratios leave 1
+    late, grad_norm = Stats(), 0.0
+    for epoch in range(cfg.num_iterations):
+        for i, rows in enumerate(minibatches):
+            if accumulate_gradients(policy, rows, cfg, late if epoch or i else stats, ref):
+                grad_norm = optimizer_step(policy.lm, opt, cfg)
+    rows = list(itertools.chain.from_iterable(minibatches))
     t_end = time.time()
 
     stats.add("reward/autonomous_mean", r_auto, r_auto.numel())
     stats.add("reward/guided_mean", r_guided, r_guided.numel())
     stats.add("pass_gap", p_guided - p_auto, n)
     stats.add("alpha/mean", sum(alpha[q["id"]] for q in problems), n)
-    stats.add("kd/target_frac", len(kd_rows), n)
+    stats.add("kd/target_frac", sum(r is not None for r in kd_rows), n)
     zero_std = (r_auto.std(1) == 0).float() if g1 > 1 else torch.ones(n)
     stats.add("frac_reward_zero_std", zero_std, n)
     stats.add("completions/mean_length", sum(len(r["ids"]) for r in auto), n * g1)
@@ -631,15 +680,26 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     stats.add("perf/generated_tokens", sum(len(r["ids"]) for r in auto + guided), 0)
     stats.add("perf/trained_tokens", sum(len(r.response) for r in rows), 0)
     times = dict(start=t0, generate=t_gen, grade=t_grade, select=t_select, update=t_end)
-    return step_metrics(stats, times, grad_norm, opt, cfg, dev)
+    return step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
 
 
 def step_metrics(stats, times, grad_norm, opt, cfg: Config, device) -> dict:
-    """The step's metrics over all ranks, with the time of each phase (times: when each ended)."""
-    metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **stats.reduce(device)}
-    # summed over the mu passes
+    """The step's metrics over all ranks, with the time of each phase (times: when each ended).
+    stats: (the first update pass and the rest, the update's other passes); the constraints'
+    fractions of the passes after the first optimizer step also as late/<name>."""
+    first, late = stats
+    steps = cfg.num_iterations * cfg.steps_per_generation
+    metrics = {}
+    if steps > 1:
+        late_metrics = late.reduce(device)
+        for k in ("clip_ratio", "kd/ratio_out_frac", "kd/kl_clip_frac"):
+            if k in late_metrics:
+                metrics[f"late/{k}"] = late_metrics[k]
+        first.merge(late)
+    metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **first.reduce(device), **metrics}
+    # summed over the optimizer steps: their mean
     for k in ("loss/grpo", "loss/kd"):
-        metrics[k] = metrics[k] / cfg.num_iterations
+        metrics[k] = metrics[k] / steps
     t_gen = times["generate"] - times["start"]
     metrics.update({
         "grad_norm": grad_norm, "lr": opt[1].get_last_lr()[0], "time/generate": t_gen,

@@ -29,10 +29,11 @@ MUTANTS = {
     "4 candidates' score summed, not length-normalised": (
         "sgpo.py", "out += [x.mean().item() for x in", "out += [x.sum().item() for x in"),
     "5a GRPO token count of this rank only": (
-        "sgpo.py", "n_tokens = all_reduce(torch.tensor(float(sum(",
-        "n_tokens = (torch.tensor(float(sum("),
+        "sgpo.py", "n_tokens = all_reduce(torch.tensor(local, device=device))",
+        "n_tokens = torch.tensor(local, device=device)"),
     "5b KD normaliser: this rank's problem count": (
-        "sgpo.py", "kd_rows, n_problems = [], n * world_size()", "kd_rows, n_problems = [], n"),
+        "sgpo.py", "n_problems = [None] * n, n * world_size() //",
+        "n_problems = [None] * n, n //"),
     "6 gold answers tiled, not repeated per problem": (
         "sgpo.py", 'answers = repeat_each([q["answer"] for q in problems], g1 + g2)',
         'answers = [q["answer"] for q in problems] * (g1 + g2)'),

@@ -1,7 +1,7 @@
 """rl_step on scripted rollouts and rewards, and the rows it trains on, captured: the harness of
-test_assembly.py. Run under `torchrun --nproc_per_node=2 tests/scripted_step.py OUT`, each rank
-scripts its own problems (rank 1's responses longer) and saves what it trained on to
-OUT/rank<r>.json."""
+test_assembly.py and test_minibatches.py; run as a script (`python tests/scripted_step.py OUT
+[flags]`, or under `torchrun --nproc_per_node=2`), one RL step of 4 scripted problems over 1 or 2
+ranks (main)."""
 
 import json
 import os
@@ -12,9 +12,11 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
+import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from tests.conftest import tiny_rows, tiny_setup  # noqa: E402
 
@@ -90,32 +92,70 @@ def describe(rows, prompt_of):
     return out
 
 
-def main(out_dir):
-    """Rank r: problems 2r, 2r+1 of tiny_rows(4), G1 4, G2 2; rank 1's responses are longer."""
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    tok, model, cfg = tiny_setup()
-    cfg.num_generations, cfg.num_guided_generations = 4, 2
+def rank_script(tok, cfg, rank):
+    """Rank r's problems (2r, 2r+1 of tiny_rows(4)) and their scripted rollouts, G1 4 and G2 2;
+    rank 1's responses 5 tokens longer (the text still ends with its digit), so that the ranks'
+    token counts differ."""
     problems = tiny_rows(4)[2 * rank:2 * rank + 2]
     script, rng = Script(tok), random.Random(rank)
-    pattern = [([1, 0, 0, 0], [1, 1]), ([1, 1, 1, 0], [0, 1])]
-    for q, (auto_correct, guided_correct) in zip(problems, pattern):
+    for q, (auto_correct, guided_correct) in zip(problems, [([1, 0, 0, 0], [1, 1]),
+                                                            ([1, 1, 1, 0], [0, 1])]):
         script_problem(script, cfg, q, auto_correct, guided_correct, rng)
     if rank:
-        # 5 tokens longer on rank 1 (the text still ends with its digit): the ranks' token counts
-        # differ
         for key in script.queue:
             script.queue[key] = [r[:1] * 5 + r for r in script.queue[key]]
-    policy = sgpo.Policy.of(model, tok, "cpu")
-    opt = sgpo.make_optimizer(model, 1e-3, cfg)
-    alpha = {}
-    with scripted(script) as captured:
-        sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
+    return problems, script
+
+
+def main(out_dir, flags):
+    """Under torchrun: rank r trains on rank_script(r); in one process: both ranks' problems, in
+    the order that makes its mini-batches those of the two ranks (q0 q2 | q1 q3, the split in
+    order). flags: train (else the rows are only captured), k2 (--steps_per_generation 2, a large
+    learning rate: the second mini-batch's ratios leave the clip range), fsdp (else DDP). Saves
+    OUT/rank<r>.json (rows, alpha, metrics) and, training, OUT/grads-rank<r>.pt: each optimizer
+    step's gradient before clipping."""
+    tok, model, cfg = tiny_setup()
+    cfg.num_generations, cfg.num_guided_generations = 4, 2
+    cfg.steps_per_generation = 2 if "k2" in flags else 1
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        problems, script = rank_script(tok, cfg, rank)
+        fsdp = "fsdp" in flags
+        policy = sgpo.Policy.of(model, tok, "cpu", lambda backbone: runtime.shard_fsdp(
+            backbone, torch.float32, torch.device("cpu")) if fsdp else DDP(backbone))
+    else:
+        rank = 0
+        (q0, q1), script = rank_script(tok, cfg, 0)
+        (q2, q3), other = rank_script(tok, cfg, 1)
+        script.queue.update(other.queue)
+        problems = [q0, q2, q1, q3]
+        policy = sgpo.Policy.of(model, tok, "cpu")
+    opt = sgpo.make_optimizer(model, 0.05 if "k2" in flags else 1e-3, cfg)
+    alpha, grads, real_step = {}, [], sgpo.optimizer_step
+
+    def recorded_step(lm, opt, cfg):
+        grads.append({n: full(p.grad).clone() for n, p in lm.named_parameters()})
+        return real_step(lm, opt, cfg)
+
+    with scripted(script, train="train" in flags) as captured, \
+            mock.patch.object(sgpo, "optimizer_step", recorded_step), \
+            mock.patch.object(torch, "randperm", lambda n: torch.arange(n)):
+        metrics = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
     prompt_of = {tuple(engine.prompt_ids(tok, cfg, q, False)): q["id"] for q in problems}
+    rows = [describe(rows, prompt_of) for rows in captured]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(dict(rows=describe(captured[0], prompt_of), alpha=alpha), f)
-    dist.destroy_process_group()
+        json.dump(dict(rows=rows, alpha=alpha, metrics=metrics), f)
+    torch.save(grads, os.path.join(out_dir, f"grads-rank{rank}.pt"))
+    if dist.is_initialized():
+        del policy
+        dist.destroy_process_group()
+
+
+def full(t):
+    """A DTensor (FSDP) gathered, else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -271,6 +271,8 @@ def test_weights_are_global_over_two_ranks(tmp_path):
          str(helper), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    for rank in ranks:
+        (rank["rows"],) = rank["rows"]  # one accumulate_gradients call
     rows = ranks[0]["rows"] + ranks[1]["rows"]
     grpo = [r for r in rows if r["kind"] == "grpo"]
     lengths = [sum(r["length"] for r in rank["rows"] if r["kind"] == "grpo") for rank in ranks]

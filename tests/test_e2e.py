@@ -257,6 +257,9 @@ def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
         ),
         (["--eval_data", str(tmp_path / "nosol.jsonl")], ":2: answer: missing"),
         (["@" + str(tmp_path / "missing.args")], "missing.args"),
+        (["--batch_size", "6", "--steps_per_generation", "4"],
+         "--steps_per_generation: 4 mini-batches do not divide the global batch of 6 x 1 "
+         "problems into 4 x 1 equal parts (--batch_size must be a multiple of 4)"),
     ]
     (tmp_path / "nosol.jsonl").write_text(
         '{"problem": "p", "answer": "1", "strategy": "s"}\n{"problem": "q"}\n'
