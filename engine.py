@@ -85,11 +85,18 @@ def turn_end_ids(tokenizer) -> list:
         text = ""
     after = text[text.rfind(probe) + len(probe):] if probe in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     for k, i in enumerate(ids):
         if i in special:
             return ids[:k + 1]
     return [tokenizer.eos_token_id]
+
+
+def special_ids(tokenizer) -> set:
+    """The named special tokens, and every added token flagged special: a tokenizer converted from
+    GGUF registers its chat markers (<|im_end|>) that way, without naming them."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
 
 
 def check_trainable(path: str, config):

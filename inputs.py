@@ -169,7 +169,7 @@ def check_fits(
     would crash the run mid-way. prompt_len(row, guided) -> prompt tokens. Sequences: the unguided
     prompt (field problem) and, where the row has a usable strategy and guided is set, the guided
     one (field strategy), each + budget new tokens; with text_len (the SFT warm-up) the unguided
-    prompt + text_len(solution) + 1 (end of turn) instead."""
+    prompt + text_len(solution) (its tokens and the end of turn) instead."""
     for row in rows:
         for field in (
             ["solution"]
@@ -178,7 +178,7 @@ def check_fits(
         ):
             try:
                 n = prompt_len(row, field == "strategy") + (
-                    text_len(row[field]) + 1 if text_len else budget
+                    text_len(row[field]) if text_len else budget
                 )
             except Exception as e:
                 raise UsageError(
@@ -244,10 +244,11 @@ def check_train_config(cfg):
     require(checks)
 
 
-def load_train_data(cfg, prompt_len):
+def load_train_data(cfg, prompt_len, turn_end_len):
     """sgpo.py's data files, validated row by row: (training, SFT warm-up, held-out) problems and
     check(tokenizer, model config), which raises UsageError unless every row tokenizes and fits the
-    model's context (run before the weights load). prompt_len(tokenizer, row, guided) -> tokens."""
+    model's context (run before the weights load). prompt_len(tokenizer, row, guided) -> tokens;
+    turn_end_len(tokenizer) -> the tokens that end a warm-up response."""
     problems = load_problems(cfg.data)
     sft_path, sft_problems, eval_problems = cfg.sft_data or cfg.data, [], []
     if cfg.sft_epochs:
@@ -266,5 +267,7 @@ def load_train_data(cfg, prompt_len):
                    budget=cfg.max_completion_length)
         check_fits(cfg.data, problems, **fit)
         check_fits(cfg.eval_data, eval_problems, **fit)
-        check_fits(sft_path, sft_problems, **fit, text_len=lambda t: len(tokenizer(t).input_ids))
+        end = turn_end_len(tokenizer)
+        check_fits(sft_path, sft_problems, **fit,
+                   text_len=lambda t: len(tokenizer(t, add_special_tokens=False).input_ids) + end)
     return problems, sft_problems, eval_problems, check

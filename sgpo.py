@@ -716,8 +716,9 @@ def sft_warmup(problems, policy, cfg: Config, log):
     always the eos token: Gemma's is <end_of_turn>), and generation stops there."""
     tok = policy.tokenizer
     opt = make_optimizer(policy.lm, cfg.sft_learning_rate, cfg)
-    turn_end = [i for i in turn_end_ids(tok) if i is not None]
-    turn_end = turn_end or policy.lm.generation_config.eos_token_id[:1]
+    turn_end = turn_end_ids(tok)
+    if turn_end == [None]:
+        turn_end = policy.lm.generation_config.eos_token_id[:1]
     examples = []
     for q in problems:
         solution = tok(q["solution"], add_special_tokens=False)["input_ids"]
@@ -743,7 +744,8 @@ def setup(argv):
     Returns the config, (problems, SFT problems, held-out problems), resume and the policy."""
     cfg = parse_args(argv)
     problems, sft_problems, eval_problems, check_data = load_train_data(
-        cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)))
+        cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
+        lambda tokenizer: len(turn_end_ids(tokenizer)))
     # (folder, its trainer state): --resume alone passes over a damaged newest checkpoint
     resume = resolve_resume(cfg.resume, cfg.output_dir, cfg.fsdp) if cfg.resume else None
     check_output_dir(cfg.output_dir, resume, cfg.overwrite_output_dir)

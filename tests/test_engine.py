@@ -179,6 +179,26 @@ def _gemma_like_tokenizer():
     return tok
 
 
+def _gguf_like_tokenizer(template=None):
+    """A ChatML character tokenizer built the way a GGUF conversion builds one: the chat markers
+    are added tokens flagged special (tokenizer.added_tokens_decoder) but not named (not in
+    all_special_ids); the eos token is <|endoftext|>, which the template never writes."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from toy.tiny import CHARS, CHAT_TEMPLATE, SPECIALS
+
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + CHARS)},
+                                      "<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = template or CHAT_TEMPLATE
+    return tok
+
+
 def test_turn_end_comes_from_the_chat_template():
     from toy.tiny import build_tokenizer
 
@@ -187,6 +207,51 @@ def test_turn_end_comes_from_the_chat_template():
     gemma = _gemma_like_tokenizer()
     assert engine.turn_end_ids(gemma) == [gemma.convert_tokens_to_ids("<end_of_turn>")]
     assert gemma.eos_token_id != gemma.convert_tokens_to_ids("<end_of_turn>")
+    # converted from GGUF: <|im_end|> is special only in added_tokens_decoder
+    gguf = _gguf_like_tokenizer()
+    im_end = gguf.convert_tokens_to_ids("<|im_end|>")
+    assert im_end not in gguf.all_special_ids and gguf.added_tokens_decoder[im_end].special
+    assert engine.turn_end_ids(gguf) == [im_end] != [gguf.eos_token_id]
+    # a template that writes text, then the marker: the turn end is all of it
+    words = _gguf_like_tokenizer(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }} END<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert words.decode(engine.turn_end_ids(words)) == " END<|im_end|>"
+    # a template that writes no special token after the content: the eos token
+    plain = _gguf_like_tokenizer(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+    assert engine.turn_end_ids(plain) == [plain.eos_token_id]
+
+
+def test_data_fit_check_counts_the_turn_end_as_written(tmp_path):
+    """The warm-up response is the solution and the template's turn end (here ' END<|im_end|>', 5
+    tokens): a solution that fits with one end token but not with five is refused, naming its row
+    and field."""
+    import inputs
+    import sgpo
+    from tests.conftest import tiny_rows
+    from toy.tiny import write_jsonl
+
+    tok = _gguf_like_tokenizer(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }} END<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    rows = tiny_rows(16)
+    cfg = sgpo.Config(data=str(tmp_path / "d.jsonl"), eval_data="", sft_epochs=1)
+    prompt = len(engine.prompt_ids(tok, cfg, rows[3], guided=False))
+    config = type("Config", (), {"max_position_embeddings": 1024})()
+
+    def check(solution_len):
+        rows[3]["solution"] = "x" * solution_len
+        write_jsonl(tmp_path / "d.jsonl", rows)
+        _, _, _, check = inputs.load_train_data(
+            cfg, lambda t, q, guided: len(engine.prompt_ids(t, cfg, q, guided)),
+            lambda t: len(engine.turn_end_ids(t)))
+        check(tok, config)
+
+    with pytest.raises(inputs.UsageError, match=r"d.jsonl:4: solution: needs 1026 tokens"):
+        check(1024 - prompt - 3)  # fits with 1 end token, not with 5
+    check(1024 - prompt - 5)  # exactly the context: fits
 
 
 def test_warmup_teaches_the_templates_turn_end_and_generation_stops_there(

@@ -8,6 +8,8 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
                                         # SFT on full worked solutions, each then GRPO)
     python toy/ablation.py --rows imitation  # SFT on full traces written otherwise than the
                                              # student's way, vs SGPO
+    python toy/ablation.py --rows proximal  # the proximal constraints at k = 2 and 4 optimizer
+                                            # steps per rollout batch
     python toy/ablation.py --rows sizes # SGPO and its baselines at hidden 32, 64 and 128 (each
                                         # warm checkpoint built once, 25-50 min)
     # forward KL vs direct SFT, teacher with spread
@@ -149,6 +151,21 @@ def size_rows(hidden: int) -> list:
     return [at_size(row, hidden) for row in SIZE_ROWS]
 
 
+# Several optimizer steps per rollout batch (--steps_per_generation k, each of k mini-batches of
+# 16 / k problems): after the first step the ratios leave 1, so the GRPO clip and the KD trust
+# region can act. KL clipping at delta = 10: a delta the first working token's D_t may stay under
+# (delta = 1 blocks the transfer here).
+PROXIMAL = {
+    "sgpo": ("SGPO", []),
+    "no_trust_region": ("w/o trust region", ["--kd_trust_region", "false"]),
+    "no_proximal": ("w/o all proximal constraints", ROWS["no_proximal"][1]),
+    "kl_clip_10": ("KL clipping at delta = 10", ["--kl_clip", "10"]),
+}
+STEPS_PER_GENERATION = (2, 4)
+for k in STEPS_PER_GENERATION:
+    for row, (label, flags) in PROXIMAL.items():
+        ROWS[f"{row}_k{k}"] = (f"{label}, k = {k}", [*flags, "--steps_per_generation", str(k)])
+
 DEFAULT_ROWS = [
     "sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1", "no_grpo",
     "no_target_selection"
@@ -159,6 +176,7 @@ GROUPS = {  # --rows names a group for its rows
     "imitation": ["sgpo", "sft_full", "sft_full_grpo", "sft_verbose", "sft_verbose_lr1e-3",
                   "sft_arrangement", "sft_arrangement_lr1e-3", "sft_answer_first"],
 }
+GROUPS["proximal"] = [f"{row}_k{k}" for k in STEPS_PER_GENERATION for row in PROXIMAL]
 GROUPS["sizes"] = []
 for hidden in ALL_SIZES:
     GROUPS["sizes"] += size_rows(hidden)
