@@ -222,6 +222,57 @@ def prepare_output_dir(output_dir: str, resumed_step):
     return metrics_path
 
 
+# ==== Live metrics: what metrics.jsonl gets, also sent to a tracker as the run goes.
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_tracker(kind: str) -> str:
+    """'' if --report_to names a known tracker whose package is installed, else the reason (the
+    package is imported only by the run that chose it)."""
+    import importlib.util
+    if kind not in TRACKERS:
+        return f"must be one of {', '.join(TRACKERS)}"
+    if TRACKERS[kind] and importlib.util.find_spec(TRACKERS[kind]) is None:
+        return f"the {TRACKERS[kind]} package is not installed (pip install {TRACKERS[kind]})"
+    return ""
+
+
+class Tracker:
+    """Rank 0's metrics, record by record, to TensorBoard (<output_dir>/runs), Weights & Biases or
+    trackio (project 'sgpo'; WANDB_MODE=offline and the like work as usual); the run's flags as
+    its config. Warm-up records go under sft/ at their sft_step, RL records at their step."""
+
+    def __init__(self, kind: str, output_dir: str, config: dict):
+        self.kind, self.backend = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.backend = SummaryWriter(os.path.join(output_dir, "runs"))
+            self.backend.add_text("config", json.dumps(config, indent=1))
+        elif kind == "wandb":
+            import wandb
+            self.backend = wandb.init(project="sgpo", dir=output_dir, config=config)
+        elif kind == "trackio":
+            import trackio
+            self.backend = trackio.init(project="sgpo", config=config)
+
+    def log(self, record: dict):
+        if self.backend is None:
+            return
+        sft = record.get("phase") == "sft"
+        step = record["sft_step"] if sft else record["step"]
+        values = {("sft/" if sft else "") + k: v for k, v in record.items()
+                  if isinstance(v, (int, float)) and k not in ("step", "sft_step", "phase")}
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.backend.add_scalar(k, v, step)
+        else:
+            self.backend.log({**values, "sft_step" if sft else "step": step})
+
+    def close(self):
+        if self.backend is not None:
+            self.backend.close() if self.kind == "tensorboard" else self.backend.finish()
+
+
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir
 # then renamed; a kill or a power cut can leave the newest one damaged, so resume checks them.
 def save_checkpoint(cfg, policy, optimizer, scheduler, state: dict):

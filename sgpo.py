@@ -49,10 +49,10 @@ from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
                     prompt_ids, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
-from runtime import (Stats, all_gather_objects, all_reduce, autocast, check_output_dir,
-                     compute_dtype, full_weights, get_rank, grad_sync, prepare_output_dir,
-                     rank_batches, resolve_resume, restore_checkpoint, save_checkpoint,
-                     setup_distributed, world_size, wrap)
+from runtime import (Stats, Tracker, all_gather_objects, all_reduce, autocast, check_output_dir,
+                     check_tracker, compute_dtype, full_weights, get_rank, grad_sync,
+                     prepare_output_dir, rank_batches, resolve_resume, restore_checkpoint,
+                     save_checkpoint, setup_distributed, world_size, wrap)
 
 
 @dataclass
@@ -193,7 +193,10 @@ class Config:
     """JSONL for the warm-up (default: --data); every row needs a solution."""
     sft_learning_rate: float = 1e-5
     """AdamW learning rate of the warm-up."""
-    # ---- checkpoints ----
+    # ---- checkpoints and live metrics ----
+    report_to: str = "none"
+    """Live metrics beside metrics.jsonl (rank 0): none, tensorboard (<output_dir>/runs), wandb or
+    trackio; the tracker's package is needed only when chosen."""
     save_steps: int = 50
     """Checkpoint every N RL steps (and always at the end)."""
 
@@ -620,6 +623,10 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     t_grade = time.time()
 
     # ---- 3. Adaptive alpha (R), from each problem's pass gap p_guided - p_auto.
+    # (R) Updated before the KD weight reads it: this visit's gap acts on this visit ("strengthen
+    # guidance when autonomous exploration falls short"), so a first visit weighs alpha_0 +- gamma.
+    # Read before the update, a problem seen once (the toy: 1,280 of 2,000 problems in 80 steps)
+    # would always weigh alpha_0, and adaptive alpha would be the fixed-alpha row there.
     p_auto = r_auto.mean(1)
     p_guided = r_guided.mean(1) if g2 else r_auto.mean(1)
     update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
@@ -743,6 +750,8 @@ def setup(argv):
     checkpoint to resume, the process group, the model. Raises UsageError (one line, exit 2).
     Returns the config, (problems, SFT problems, held-out problems), resume and the policy."""
     cfg = parse_args(argv)
+    if check_tracker(cfg.report_to):
+        raise UsageError(f"--report_to {cfg.report_to}: {check_tracker(cfg.report_to)}")
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
         lambda tokenizer: len(turn_end_ids(tokenizer)))
@@ -776,11 +785,13 @@ def train(cfg: Config, data, resume, policy):
         ref = Policy.of(ref_lm.eval().requires_grad_(False), policy.tokenizer, policy.device)
     if master:
         metrics_path = prepare_output_dir(cfg.output_dir, resume[1]["step"] if resume else None)
+        tracker = Tracker(cfg.report_to, cfg.output_dir, vars(cfg))
 
     def log(record: dict):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            tracker.log(record)
 
     opt = make_optimizer(policy.lm, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs,
@@ -845,6 +856,8 @@ def train(cfg: Config, data, resume, policy):
             if step % cfg.save_steps == 0 or step == cfg.max_steps:
                 save_checkpoint(cfg, policy, *opt, state)
     grade.close()
+    if master:
+        tracker.close()
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,75 @@
+"""--report_to: every metric of metrics.jsonl, at its step, read back from the tracker's own files
+(TensorBoard's event file; Weights & Biases' offline run file); a missing tracker package is one
+line, exit 2, before anything is written."""
+
+import glob
+import json
+
+import pytest
+
+import sgpo
+from tests.conftest import read_metrics
+from tests.test_e2e import COMMON
+
+
+def _run(kind, warm_dir, data_file, eval_file, out):
+    args = ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2,
+            *COMMON, "--eval_data", eval_file, "--eval_steps", 1, "--report_to", kind]
+    assert sgpo.main([str(a) for a in args]) == 0
+    return read_metrics(out / "metrics.jsonl")
+
+
+def _numbers(record):
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def test_tensorboard_holds_every_metric_at_its_step(warm_dir, data_file, eval_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = _run("tensorboard", warm_dir, data_file, eval_file, tmp_path / "out")
+    (events,) = glob.glob(str(tmp_path / "out" / "runs" / "events.out.tfevents.*"))
+    acc = EventAccumulator(events, size_guidance={"scalars": 0})
+    acc.Reload()
+    # step 0: the evaluation before RL; steps 1-2 with their evaluations
+    assert [m["step"] for m in metrics] == [0, 1, 2] and "eval/guided_acc" in metrics[2]
+    expected = {(k, m["step"]): v for m in metrics for k, v in _numbers(m).items()}
+    logged = {(k, e.step): e.value for k in acc.Tags()["scalars"] for e in acc.Scalars(k)}
+    assert logged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-30), key
+    config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads(config)["max_steps"] == 2
+
+
+def test_wandb_offline_run_holds_the_metrics_and_flags(warm_dir, data_file, eval_file, tmp_path,
+                                                       monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = _run("wandb", warm_dir, data_file, eval_file, tmp_path / "out")
+    # the offline run's log (wandb-core's record file, protobuf): every metric's name and the
+    # flags are in it (values: the TensorBoard test; wandb ships no reader for this file)
+    (run,) = glob.glob(str(tmp_path / "out" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data = open(run, "rb").read()
+    for k in {k for m in metrics for k in _numbers(m)}:
+        assert k.encode() in data, k
+    assert b"kd_loss" in data and b"fkl" in data and b"steps_per_generation" in data
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("trackio", "the trackio package is not installed (pip install trackio)"),
+    ("mlflow", "must be one of none, tensorboard, wandb, trackio"),
+])
+def test_missing_or_unknown_tracker_is_one_line(kind, message, data_file, tmp_path, capsys,
+                                                monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    # trackio: absent, whether or not this machine has it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trackio" else real(name, *a))
+    out = tmp_path / "out"
+    assert sgpo.main(["--data", str(data_file), "--output_dir", str(out),
+                      "--report_to", kind]) == 2
+    assert capsys.readouterr().err == f"error: --report_to {kind}: {message}\n"
+    assert not out.exists()
