@@ -117,10 +117,29 @@ def full_weights(model):
             m.set_reshard_after_forward(m is not model, recurse=False)
 
 
-def grad_sync(model, last: bool):
-    """DDP all-reduces gradients on the last backward of a step only (no_sync before); FSDP
-    reduce-scatters every backward (unsharded gradients would not fit)."""
-    return model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+def lockstep(micro_batches: list, model, device):
+    """The distributed lockstep of one optimizer step's forward/backward passes, in one place, so
+    that the loss reads as single-process code. Yields each micro-batch of this rank, then [] until
+    every rank is done; the caller runs its forward and backward(loss) before the next. Why:
+    - every rank makes the same number of passes (the most any rank has): under FSDP every forward
+      is a collective (a rank that stops early hangs the others), and DDP reduces gradients over
+      every rank's backward; a rank that has run out makes passes on [] (sgpo.micro_batch_loss:
+      zero loss through every parameter, and the teacher's forward as usual);
+    - DDP all-reduces gradients on the last backward of the step only (no_sync before), FSDP
+      reduce-scatters every backward (unsharded gradients would not fit);
+    - the token weights are normalised over the global batch, while DDP and FSDP average
+      gradients over ranks: backward() scales the loss by the world size."""
+    n = int(all_reduce(torch.tensor(len(micro_batches), device=device), dist.ReduceOp.MAX))
+    for i in range(n):
+        sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else nullcontext()
+        with sync:
+            yield micro_batches[i] if i < len(micro_batches) else []
+
+
+def backward(loss: torch.Tensor):
+    """loss.backward() with the world-size scaling of lockstep: DDP and FSDP average gradients
+    over ranks, and the loss's weights already sum over all of them."""
+    (loss * world_size()).backward()
 
 
 def rank_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list:
@@ -220,57 +239,6 @@ def prepare_output_dir(output_dir: str, resumed_step):
     with open(metrics_path, "w") as f:
         f.writelines(kept)
     return metrics_path
-
-
-# ==== Live metrics: what metrics.jsonl gets, also sent to a tracker as the run goes.
-TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-
-
-def check_tracker(kind: str) -> str:
-    """'' if --report_to names a known tracker whose package is installed, else the reason (the
-    package is imported only by the run that chose it)."""
-    import importlib.util
-    if kind not in TRACKERS:
-        return f"must be one of {', '.join(TRACKERS)}"
-    if TRACKERS[kind] and importlib.util.find_spec(TRACKERS[kind]) is None:
-        return f"the {TRACKERS[kind]} package is not installed (pip install {TRACKERS[kind]})"
-    return ""
-
-
-class Tracker:
-    """Rank 0's metrics, record by record, to TensorBoard (<output_dir>/runs), Weights & Biases or
-    trackio (project 'sgpo'; WANDB_MODE=offline and the like work as usual); the run's flags as
-    its config. Warm-up records go under sft/ at their sft_step, RL records at their step."""
-
-    def __init__(self, kind: str, output_dir: str, config: dict):
-        self.kind, self.backend = kind, None
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            self.backend = SummaryWriter(os.path.join(output_dir, "runs"))
-            self.backend.add_text("config", json.dumps(config, indent=1))
-        elif kind == "wandb":
-            import wandb
-            self.backend = wandb.init(project="sgpo", dir=output_dir, config=config)
-        elif kind == "trackio":
-            import trackio
-            self.backend = trackio.init(project="sgpo", config=config)
-
-    def log(self, record: dict):
-        if self.backend is None:
-            return
-        sft = record.get("phase") == "sft"
-        step = record["sft_step"] if sft else record["step"]
-        values = {("sft/" if sft else "") + k: v for k, v in record.items()
-                  if isinstance(v, (int, float)) and k not in ("step", "sft_step", "phase")}
-        if self.kind == "tensorboard":
-            for k, v in values.items():
-                self.backend.add_scalar(k, v, step)
-        else:
-            self.backend.log({**values, "sft_step" if sft else "step": step})
-
-    def close(self):
-        if self.backend is not None:
-            self.backend.close() if self.kind == "tensorboard" else self.backend.finish()
 
 
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir

@@ -31,7 +31,6 @@ step, phases 1-5); `train`. Plumbing: engine.py (the model, generation), runtime
 checkpoints), inputs.py (flags, data), reward.py (math-verify), chunked_head.py.
 """
 import itertools
-import json
 import math
 import os
 import random
@@ -49,10 +48,11 @@ from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
                     prompt_ids, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
-from runtime import (Stats, Tracker, all_gather_objects, all_reduce, autocast, check_output_dir,
-                     check_tracker, compute_dtype, full_weights, get_rank, grad_sync,
-                     prepare_output_dir, rank_batches, resolve_resume, restore_checkpoint,
-                     save_checkpoint, setup_distributed, world_size, wrap)
+from metrics import RunLog, check_tracker, rollout_metrics, step_metrics
+from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
+                     compute_dtype, full_weights, get_rank, lockstep, rank_batches,
+                     resolve_resume, restore_checkpoint, save_checkpoint, setup_distributed,
+                     world_size, wrap)
 
 
 @dataclass
@@ -315,12 +315,13 @@ class Policy:
         return Policy(lm, backbone, wrap_backbone(backbone), lm.get_output_embeddings(),
                       tokenizer, torch.device(device))
 
-    def response_hidden(self, pairs, trained=True):
+    def response_hidden(self, pairs, sync_grads=True):
         """(prompt ids, response ids) pairs -> [M, H] hidden states that predict the response
-        tokens, and those tokens [M]. trained: through `wrapped`, else through `backbone`."""
+        tokens, and those tokens [M]. sync_grads: through `wrapped`, whose backward syncs the
+        gradients over ranks (the student); else through the bare `backbone` (no gradient)."""
         input_ids, mask, pred_idx, targets = collate(pairs, self.tokenizer.pad_token_id)
         to = self.device
-        module = self.wrapped if trained else self.backbone
+        module = self.wrapped if sync_grads else self.backbone
         hidden = module(input_ids.to(to), mask.to(to))  # [B, L, H]
         return hidden.reshape(-1, hidden.shape[-1])[pred_idx.to(to)], targets.to(to)
 
@@ -371,14 +372,12 @@ class KDRow(Row):
     """The guided prompt: the teacher's context for the same response tokens."""
 
 
-def pi_old(rows, logp):
-    """[M] log pi_old of rows' tokens. The first of the mu passes stores logp (the policy is still
-    pi_old then) on the rows; later passes read it back."""
-    if rows[0].old_logps is None:
-        pieces = logp.detach().split([len(r.response) for r in rows])
-        for r, piece in zip(rows, pieces):
-            r.old_logps = piece
-    return torch.cat([r.old_logps for r in rows])
+def keep_pi_old(rows, logp):
+    """Stores [M] log-probs of rows' tokens (taken while the policy is still pi_old) on the rows,
+    for every later forward of the update."""
+    pieces = logp.detach().split([len(r.response) for r in rows])
+    for r, piece in zip(rows, pieces):
+        r.old_logps = piece
 
 
 def per_token(rows, values):
@@ -389,97 +388,110 @@ def per_token(rows, values):
     return torch.tensor(out)
 
 
-# ==== The objective on one micro-batch: GRPO and KD side by side.
-def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None):
-    """Loss of one micro-batch. Autonomous (or SFT) and KD rows share ONE student forward; each
-    token carries a weight w_t normalised over the global batch (rl_step), so that
-        L = sum over GRPO tokens  w_t * -min(rho_t A, clip(rho_t, 1-eps, 1+eps_high) A)
-                                        (+ beta * k3 KL to the reference)
-          + sum over KD tokens    w_t * min(D_t, delta)   (no gradient outside the trust region)
-        w_t = 1 / (GRPO tokens of the batch)  and  alpha(q) / (|target| x problems of the batch);
-    the warm-up's SFT rows give w_t * -log p(y_t). Times the world size: DDP averages over ranks."""
-    dev = policy.device
-    hidden, targets = policy.response_hidden([(r.prompt, r.response) for r in rows])  # [M, H], [M]
-    is_kd = per_token(rows, [isinstance(r, KDRow) for r in rows]).to(dev)  # [M]
-    own = [r for r in rows if not isinstance(r, KDRow)]
+# ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
+def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=False):
+    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's forward, and
+    each row kind's term; every token's weight is normalised over the global mini-batch
+    (rl_step), so L = sft_term + grpo_term + kd_term summed over micro-batches and ranks is the
+    mini-batch's loss. pi_old_now: the policy is still pi_old (the update's first forward of these
+    rows): its log-probs are kept as pi_old. rows == []: a rank that has run out of rows
+    (runtime.lockstep): zero loss, same forwards."""
+    pad = policy.tokenizer.pad_token_id
+    pairs = [(r.prompt, r.response) for r in rows] or [([pad], [pad])]
+    hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
+    is_kd = per_token(rows, [isinstance(r, KDRow) for r in rows]).to(policy.device)  # [M]
     kd = [r for r in rows if isinstance(r, KDRow)]
-    # The teacher: the same weights on the guided prompt + target, no gradient. It runs on every
-    # pass, KD rows or not: under FSDP every forward is a collective.
+    # The teacher: the same weights on the guided prompt + target, no gradient. One forward per
+    # micro-batch, KD rows or not: under FSDP every forward is a collective.
     with torch.no_grad():
-        pad = policy.tokenizer.pad_token_id
         t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
-        t_hidden, _ = policy.response_hidden(t_pairs, trained=False)
+        t_hidden, _ = policy.response_hidden(t_pairs, sync_grads=False)
+    if not rows:
+        # through every parameter: DDP's reduction waits for all of them
+        return policy.head(hidden).float().sum() * 0.0
     loss = hidden.new_zeros((), dtype=torch.float32)
-
-    if own and not isinstance(own[0], GRPORow):
-        # SFT warm-up: NLL of the solution
-        logp, _, _ = head_outputs(policy.head, hidden[~is_kd], targets[~is_kd], cfg)
-        weight = per_token(own, [r.weight for r in own]).to(dev)
-        loss = loss + (-logp * weight).sum()
-        stats.add("loss/sft", (-logp.detach() * weight).sum(), 0)
-    elif own:
-        # GRPO: the clipped surrogate on the autonomous rollouts
-        logp, _, entropy = head_outputs(policy.head, hidden[~is_kd], targets[~is_kd], cfg)
-        first_pass = own[0].old_logps is None
-        old_logp = pi_old(own, logp)
-        advantage = per_token(own, [r.advantage for r in own]).to(dev)
-        weight = per_token(own, [r.weight for r in own]).to(dev)
-        tok_loss, clipped = grpo_token_loss(logp, old_logp, advantage, cfg.epsilon,
-                                            cfg.epsilon_high)
-        if ref is not None:
-            with torch.no_grad():
-                ref_hidden, _ = ref.response_hidden([(r.prompt, r.response) for r in own])
-                ref_logp, _, _ = head_outputs(ref.head, ref_hidden, targets[~is_kd], cfg)
-            kl = k3_kl(logp, ref_logp)
-            tok_loss = tok_loss + cfg.beta * kl
-            stats.add("kl", kl.detach(), kl.numel())
-        loss = loss + (tok_loss * weight).sum()
-        stats.add("loss/grpo", (tok_loss.detach() * weight).sum(), 0)
-        stats.add("clip_ratio", clipped.float(), clipped.numel())
-        stats.add("entropy", entropy, entropy.numel())
-        if first_pass:
-            sampler = torch.cat([r.sampler_logps for r in own]).to(dev)
-            stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
-
+    own = (hidden[~is_kd], targets[~is_kd])
+    sft = [r for r in rows if type(r) is Row]
+    if sft:
+        loss = loss + sft_term(policy, sft, own, cfg, stats)
+    grpo = [r for r in rows if isinstance(r, GRPORow)]
+    if grpo:
+        loss = loss + grpo_term(policy, grpo, own, cfg, stats, ref, pi_old_now)
     if kd:
-        # KD: the clipped divergence on the target's tokens, the trust region on their ratios
-        logp, div, _ = head_outputs(policy.head, hidden[is_kd], targets[is_kd], cfg, t_hidden)
-        old_logp = pi_old(kd, logp)
-        weight = per_token(kd, [r.weight for r in kd]).to(dev)
-        tok_loss, kl_clipped, ratio_out = kd_token_loss(
-            div, logp, old_logp, cfg.kd_loss, cfg.kl_clip, cfg.kd_trust_region, cfg.epsilon,
-            cfg.epsilon_high)
-        loss = loss + (tok_loss * weight).sum()
-        stats.add("loss/kd", (tok_loss.detach() * weight).sum(), 0)
-        stats.add("kd/kl_mean", div.detach(), div.numel())
-        stats.add("kd/kl_clip_frac", kl_clipped.float(), kl_clipped.numel())
-        stats.add("kd/ratio_out_frac", ratio_out.float(), ratio_out.numel())
-    return loss * world_size()
+        student = (hidden[is_kd], targets[is_kd], t_hidden)
+        loss = loss + kd_term(policy, kd, student, cfg, stats, pi_old_now)
+    return loss
 
 
-def accumulate_gradients(policy, rows, cfg: Config, stats, ref=None):
+def sft_term(policy, rows, student, cfg: Config, stats):
+    """The warm-up: sum_t w_t * -log p(y_t) on the solutions. student: [M, H] hidden states, [M]
+    tokens."""
+    logp, _, _ = head_outputs(policy.head, *student, cfg)
+    weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
+    stats.add("loss/sft", (-logp.detach() * weight).sum(), 0)
+    return (-logp * weight).sum()
+
+
+def grpo_term(policy, rows, student, cfg: Config, stats, ref=None, pi_old_now=False):
+    """[2] Autonomous GRPO: sum_t w_t * -min(rho_t A, clip(rho_t, 1-eps, 1+eps_high) A)
+    (+ beta * k3 KL to the reference), w_t = 1 / (GRPO tokens of the mini-batch). student: [M, H]
+    hidden states, [M] tokens."""
+    logp, _, entropy = head_outputs(policy.head, *student, cfg)
+    if pi_old_now:
+        keep_pi_old(rows, logp)
+        sampler = torch.cat([r.sampler_logps for r in rows]).to(policy.device)
+        stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
+    old_logp = torch.cat([r.old_logps for r in rows])
+    advantage = per_token(rows, [r.advantage for r in rows]).to(policy.device)
+    weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
+    tok_loss, clipped = grpo_token_loss(logp, old_logp, advantage, cfg.epsilon, cfg.epsilon_high)
+    if ref is not None:
+        with torch.no_grad():
+            ref_hidden, _ = ref.response_hidden([(r.prompt, r.response) for r in rows])
+            ref_logp, _, _ = head_outputs(ref.head, ref_hidden, student[1], cfg)
+        kl = k3_kl(logp, ref_logp)
+        tok_loss = tok_loss + cfg.beta * kl
+        stats.add("kl", kl.detach(), kl.numel())
+    stats.add("loss/grpo", (tok_loss.detach() * weight).sum(), 0)
+    stats.add("clip_ratio", clipped.float(), clipped.numel())
+    stats.add("entropy", entropy, entropy.numel())
+    return (tok_loss * weight).sum()
+
+
+def kd_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
+    """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
+    guided teacher to the unguided student, no gradient where the unguided ratio left the trust
+    region; w_t = alpha(q) / (|target| x problems of the mini-batch). student: [M, H] hidden
+    states, [M] tokens, [M, H] the teacher's hidden states."""
+    hidden, targets, t_hidden = student
+    logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, t_hidden)
+    if pi_old_now:
+        keep_pi_old(rows, logp)
+    old_logp = torch.cat([r.old_logps for r in rows])
+    weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
+    tok_loss, kl_clipped, ratio_out = kd_token_loss(
+        div, logp, old_logp, cfg.kd_loss, cfg.kl_clip, cfg.kd_trust_region, cfg.epsilon,
+        cfg.epsilon_high)
+    stats.add("loss/kd", (tok_loss.detach() * weight).sum(), 0)
+    stats.add("kd/kl_mean", div.detach(), div.numel())
+    stats.add("kd/kl_clip_frac", kl_clipped.float(), kl_clipped.numel())
+    stats.add("kd/ratio_out_frac", ratio_out.float(), ratio_out.numel())
+    return (tok_loss * weight).sum()
+
+
+def accumulate_gradients(policy, rows, cfg: Config, stats, ref=None, pi_old_now=False):
     """Forward/backward over micro-batches of rows, sorted by length (less padding; the weights
-    are global, so the gradient is the same). Every rank makes the same passes, each with the same
-    forwards: ranks with fewer rows make zero-loss ones. Returns the number of passes."""
+    are global, so the gradient is the same), in lockstep with the other ranks (runtime.lockstep).
+    Returns the number of micro-batches."""
     rows = sorted(rows, key=lambda r: len(r.prompt) + len(r.response))
     size = cfg.micro_batch_size
-    batches = [rows[i:i + size] for i in range(0, len(rows), size)]
-    n_passes = int(all_reduce(torch.tensor(len(batches), device=policy.device), dist.ReduceOp.MAX))
-    pad = policy.tokenizer.pad_token_id
-    for i in range(n_passes):
-        with grad_sync(policy.wrapped, last=i == n_passes - 1):
-            with autocast(cfg.dtype, policy.device):
-                if i < len(batches):
-                    loss = micro_batch_loss(policy, batches[i], cfg, stats, ref)
-                else:
-                    # zero loss through every parameter (DDP's reduction must see all of them),
-                    # and the teacher's forward as usual
-                    hidden, _ = policy.response_hidden([([pad], [pad])])
-                    loss = policy.head(hidden).float().sum() * 0.0
-                    with torch.no_grad():
-                        policy.response_hidden([([pad], [pad])], trained=False)
-            loss.backward()
-    return n_passes
+    micro_batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+    n = 0
+    for n, batch in enumerate(lockstep(micro_batches, policy.wrapped, policy.device), 1):
+        with autocast(cfg.dtype, policy.device):
+            loss = micro_batch_loss(policy, batch, cfg, stats, ref, pi_old_now)
+        backward(loss)
+    return n
 
 
 def make_optimizer(lm, lr, cfg: Config):
@@ -501,16 +513,19 @@ def optimizer_step(lm, opt, cfg: Config):
     return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
 
-@torch.no_grad()
-def mean_logps(policy, pairs, cfg: Config) -> list:
-    """Length-normalised log-prob of each (prompt, response) pair; ranks KD target candidates."""
-    out = []
-    for i in range(0, len(pairs), cfg.micro_batch_size):
-        chunk = pairs[i:i + cfg.micro_batch_size]
-        hidden, targets = policy.response_hidden(chunk, trained=False)
-        logp, _, _ = head_outputs(policy.head, hidden, targets, cfg)
-        out += [x.mean().item() for x in logp.split([len(r) for _, r in chunk])]
-    return out
+# ==== One RL step: the pieces, in the order rl_step calls them ([n]: the method sheet's step n).
+@dataclass
+class Batch:
+    """One step's problems and what the rollout made of them, problem by problem."""
+    problems: list
+    auto_prompts: list
+    """Token ids of each problem's autonomous (unguided) prompt."""
+    guided_prompts: list
+    """Token ids of each problem's strategy-guided prompt."""
+    rollouts: list = None
+    """[B][G1 + G2] engine.generate's dicts (ids, truncated, sampler_logps), autonomous first."""
+    rewards: torch.Tensor = None
+    """[B, G1 + G2] binary rewards."""
 
 
 def sample(policy, prompts, cfg: Config):
@@ -522,7 +537,7 @@ def sample(policy, prompts, cfg: Config):
 
 
 def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
-    """G1 autonomous and G2 guided responses per problem: one generate call (or
+    """[1] G1 autonomous and G2 guided responses per problem: one generate call (or
     generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode false)."""
     auto = repeat_each(auto_prompts, cfg.num_generations)
     guided = repeat_each(guided_prompts, cfg.num_guided_generations)
@@ -538,6 +553,106 @@ def repeat_each(items, n):
     for x in items:
         out += [x] * n
     return out
+
+
+def grade_rollouts(batch: Batch, tokenizer, grade) -> torch.Tensor:
+    """[1] [B, G1 + G2] binary rewards: math-verify on each response's text (special tokens
+    dropped) against its own problem's gold answer."""
+    g = len(batch.rollouts[0])
+    flat = list(itertools.chain.from_iterable(batch.rollouts))  # problem by problem
+    texts = [tokenizer.decode(r["ids"], skip_special_tokens=True) for r in flat]
+    answers = repeat_each([q["answer"] for q in batch.problems], g)
+    return torch.tensor(grade(texts, answers)).view(len(batch.problems), g)
+
+
+def make_grpo_rows(batch: Batch, cfg: Config) -> list:
+    """[2] Per problem, its autonomous rollouts as GRPORows with group-normalised advantages
+    (weights: split_by_problem); none without --use_grpo, truncated ones dropped under
+    --mask_truncated_completions."""
+    g1 = cfg.num_generations
+    advantages = grpo_advantages(batch.rewards[:, :g1])  # [B, G1]
+    rows = [[] for _ in batch.problems]
+    for b, rollouts in enumerate(batch.rollouts):
+        for i, r in enumerate(rollouts[:g1]):
+            if cfg.use_grpo and not (cfg.mask_truncated_completions and r["truncated"]):
+                rows[b].append(GRPORow(batch.auto_prompts[b], r["ids"], 0.0,
+                                       advantage=float(advantages[b, i]),
+                                       sampler_logps=r["sampler_logps"]))
+    return rows
+
+
+def pass_rates(batch: Batch, cfg: Config):
+    """[B] p_guided and [B] p_auto: the success rates of each problem's G2 and G1 groups."""
+    g1 = cfg.num_generations
+    r_auto, r_guided = batch.rewards[:, :g1], batch.rewards[:, g1:]  # [B, G1], [B, G2]
+    p_auto = r_auto.mean(1)
+    return (r_guided.mean(1) if cfg.num_guided_generations else r_auto.mean(1)), p_auto
+
+
+def update_alpha_table(alpha, batch: Batch, cfg: Config):
+    """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps. Every
+    rank applies every rank's updates in the same order: the tables stay identical. (R) Before the
+    KD weight reads it: this visit's gap acts on this visit ("strengthen guidance when autonomous
+    exploration falls short"), so a first visit weighs alpha_0 +- gamma; read before the update,
+    a problem seen once (the toy: 1,280 of 2,000 problems in 80 steps) would always weigh alpha_0,
+    and adaptive alpha would be the fixed-alpha row there."""
+    p_guided, p_auto = pass_rates(batch, cfg)
+    mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(batch.problems, p_guided, p_auto)]
+    for updates in all_gather_objects(mine):
+        for qid, pg, pa in updates:
+            prev = alpha.get(qid, cfg.alpha_0)
+            if cfg.adaptive_alpha:
+                alpha[qid] = update_alpha(prev, pg, pa, cfg.alpha_gamma, cfg.alpha_max)
+            else:
+                alpha[qid] = cfg.alpha_0
+
+
+@torch.no_grad()
+def response_logps(policy, pairs, cfg: Config) -> list:
+    """[len(response)] log-probs of each (prompt, response) pair's response tokens, no gradient,
+    micro-batch by micro-batch."""
+    out = []
+    for i in range(0, len(pairs), cfg.micro_batch_size):
+        chunk = pairs[i:i + cfg.micro_batch_size]
+        hidden, targets = policy.response_hidden(chunk, sync_grads=False)
+        logp, _, _ = head_outputs(policy.head, hidden, targets, cfg)
+        out += logp.split([len(r) for _, r in chunk])
+    return out
+
+
+def mean_logps(policy, pairs, cfg: Config) -> list:
+    """Length-normalised log-prob of each (prompt, response) pair; ranks KD target candidates."""
+    return [x.mean().item() for x in response_logps(policy, pairs, cfg)]
+
+
+def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
+    """[3] Per problem, its KD target (or None): the correct guided rollout most likely under the
+    UNGUIDED prompt (a random correct one without --target_selection), [4] as a KDRow (student:
+    the autonomous prompt; teacher: the guided one) weighing alpha(q) / (|target| x problems of
+    its mini-batch over all ranks): mean_q alpha(q) L_KD(q)."""
+    g1, g2, n = cfg.num_generations, cfg.num_guided_generations, len(batch.problems)
+    rows, n_problems = [None] * n, n * world_size() // cfg.steps_per_generation
+    if not (cfg.use_kd and g2):
+        return rows
+    r_guided = batch.rewards[:, g1:]  # [B, G2]
+    mean_logp = torch.full((n, g2), -math.inf)  # [B, G2], scored for correct rollouts only
+    candidates = torch.nonzero(r_guided > 0).tolist()  # [(b, j)]
+    if cfg.target_selection:
+        # scored on every rank, candidates or not: FSDP's gathering is a collective
+        pairs = [(batch.auto_prompts[b], batch.rollouts[b][g1 + j]["ids"]) for b, j in candidates]
+        policy.backbone.eval()
+        with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
+            scores = mean_logps(policy, pairs, cfg)
+        for (b, j), score in zip(candidates, scores):
+            mean_logp[b, j] = score
+    for b, q in enumerate(batch.problems):
+        j = select_target(r_guided[b], mean_logp[b], cfg.target_selection)
+        if j >= 0:
+            target = batch.rollouts[b][g1 + j]["ids"]
+            weight = alpha[q["id"]] / (len(target) * n_problems)
+            rows[b] = KDRow(batch.auto_prompts[b], target, weight,
+                            teacher_prompt=batch.guided_prompts[b])
+    return rows
 
 
 def split_by_problem(grpo_rows, kd_rows, k, device):
@@ -558,163 +673,60 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
     return minibatches
 
 
-@torch.no_grad()
-def store_pi_old(policy, rows, cfg: Config, stats):
-    """Stores log pi_old (the policy now) on each row, micro-batch by micro-batch, and the largest
-    gap to the sampler's log-probs."""
-    for i in range(0, len(rows), cfg.micro_batch_size):
-        chunk = rows[i:i + cfg.micro_batch_size]
-        hidden, targets = policy.response_hidden([(r.prompt, r.response) for r in chunk],
-                                                 trained=False)
-        logp, _, _ = head_outputs(policy.head, hidden, targets, cfg)
-        pi_old(chunk, logp)
-        for r in chunk:
-            if isinstance(r, GRPORow):
-                gap = (r.sampler_logps.to(logp.device) - r.old_logps).abs().max()
-                stats.max("rollout_probs_diff_max", gap)
-
-
-def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
-    """(R) alpha(q) of every rank's problems, updated in place from their pass gaps. Every rank
-    applies every rank's updates in the same order: the tables stay identical."""
-    mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
-    for updates in all_gather_objects(mine):
-        for qid, pg, pa in updates:
-            prev = alpha.get(qid, cfg.alpha_0)
-            if cfg.adaptive_alpha:
-                alpha[qid] = update_alpha(prev, pg, pa, cfg.alpha_gamma, cfg.alpha_max)
-            else:
-                alpha[qid] = cfg.alpha_0
-
-
-# ==== One RL step (the method sheet's steps 1-7; README "How one step runs").
-def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
-    """Rollout -> reward and advantages -> alpha -> target selection -> update. alpha: the
-    per-problem table, updated in place. Returns the step's metrics (reduced over ranks)."""
-    stats, t0 = Stats(), time.time()
-    g1, g2, n = cfg.num_generations, cfg.num_guided_generations, len(problems)
-    tok, dev = policy.tokenizer, policy.device
-    auto_prompts = [prompt_ids(tok, cfg, q, guided=False) for q in problems]
-    guided_prompts = [prompt_ids(tok, cfg, q, guided=True) for q in problems]
-
-    # ---- 1. Rollout: G1 autonomous and G2 strategy-guided samples per problem.
-    # FSDP: the weights are gathered once for all generate calls.
-    with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
-        auto, guided = sample_rollouts(policy, auto_prompts, guided_prompts, cfg)
-    # [B][G1 + G2]
-    rollouts = [auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2] for b in range(n)]
-    t_gen = time.time()
-
-    # ---- 2. Reward (math-verify) and group-normalised GRPO advantages.
-    flat = list(itertools.chain.from_iterable(rollouts))  # problem by problem
-    texts = [tok.decode(r["ids"], skip_special_tokens=True) for r in flat]
-    answers = repeat_each([q["answer"] for q in problems], g1 + g2)
-    rewards = torch.tensor(grade(texts, answers)).view(n, g1 + g2)
-    r_auto, r_guided = rewards[:, :g1], rewards[:, g1:]  # [B, G1], [B, G2]
-    advantages = grpo_advantages(r_auto)  # [B, G1]
-    # GRPO rows, per problem (weights: 5.)
-    grpo_rows = [[] for _ in range(n)]
-    for b in range(n):
-        for i, r in enumerate(rollouts[b][:g1]):
-            if cfg.use_grpo and not (cfg.mask_truncated_completions and r["truncated"]):
-                grpo_rows[b].append(GRPORow(auto_prompts[b], r["ids"], 0.0,
-                                            advantage=float(advantages[b, i]),
-                                            sampler_logps=r["sampler_logps"]))
-    t_grade = time.time()
-
-    # ---- 3. Adaptive alpha (R), from each problem's pass gap p_guided - p_auto.
-    # (R) Updated before the KD weight reads it: this visit's gap acts on this visit ("strengthen
-    # guidance when autonomous exploration falls short"), so a first visit weighs alpha_0 +- gamma.
-    # Read before the update, a problem seen once (the toy: 1,280 of 2,000 problems in 80 steps)
-    # would always weigh alpha_0, and adaptive alpha would be the fixed-alpha row there.
-    p_auto = r_auto.mean(1)
-    p_guided = r_guided.mean(1) if g2 else r_auto.mean(1)
-    update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
-
-    # ---- 4. Target selection: the correct guided rollout most likely under the UNGUIDED prompt.
-    # problems of a mini-batch, over all ranks
-    kd_rows, n_problems = [None] * n, n * world_size() // cfg.steps_per_generation
-    if cfg.use_kd and g2:
-        mean_logp = torch.full((n, g2), -math.inf)  # [B, G2], scored for correct rollouts only
-        candidates = torch.nonzero(r_guided > 0).tolist()  # [(b, j)]
-        # scored on every rank, candidates or not: FSDP's gathering is a collective
-        if cfg.target_selection:
-            pairs = [(auto_prompts[b], rollouts[b][g1 + j]["ids"]) for b, j in candidates]
-            policy.backbone.eval()
-            with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
-                scores = mean_logps(policy, pairs, cfg)
-            for (b, j), score in zip(candidates, scores):
-                mean_logp[b, j] = score
-        for b, q in enumerate(problems):
-            j = select_target(r_guided[b], mean_logp[b], cfg.target_selection)
-            if j >= 0:
-                # KD weight alpha(q) / |target| / the mini-batch's global problem count:
-                # mean_q alpha(q) L_KD(q)
-                target = rollouts[b][g1 + j]["ids"]
-                weight = alpha[q["id"]] / (len(target) * n_problems)
-                kd_rows[b] = KDRow(auto_prompts[b], target, weight,
-                                   teacher_prompt=guided_prompts[b])
-    t_select = time.time()
-
-    # ---- 5. Update: k mini-batches of whole problems, one optimizer step each, mu epochs.
-    minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
+def update_policy(policy, opt, minibatches, cfg: Config, stats, ref=None):
+    """[5, 7] One optimizer step per mini-batch, num_iterations epochs. pi_old is the sampling
+    policy for every mini-batch: the first one's first forward keeps it (nothing has moved yet),
+    the others' a forward before the first optimizer step. Returns the statistics of the passes
+    after the first optimizer step (where ratios leave 1) and the last gradient norm."""
     policy.wrapped.train()
-    # pi_old is the sampling policy: the first mini-batch's first forward stores it (nothing has
-    # moved yet), the other mini-batches' a forward before the first optimizer step
     if len(minibatches) > 1:
-        with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
-            for rows in minibatches[1:]:
-                store_pi_old(policy, rows, cfg, stats)
-    # the passes after the first optimizer step: where ratios leave 1
+        # (k > 1 on every rank alike: FSDP's gathering is a collective)
+        later = [r for rows in minibatches[1:] for r in rows]
+        with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
+            logps = response_logps(policy, [(r.prompt, r.response) for r in later], cfg)
+        for r, logp in zip(later, logps):
+            r.old_logps = logp
+            if isinstance(r, GRPORow):
+                gap = (r.sampler_logps.to(logp.device) - logp).abs().max()
+                stats.max("rollout_probs_diff_max", gap)
     late, grad_norm = Stats(), 0.0
     for epoch in range(cfg.num_iterations):
         for i, rows in enumerate(minibatches):
-            if accumulate_gradients(policy, rows, cfg, late if epoch or i else stats, ref):
+            first = epoch == i == 0
+            if accumulate_gradients(policy, rows, cfg, stats if first else late, ref, first):
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
-    rows = list(itertools.chain.from_iterable(minibatches))
-    t_end = time.time()
+    return late, grad_norm
 
-    stats.add("reward/autonomous_mean", r_auto, r_auto.numel())
-    stats.add("reward/guided_mean", r_guided, r_guided.numel())
-    stats.add("pass_gap", p_guided - p_auto, n)
-    stats.add("alpha/mean", sum(alpha[q["id"]] for q in problems), n)
-    stats.add("kd/target_frac", sum(r is not None for r in kd_rows), n)
-    zero_std = (r_auto.std(1) == 0).float() if g1 > 1 else torch.ones(n)
-    stats.add("frac_reward_zero_std", zero_std, n)
-    stats.add("completions/mean_length", sum(len(r["ids"]) for r in auto), n * g1)
-    stats.add("completions/clipped_ratio", sum(r["truncated"] for r in auto), n * g1)
-    # up to the first EOS
-    stats.add("perf/generated_tokens", sum(len(r["ids"]) for r in auto + guided), 0)
-    stats.add("perf/trained_tokens", sum(len(r.response) for r in rows), 0)
-    times = dict(start=t0, generate=t_gen, grade=t_grade, select=t_select, update=t_end)
+
+def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
+    """One RL step: the method sheet's steps [1]-[7] on a batch of problems (README "How one step
+    runs"). alpha: the per-problem table, updated in place. Returns the step's metrics (over all
+    ranks)."""
+    stats, times, dev = Stats(), {"start": time.time()}, policy.device
+    g1, g2, tok = cfg.num_generations, cfg.num_guided_generations, policy.tokenizer
+    batch = Batch(problems, [prompt_ids(tok, cfg, q, guided=False) for q in problems],
+                  [prompt_ids(tok, cfg, q, guided=True) for q in problems])
+    # [1] G1 autonomous and G2 strategy-guided rollouts per problem (FSDP: the weights gathered
+    # once for all generate calls), and their binary rewards
+    with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
+        auto, guided = sample_rollouts(policy, batch.auto_prompts, batch.guided_prompts, cfg)
+    batch.rollouts = [auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2]
+                      for b in range(len(problems))]
+    times["generate"] = time.time()
+    batch.rewards = grade_rollouts(batch, tok, grade)
+    # [2] autonomous GRPO rows
+    grpo_rows = make_grpo_rows(batch, cfg)
+    times["grade"] = time.time()
+    # [6] alpha(q) from the pass gap, [3] target selection, [4] the KD rows
+    update_alpha_table(alpha, batch, cfg)
+    kd_rows = make_kd_rows(policy, batch, alpha, cfg)
+    times["select"] = time.time()
+    # [5, 7] the update: k mini-batches of whole problems, one optimizer step each
+    minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
+    late, grad_norm = update_policy(policy, opt, minibatches, cfg, stats, ref)
+    times["update"] = time.time()
+    rollout_metrics(stats, batch, alpha, minibatches, cfg)
     return step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
-
-
-def step_metrics(stats, times, grad_norm, opt, cfg: Config, device) -> dict:
-    """The step's metrics over all ranks, with the time of each phase (times: when each ended).
-    stats: (the first update pass and the rest, the update's other passes); the constraints'
-    fractions of the passes after the first optimizer step also as late/<name>."""
-    first, late = stats
-    steps = cfg.num_iterations * cfg.steps_per_generation
-    metrics = {}
-    if steps > 1:
-        late_metrics = late.reduce(device)
-        for k in ("clip_ratio", "kd/ratio_out_frac", "kd/kl_clip_frac"):
-            if k in late_metrics:
-                metrics[f"late/{k}"] = late_metrics[k]
-        first.merge(late)
-    metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **first.reduce(device), **metrics}
-    # summed over the optimizer steps: their mean
-    for k in ("loss/grpo", "loss/kd"):
-        metrics[k] = metrics[k] / steps
-    t_gen = times["generate"] - times["start"]
-    metrics.update({
-        "grad_norm": grad_norm, "lr": opt[1].get_last_lr()[0], "time/generate": t_gen,
-        "perf/gen_tokens_per_s": metrics["perf/generated_tokens"] / t_gen,
-        "time/grade": times["grade"] - times["generate"],
-        "time/select": times["select"] - times["grade"],
-        "time/update": times["update"] - times["select"]})
-    return metrics
 
 
 def sft_warmup(problems, policy, cfg: Config, log):
@@ -772,27 +784,34 @@ def setup(argv):
     return cfg, (problems, sft_problems, eval_problems), resume, policy
 
 
+def evaluate(policy, problems, cfg: Config, state, grade) -> dict:
+    """Greedy held-out accuracy (engine.greedy_accuracy, each rank its share), printed by rank 0
+    next to the one before RL (kept in state["eval_start"])."""
+    with full_weights(policy.wrapped):
+        result = greedy_accuracy(policy.lm, policy.tokenizer, problems, cfg, policy.device,
+                                 (get_rank(), world_size()), grade)
+    start = state["eval_start"] = state["eval_start"] or result
+    parts = []
+    for k, v in result.items():
+        before = f"{100 * start[k]:.1f}% -> " if state["step"] else ""
+        parts.append(f"{k[5:-4]} {before}{100 * v:.1f}%")
+    if get_rank() == 0:
+        tqdm.write(f"step {state['step']}, greedy accuracy on {len(problems)} problems of "
+                   f"{cfg.eval_data}: " + ", ".join(parts))
+    return result
+
+
 def train(cfg: Config, data, resume, policy):
     """The SFT warm-up (if any), then max_steps RL steps, with held-out evaluations, metrics.jsonl
     and checkpoints (rank 0)."""
     problems, sft_problems, eval_problems = data
-    rank, world = get_rank(), world_size()
-    master = rank == 0
+    rank = get_rank()
     ref = None
     if cfg.beta > 0:
         # frozen reference = the initial policy, never trained: compute dtype, replicated
         ref_lm, _ = load_model(cfg.model, compute_dtype(cfg.dtype), policy.device)
         ref = Policy.of(ref_lm.eval().requires_grad_(False), policy.tokenizer, policy.device)
-    if master:
-        metrics_path = prepare_output_dir(cfg.output_dir, resume[1]["step"] if resume else None)
-        tracker = Tracker(cfg.report_to, cfg.output_dir, vars(cfg))
-
-    def log(record: dict):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            tracker.log(record)
-
+    log = RunLog(cfg, resume[1]["step"] if resume else None, master=rank == 0)
     opt = make_optimizer(policy.lm, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs,
                  eval_start={})
@@ -804,50 +823,32 @@ def train(cfg: Config, data, resume, policy):
     else:
         torch.manual_seed(cfg.seed + rank)  # different samples on each rank
         random.seed(cfg.seed + rank)
-
     workers = default_workers() if cfg.reward_workers == -1 else cfg.reward_workers
     grade = Grader(workers, cfg.reward_timeout)
     warming_up = not state["sft_done"]
     if warming_up:
         sft_warmup(sft_problems, policy, cfg, log)
         state["sft_done"] = True
-
-    # greedy held-out accuracy: printed next to the one before RL, logged with the step
-    def evaluate() -> dict:
-        with full_weights(policy.wrapped):
-            result = greedy_accuracy(policy.lm, policy.tokenizer, eval_problems, cfg,
-                                     policy.device, (rank, world), grade)
-        start = state["eval_start"] = state["eval_start"] or result
-        if master:
-            parts = []
-            for k, v in result.items():
-                before = f"{100 * start[k]:.1f}% -> " if state["step"] else ""
-                parts.append(f"{k[5:-4]} {before}{100 * v:.1f}%")
-            tqdm.write(f"step {state['step']}, greedy accuracy on {len(eval_problems)} problems "
-                       f"of {cfg.eval_data}: " + ", ".join(parts))
-        return result
-
     # before RL (after the warm-up, if any)
     if eval_problems and state["step"] == 0 and not state["eval_start"]:
-        log({"step": 0, **evaluate()})
+        log({"step": 0, **evaluate(policy, eval_problems, cfg, state, grade)})
     # checkpoint-0: the warm model, and its evaluation (not repeated on a resume from it)
     if warming_up:
         save_checkpoint(cfg, policy, *opt, state)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not master, desc="sgpo")
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, desc="sgpo")
     with bar:  # (closed on Ctrl-C)
-        batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
         while state["step"] < cfg.max_steps:
+            batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             if state["position"] >= len(batches):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
-                batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
+                continue
             batch = [problems[i] for i in batches[state["position"]]]
             metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade, ref)
             state["position"] += 1
-            state["step"] += 1
-            step = state["step"]
+            state["step"] = step = state["step"] + 1
             if eval_problems and ((cfg.eval_steps and step % cfg.eval_steps == 0)
                                   or step == cfg.max_steps):
-                metrics.update(evaluate())
+                metrics.update(evaluate(policy, eval_problems, cfg, state, grade))
             log({"step": step, "epoch": state["epoch"], **metrics})
             bar.update(1)
             bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}",
@@ -856,8 +857,7 @@ def train(cfg: Config, data, resume, policy):
             if step % cfg.save_steps == 0 or step == cfg.max_steps:
                 save_checkpoint(cfg, policy, *opt, state)
     grade.close()
-    if master:
-        tracker.close()
+    log.close()
 
 
 def main(argv=None) -> int:

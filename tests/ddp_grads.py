@@ -36,7 +36,7 @@ if "RANK" in os.environ:
 else:
     policy = sgpo.Policy.of(model, tok, "cpu")
 stats = runtime.Stats()
-sgpo.accumulate_gradients(policy, rows, cfg, stats)
+sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
 metrics = stats.reduce("cpu")
 grads = {
     n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad

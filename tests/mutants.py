@@ -24,10 +24,10 @@ MUTANTS = {
     "2 p_guided and p_auto swapped in the alpha update": (
         "sgpo.py", "update_alpha(prev, pg, pa,", "update_alpha(prev, pa, pg,"),
     "3 candidates scored under the guided prompt": (
-        "sgpo.py", 'pairs = [(auto_prompts[b], rollouts[b][g1 + j]["ids"])',
-        'pairs = [(guided_prompts[b], rollouts[b][g1 + j]["ids"])'),
+        "sgpo.py", 'pairs = [(batch.auto_prompts[b], batch.rollouts',
+        'pairs = [(batch.guided_prompts[b], batch.rollouts'),
     "4 candidates' score summed, not length-normalised": (
-        "sgpo.py", "out += [x.mean().item() for x in", "out += [x.sum().item() for x in"),
+        "sgpo.py", "return [x.mean().item() for x in", "return [x.sum().item() for x in"),
     "5a GRPO token count of this rank only": (
         "sgpo.py", "n_tokens = all_reduce(torch.tensor(local, device=device))",
         "n_tokens = torch.tensor(local, device=device)"),
@@ -35,8 +35,8 @@ MUTANTS = {
         "sgpo.py", "n_problems = [None] * n, n * world_size() //",
         "n_problems = [None] * n, n //"),
     "6 gold answers tiled, not repeated per problem": (
-        "sgpo.py", 'answers = repeat_each([q["answer"] for q in problems], g1 + g2)',
-        'answers = [q["answer"] for q in problems] * (g1 + g2)'),
+        "sgpo.py", 'answers = repeat_each([q["answer"] for q in batch.problems], g)',
+        'answers = [q["answer"] for q in batch.problems] * g'),
     "7 --target_selection false ignored (the first correct rollout)": (
         "sgpo.py", "select_target(r_guided[b], mean_logp[b], cfg.target_selection)",
         "select_target(r_guided[b], mean_logp[b], True)"),
@@ -46,7 +46,7 @@ MUTANTS = {
     "9 --use_grpo false ignored": (
         "sgpo.py", "if cfg.use_grpo and not (cfg.mask_truncated_completions",
         "if not (cfg.mask_truncated_completions"),
-    "10 --use_kd false ignored": ("sgpo.py", "if cfg.use_kd and g2:", "if g2:"),
+    "10 --use_kd false ignored": ("sgpo.py", "if not (cfg.use_kd and g2):", "if not g2:"),
 }
 
 

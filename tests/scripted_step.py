@@ -72,9 +72,9 @@ def scripted(script, train=False):
     or as usual. Yields the list of row lists accumulate_gradients is given."""
     captured, real = [], sgpo.accumulate_gradients
 
-    def spy(policy, rows, cfg, stats, ref=None):
+    def spy(policy, rows, *args):
         captured.append(list(rows))
-        return real(policy, rows, cfg, stats, ref) if train else 0
+        return real(policy, rows, *args) if train else 0
 
     with mock.patch.object(sgpo, "sample", script.sample), \
             mock.patch.object(sgpo, "accumulate_gradients", spy):

@@ -18,9 +18,9 @@ def run_row(flags, out, warm_dir, data_file):
     real, real_step, real_scoring = (sgpo.accumulate_gradients, sgpo.optimizer_step,
                                      sgpo.mean_logps)
 
-    def spy(policy, batch, cfg, stats, ref=None):
+    def spy(policy, batch, *args):
         rows.append(list(batch))
-        return real(policy, batch, cfg, stats, ref)
+        return real(policy, batch, *args)
 
     def step(*args):
         calls["steps"] += 1
@@ -119,13 +119,13 @@ def test_reference_kl_term():
     tok, model, cfg = tiny_setup()
     rows = [r for r in training_rows(tok, model, cfg) if isinstance(r, sgpo.GRPORow)]
     policy = sgpo.Policy.of(model, tok, "cpu")
-    base = sgpo.micro_batch_loss(policy, fresh(rows), cfg, runtime.Stats())
+    base = sgpo.micro_batch_loss(policy, fresh(rows), cfg, runtime.Stats(), pi_old_now=True)
     cfg.beta = 0.5
-    same = sgpo.micro_batch_loss(policy, fresh(rows), cfg, runtime.Stats(), ref=policy)
+    same = sgpo.micro_batch_loss(policy, fresh(rows), cfg, runtime.Stats(), policy, True)
     assert torch.allclose(base, same)  # reference == policy: k3 = 0
     ref = sgpo.Policy.of(tiny_setup(seed=1)[1], tok, "cpu")
     stats = runtime.Stats()
-    far = sgpo.micro_batch_loss(policy, fresh(rows), cfg, stats, ref=ref)
+    far = sgpo.micro_batch_loss(policy, fresh(rows), cfg, stats, ref, True)
     kl = stats.reduce("cpu")["kl"]
     assert kl > 0
     n_tok = sum(len(r.response) for r in rows)

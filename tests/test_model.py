@@ -73,7 +73,8 @@ def test_sampler_logps_equal_trainer_logps_left_padded(arch):
 
 def _grads(model, rows, cfg, tok):
     model.zero_grad()
-    sgpo.accumulate_gradients(sgpo.Policy.of(model, tok, "cpu"), fresh(rows), cfg, runtime.Stats())
+    sgpo.accumulate_gradients(sgpo.Policy.of(model, tok, "cpu"), fresh(rows), cfg, runtime.Stats(),
+                             pi_old_now=True)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -101,7 +102,7 @@ def test_prompt_and_padding_positions_get_no_gradient():
             captured["h"] = out
 
     handle = policy.backbone.register_forward_hook(keep)
-    loss = sgpo.micro_batch_loss(policy, rows, cfg, runtime.Stats())
+    loss = sgpo.micro_batch_loss(policy, rows, cfg, runtime.Stats(), pi_old_now=True)
     loss.backward()
     handle.remove()
     grad = captured["h"].grad.abs().sum(-1)  # [B, L]
@@ -117,7 +118,8 @@ def test_old_logps_are_frozen_across_iterations():
     tok, model, cfg = tiny_setup()
     rows = training_rows(tok, model, cfg)
     policy, stats = sgpo.Policy.of(model, tok, "cpu"), runtime.Stats()
-    sgpo.accumulate_gradients(policy, rows, cfg, stats)
+    # the update's first forward of these rows: it keeps their pi_old
+    sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
     first = [r.old_logps.clone() for r in rows]
     # rho == 1
     assert stats.reduce("cpu")["clip_ratio"] == 0 and stats.reduce("cpu")["kd/ratio_out_frac"] == 0
@@ -171,7 +173,7 @@ def _train(dtype_flag, weights_dtype, steps=5, lr=1e-6):
         sgpo.Policy.of(model, tok, "cpu"), sgpo.make_optimizer(model, lr, cfg), None
     )
     for _ in range(steps):
-        sgpo.accumulate_gradients(policy, fresh(rows), cfg, runtime.Stats())
+        sgpo.accumulate_gradients(policy, fresh(rows), cfg, runtime.Stats(), pi_old_now=True)
         first_grads = first_grads or {
             n: p.grad.float().clone() for n, p in model.named_parameters()
         }
@@ -242,7 +244,7 @@ def test_prefill_once_per_distinct_prompt_samples_what_hf_generate_samples():
 def _loss_and_grads(policy, rows, cfg):
     policy.lm.zero_grad()
     stats = runtime.Stats()
-    sgpo.accumulate_gradients(policy, fresh(rows), cfg, stats)
+    sgpo.accumulate_gradients(policy, fresh(rows), cfg, stats, pi_old_now=True)
     grads = {n: p.grad.clone() for n, p in policy.lm.named_parameters()}
     return stats.reduce("cpu"), grads
 

@@ -1,0 +1,123 @@
+"""
+What a run reports, kept out of the method: each RL step's metrics (from what it sampled and
+trained on, reduced over ranks, with the time of each phase), and where they go: metrics.jsonl and,
+with --report_to, a live tracker (TensorBoard, Weights & Biases, trackio), rank 0 only.
+"""
+import itertools
+import json
+import os
+
+import torch
+
+from runtime import prepare_output_dir
+
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def rollout_metrics(stats, batch, alpha, minibatches, cfg):
+    """What the step sampled (batch: sgpo.Batch) and trained on (the update's mini-batches):
+    rewards, pass gap, alpha, KD target fraction, lengths, into stats."""
+    g1, n = cfg.num_generations, len(batch.problems)
+    r_auto, r_guided = batch.rewards[:, :g1], batch.rewards[:, g1:]  # [B, G1], [B, G2]
+    auto = [r for rollouts in batch.rollouts for r in rollouts[:g1]]
+    guided = [r for rollouts in batch.rollouts for r in rollouts[g1:]]
+    rows = list(itertools.chain.from_iterable(minibatches))
+    p_auto = r_auto.mean(1)
+    p_guided = r_guided.mean(1) if cfg.num_guided_generations else r_auto.mean(1)
+    stats.add("reward/autonomous_mean", r_auto, r_auto.numel())
+    stats.add("reward/guided_mean", r_guided, r_guided.numel())
+    stats.add("pass_gap", p_guided - p_auto, n)
+    stats.add("alpha/mean", sum(alpha[q["id"]] for q in batch.problems), n)
+    # KD rows are the ones with a teacher
+    stats.add("kd/target_frac", sum(hasattr(r, "teacher_prompt") for r in rows), n)
+    zero_std = (r_auto.std(1) == 0).float() if g1 > 1 else torch.ones(n)
+    stats.add("frac_reward_zero_std", zero_std, n)
+    stats.add("completions/mean_length", sum(len(r["ids"]) for r in auto), n * g1)
+    stats.add("completions/clipped_ratio", sum(r["truncated"] for r in auto), n * g1)
+    # up to the first EOS
+    stats.add("perf/generated_tokens", sum(len(r["ids"]) for r in auto + guided), 0)
+    stats.add("perf/trained_tokens", sum(len(r.response) for r in rows), 0)
+
+
+def step_metrics(stats, times, grad_norm, opt, cfg, device) -> dict:
+    """The step's metrics over all ranks, with the time of each phase (times: when each ended).
+    stats: (the update's first pass and the rest of the step, the update's other passes); the
+    constraints' fractions of the passes after the first optimizer step also as late/<name>."""
+    first, late = stats
+    steps = cfg.num_iterations * cfg.steps_per_generation
+    metrics = {}
+    if steps > 1:
+        late_metrics = late.reduce(device)
+        for k in ("clip_ratio", "kd/ratio_out_frac", "kd/kl_clip_frac"):
+            if k in late_metrics:
+                metrics[f"late/{k}"] = late_metrics[k]
+        first.merge(late)
+    metrics = {"loss/grpo": 0.0, "loss/kd": 0.0, **first.reduce(device), **metrics}
+    # summed over the optimizer steps: their mean
+    for k in ("loss/grpo", "loss/kd"):
+        metrics[k] = metrics[k] / steps
+    t_gen = times["generate"] - times["start"]
+    metrics.update({
+        "grad_norm": grad_norm, "lr": opt[1].get_last_lr()[0], "time/generate": t_gen,
+        "perf/gen_tokens_per_s": metrics["perf/generated_tokens"] / t_gen,
+        "time/grade": times["grade"] - times["generate"],
+        "time/select": times["select"] - times["grade"],
+        "time/update": times["update"] - times["select"]})
+    return metrics
+
+
+def check_tracker(kind: str) -> str:
+    """'' if --report_to names a known tracker whose package is installed, else the reason (the
+    package is imported only by the run that chose it)."""
+    import importlib.util
+    if kind not in TRACKERS:
+        return f"must be one of {', '.join(TRACKERS)}"
+    if TRACKERS[kind] and importlib.util.find_spec(TRACKERS[kind]) is None:
+        return f"the {TRACKERS[kind]} package is not installed (pip install {TRACKERS[kind]})"
+    return ""
+
+
+class RunLog:
+    """Rank 0's records: a line each in <output_dir>/metrics.jsonl (prepared as
+    runtime.prepare_output_dir says) and, with --report_to, the same numbers to a tracker:
+    TensorBoard (<output_dir>/runs), Weights & Biases or trackio (project 'sgpo'; WANDB_MODE=offline
+    and the like work as usual), the run's flags as its config. Warm-up records go under sft/ at
+    their sft_step, RL records at their step. Other ranks: nothing."""
+
+    def __init__(self, cfg, resumed_step, master: bool):
+        self.master, self.kind, self.tracker = master, cfg.report_to, None
+        if not master:
+            return
+        self.path = prepare_output_dir(cfg.output_dir, resumed_step)
+        config = vars(cfg)
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.tracker = SummaryWriter(os.path.join(cfg.output_dir, "runs"))
+            self.tracker.add_text("config", json.dumps(config, indent=1))
+        elif self.kind == "wandb":
+            import wandb
+            self.tracker = wandb.init(project="sgpo", dir=cfg.output_dir, config=config)
+        elif self.kind == "trackio":
+            import trackio
+            self.tracker = trackio.init(project="sgpo", config=config)
+
+    def __call__(self, record: dict):
+        if not self.master:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tracker is None:
+            return
+        sft = record.get("phase") == "sft"
+        step = record["sft_step"] if sft else record["step"]
+        values = {("sft/" if sft else "") + k: v for k, v in record.items()
+                  if isinstance(v, (int, float)) and k not in ("step", "sft_step", "phase")}
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.tracker.add_scalar(k, v, step)
+        else:
+            self.tracker.log({**values, "sft_step" if sft else "step": step})
+
+    def close(self):
+        if self.tracker is not None:
+            self.tracker.close() if self.kind == "tensorboard" else self.tracker.finish()
