@@ -212,6 +212,20 @@ def check_writable_dir(path: str, flag: str):
 
 
 # ---- sgpo.py's command line and data, checked before anything runs
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_tracker(kind: str) -> str:
+    """'' if --report_to names a known tracker whose package is installed, else the reason (the
+    package is imported only by the run that chose it)."""
+    import importlib.util
+    if kind not in TRACKERS:
+        return f"must be one of {', '.join(TRACKERS)}"
+    if TRACKERS[kind] and importlib.util.find_spec(TRACKERS[kind]) is None:
+        return f"the {TRACKERS[kind]} package is not installed (pip install {TRACKERS[kind]})"
+    return ""
+
+
 def check_train_config(cfg):
     """The values of sgpo.py's flags: UsageError('--flag: what it must be') for the first bad
     one."""
@@ -237,6 +251,7 @@ def check_train_config(cfg):
     for name in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps",
                  "generation_batch_size"):
         checks.append((getattr(cfg, name) >= 0, name, "must be >= 0"))
+    checks.append((not check_tracker(cfg.report_to), "report_to", check_tracker(cfg.report_to)))
     guided = cfg.guided_prompt_template
     checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
                ("{problem}" in guided and "{strategy}" in guided, "guided_prompt_template",

@@ -1,18 +1,18 @@
 """
 What a run reports, kept out of the method: each RL step's metrics (from what it sampled and
-trained on, reduced over ranks, with the time of each phase), and where they go: metrics.jsonl and,
-with --report_to, a live tracker (TensorBoard, Weights & Biases, trackio), rank 0 only.
+trained on, reduced over ranks, with the time of each phase), the held-out accuracy, and where they
+go: metrics.jsonl and, with --report_to, a live tracker (TensorBoard, Weights & Biases, trackio),
+rank 0 only.
 """
 import itertools
 import json
 import os
 
 import torch
+from tqdm import tqdm
 
-from runtime import prepare_output_dir
-
-TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-
+from engine import greedy_accuracy
+from runtime import full_weights, get_rank, prepare_output_dir, world_size
 
 def rollout_metrics(stats, batch, alpha, minibatches, cfg):
     """What the step sampled (batch: sgpo.Batch) and trained on (the update's mini-batches):
@@ -66,15 +66,21 @@ def step_metrics(stats, times, grad_norm, opt, cfg, device) -> dict:
     return metrics
 
 
-def check_tracker(kind: str) -> str:
-    """'' if --report_to names a known tracker whose package is installed, else the reason (the
-    package is imported only by the run that chose it)."""
-    import importlib.util
-    if kind not in TRACKERS:
-        return f"must be one of {', '.join(TRACKERS)}"
-    if TRACKERS[kind] and importlib.util.find_spec(TRACKERS[kind]) is None:
-        return f"the {TRACKERS[kind]} package is not installed (pip install {TRACKERS[kind]})"
-    return ""
+def held_out_accuracy(policy, problems, cfg, state, grade) -> dict:
+    """Greedy held-out accuracy (engine.greedy_accuracy, each rank its share), printed by rank 0
+    next to the one before RL (kept in state["eval_start"])."""
+    with full_weights(policy.wrapped):
+        result = greedy_accuracy(policy.lm, policy.tokenizer, problems, cfg, policy.device,
+                                 (get_rank(), world_size()), grade)
+    start = state["eval_start"] = state["eval_start"] or result
+    parts = []
+    for k, v in result.items():
+        before = f"{100 * start[k]:.1f}% -> " if state["step"] else ""
+        parts.append(f"{k[5:-4]} {before}{100 * v:.1f}%")
+    if get_rank() == 0:
+        tqdm.write(f"step {state['step']}, greedy accuracy on {len(problems)} problems of "
+                   f"{cfg.eval_data}: " + ", ".join(parts))
+    return result
 
 
 class RunLog:

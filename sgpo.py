@@ -19,16 +19,19 @@ Design choices:
 2. The loss needs full-vocabulary log-probs at every response position but never holds [B, T, V]
    logits: the LM head runs chunk by chunk with a hand-written gradient (chunked_head.py);
    `--chunked_head false` runs the plain formulas below instead.
-3. Every token's weight in the loss is global (over micro-batches and ranks): the gradient does
-   not depend on micro-batching or on the number of GPUs.
-4. pi_old is the trainer's own log-prob of each sampled token, stored on its row by the first of
-   the mu passes; the sampler's log-probs are only checked against it.
+3. Every token's weight in the loss is global (over micro-batches and ranks of its mini-batch):
+   the gradient does not depend on micro-batching or on the number of GPUs. The lockstep that
+   keeps ranks' forwards matched lives in runtime.lockstep.
+4. pi_old is the trainer's own log-prob of each sampled token, taken before the first optimizer
+   step of the rollout batch and kept on its row; the sampler's log-probs are only checked
+   against it. --steps_per_generation k splits a batch into k optimizer steps (veRL's mini-batches).
 5. fp32 master weights, forwards in --dtype under autocast: a bf16 weight would not move under an
    lr-1e-6 AdamW step.
 
-Reading order: Config; the pure loss functions; `micro_batch_loss` (the objective); `rl_step` (one
-step, phases 1-5); `train`. Plumbing: engine.py (the model, generation), runtime.py (ranks, FSDP,
-checkpoints), inputs.py (flags, data), reward.py (math-verify), chunked_head.py.
+Reading order: Config; the pure loss functions; `micro_batch_loss` and its three terms (the
+objective); one RL step's pieces, marked [n] with the method sheet's step n, and `rl_step`;
+`train`. Plumbing: engine.py (the model, generation), runtime.py (ranks, FSDP, checkpoints),
+metrics.py (what a run reports), inputs.py (flags, data), reward.py (math-verify), chunked_head.py.
 """
 import itertools
 import math
@@ -44,11 +47,11 @@ from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
 from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
-                    enable_activation_checkpointing, generate, greedy_accuracy, load_model,
+                    enable_activation_checkpointing, generate, load_model,
                     prompt_ids, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
-from metrics import RunLog, check_tracker, rollout_metrics, step_metrics
+from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
                      compute_dtype, full_weights, get_rank, lockstep, rank_batches,
                      resolve_resume, restore_checkpoint, save_checkpoint, setup_distributed,
@@ -108,9 +111,8 @@ class Config:
     """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache
     (docs/memory_and_speed.md); 0 = all in one."""
     generate_by_mode: bool = True
-    """One generate call per mode: a call runs until its longest sequence ends, and guided rollouts
-    (which write the working) often run longer. false: both modes in one call, faster where both
-    run to similar lengths and decoding is memory-bound (README "Real models")."""
+    """One generate call per mode (a call runs until its longest sequence ends; guided rollouts
+    often run longer); false: both in one call (README "Real models")."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -143,10 +145,8 @@ class Config:
     """Epochs over each rollout batch (GRPO's mu): mu x steps_per_generation optimizer steps per
     batch."""
     steps_per_generation: int = 1
-    """k: each rollout batch is split into k mini-batches of whole problems (a problem's GRPO
-    group and its KD target together), in a seeded order, one optimizer step each; pi_old is the
-    sampling policy for all of them. k > 1 lets the clipping and the trust region act (veRL's
-    ppo_mini_batch_size = global problems / k; README)."""
+    """k optimizer steps per rollout batch, each on 1/k of its problems (GRPO group and KD target
+    together); pi_old: the sampling policy. k > 1 lets the clip and trust region act (README)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (off while generating)."""
     chunked_head: bool = True
@@ -390,11 +390,10 @@ def per_token(rows, values):
 
 # ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
 def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=False):
-    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's forward, and
-    each row kind's term; every token's weight is normalised over the global mini-batch
-    (rl_step), so L = sft_term + grpo_term + kd_term summed over micro-batches and ranks is the
-    mini-batch's loss. pi_old_now: the policy is still pi_old (the update's first forward of these
-    rows): its log-probs are kept as pi_old. rows == []: a rank that has run out of rows
+    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's, and each row
+    kind's term; token weights are normalised over the global mini-batch, so summed over
+    micro-batches and ranks this is the mini-batch's L. pi_old_now: the policy is still pi_old
+    (the update's first forward of these rows): keep its log-probs. rows == []: a rank out of rows
     (runtime.lockstep): zero loss, same forwards."""
     pad = policy.tokenizer.pad_token_id
     pairs = [(r.prompt, r.response) for r in rows] or [([pad], [pad])]
@@ -524,8 +523,7 @@ class Batch:
     """Token ids of each problem's strategy-guided prompt."""
     rollouts: list = None
     """[B][G1 + G2] engine.generate's dicts (ids, truncated, sampler_logps), autonomous first."""
-    rewards: torch.Tensor = None
-    """[B, G1 + G2] binary rewards."""
+    rewards: torch.Tensor = None  # [B, G1 + G2] binary
 
 
 def sample(policy, prompts, cfg: Config):
@@ -567,8 +565,7 @@ def grade_rollouts(batch: Batch, tokenizer, grade) -> torch.Tensor:
 
 def make_grpo_rows(batch: Batch, cfg: Config) -> list:
     """[2] Per problem, its autonomous rollouts as GRPORows with group-normalised advantages
-    (weights: split_by_problem); none without --use_grpo, truncated ones dropped under
-    --mask_truncated_completions."""
+    (weights: split_by_problem)."""
     g1 = cfg.num_generations
     advantages = grpo_advantages(batch.rewards[:, :g1])  # [B, G1]
     rows = [[] for _ in batch.problems]
@@ -590,12 +587,10 @@ def pass_rates(batch: Batch, cfg: Config):
 
 
 def update_alpha_table(alpha, batch: Batch, cfg: Config):
-    """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps. Every
-    rank applies every rank's updates in the same order: the tables stay identical. (R) Before the
-    KD weight reads it: this visit's gap acts on this visit ("strengthen guidance when autonomous
-    exploration falls short"), so a first visit weighs alpha_0 +- gamma; read before the update,
-    a problem seen once (the toy: 1,280 of 2,000 problems in 80 steps) would always weigh alpha_0,
-    and adaptive alpha would be the fixed-alpha row there."""
+    """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps (every
+    rank applies all updates in the same order). (R) Before the KD weight reads it: this visit's
+    gap acts on this visit; read after, a problem seen once (the toy: 1,280 of 2,000 in 80 steps)
+    would always weigh alpha_0, and adaptive alpha would be the fixed-alpha row there."""
     p_guided, p_auto = pass_rates(batch, cfg)
     mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(batch.problems, p_guided, p_auto)]
     for updates in all_gather_objects(mine):
@@ -627,9 +622,8 @@ def mean_logps(policy, pairs, cfg: Config) -> list:
 
 def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
     """[3] Per problem, its KD target (or None): the correct guided rollout most likely under the
-    UNGUIDED prompt (a random correct one without --target_selection), [4] as a KDRow (student:
-    the autonomous prompt; teacher: the guided one) weighing alpha(q) / (|target| x problems of
-    its mini-batch over all ranks): mean_q alpha(q) L_KD(q)."""
+    UNGUIDED prompt, [4] as a KDRow weighing alpha(q) / (|target| x problems of its mini-batch
+    over all ranks): mean_q alpha(q) L_KD(q)."""
     g1, g2, n = cfg.num_generations, cfg.num_guided_generations, len(batch.problems)
     rows, n_problems = [None] * n, n * world_size() // cfg.steps_per_generation
     if not (cfg.use_kd and g2):
@@ -762,8 +756,6 @@ def setup(argv):
     checkpoint to resume, the process group, the model. Raises UsageError (one line, exit 2).
     Returns the config, (problems, SFT problems, held-out problems), resume and the policy."""
     cfg = parse_args(argv)
-    if check_tracker(cfg.report_to):
-        raise UsageError(f"--report_to {cfg.report_to}: {check_tracker(cfg.report_to)}")
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
         lambda tokenizer: len(turn_end_ids(tokenizer)))
@@ -782,23 +774,6 @@ def setup(argv):
         enable_activation_checkpointing(lm)
     policy = Policy.of(lm, tokenizer, device, lambda backbone: wrap(backbone, cfg, ddp, device))
     return cfg, (problems, sft_problems, eval_problems), resume, policy
-
-
-def evaluate(policy, problems, cfg: Config, state, grade) -> dict:
-    """Greedy held-out accuracy (engine.greedy_accuracy, each rank its share), printed by rank 0
-    next to the one before RL (kept in state["eval_start"])."""
-    with full_weights(policy.wrapped):
-        result = greedy_accuracy(policy.lm, policy.tokenizer, problems, cfg, policy.device,
-                                 (get_rank(), world_size()), grade)
-    start = state["eval_start"] = state["eval_start"] or result
-    parts = []
-    for k, v in result.items():
-        before = f"{100 * start[k]:.1f}% -> " if state["step"] else ""
-        parts.append(f"{k[5:-4]} {before}{100 * v:.1f}%")
-    if get_rank() == 0:
-        tqdm.write(f"step {state['step']}, greedy accuracy on {len(problems)} problems of "
-                   f"{cfg.eval_data}: " + ", ".join(parts))
-    return result
 
 
 def train(cfg: Config, data, resume, policy):
@@ -831,7 +806,7 @@ def train(cfg: Config, data, resume, policy):
         state["sft_done"] = True
     # before RL (after the warm-up, if any)
     if eval_problems and state["step"] == 0 and not state["eval_start"]:
-        log({"step": 0, **evaluate(policy, eval_problems, cfg, state, grade)})
+        log({"step": 0, **held_out_accuracy(policy, eval_problems, cfg, state, grade)})
     # checkpoint-0: the warm model, and its evaluation (not repeated on a resume from it)
     if warming_up:
         save_checkpoint(cfg, policy, *opt, state)
@@ -848,7 +823,7 @@ def train(cfg: Config, data, resume, policy):
             state["step"] = step = state["step"] + 1
             if eval_problems and ((cfg.eval_steps and step % cfg.eval_steps == 0)
                                   or step == cfg.max_steps):
-                metrics.update(evaluate(policy, eval_problems, cfg, state, grade))
+                metrics.update(held_out_accuracy(policy, eval_problems, cfg, state, grade))
             log({"step": step, "epoch": state["epoch"], **metrics})
             bar.update(1)
             bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}",

@@ -310,6 +310,8 @@ def test_paper_args_file():
     )
     # what fits 7B on 80 GB (docs/memory_and_speed.md)
     assert (cfg.fsdp, cfg.generation_batch_size, cfg.dtype) == (True, 64, "auto")
+    # veRL's mini-batches: 4 optimizer steps per rollout batch of 16 problems a rank
+    assert (cfg.steps_per_generation, cfg.batch_size % cfg.steps_per_generation) == (4, 0)
     # paper.args never falls back on the toy's data
     with pytest.raises(inputs.UsageError, match="--data: required"):
         sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m"])

@@ -71,5 +71,5 @@ def test_missing_or_unknown_tracker_is_one_line(kind, message, data_file, tmp_pa
     out = tmp_path / "out"
     assert sgpo.main(["--data", str(data_file), "--output_dir", str(out),
                       "--report_to", kind]) == 2
-    assert capsys.readouterr().err == f"error: --report_to {kind}: {message}\n"
+    assert capsys.readouterr().err == f"error: --report_to: {message}\n"
     assert not out.exists()
