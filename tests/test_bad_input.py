@@ -104,6 +104,12 @@ SURROGATE = lambda rows: rows[0].update(problem="a \ud800")  # noqa: E731  (vali
 # nothing.
 CASES = [
     (
+        "sgpo.py", "a batch that does not split into `--steps_per_generation` mini-batches",
+        lambda c: _sgpo(c, "--batch_size", 6, "--steps_per_generation", 4),
+        "error: --steps_per_generation: 4 mini-batches do not divide the global batch of 6 x 1 "
+        "problems into 4 x 1 equal parts (--batch_size must be a multiple of 4)"
+    ),
+    (
         "sgpo.py", "a problem holding a lone UTF-16 surrogate",
         lambda c: _sgpo(c, data=_data(c["tmp"], SURROGATE)),
         "error: TMP/d.jsonl:1: problem: holds a lone UTF-16 surrogate (not text)"
