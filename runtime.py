@@ -172,6 +172,13 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def number(x) -> float:
+    """float(x); 0.0 for a fake tensor (tests/memory_plan.py --simulate runs the step on tensors
+    without data: what they would hold is not needed there)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return 0.0 if isinstance(x, torch.Tensor) and is_fake(x) else float(x)
+
+
 class Stats:
     """Metrics reduced over ranks at log time: a mean (sum / count), a global sum (count 0) or a
     maximum."""
@@ -180,12 +187,12 @@ class Stats:
         self.sums, self.counts, self.maxes = {}, {}, {}
 
     def add(self, name, value, count=1):
-        value = float(value.sum()) if isinstance(value, torch.Tensor) else float(value)
+        value = number(value.sum()) if isinstance(value, torch.Tensor) else float(value)
         self.sums[name] = self.sums.get(name, 0.0) + value
         self.counts[name] = self.counts.get(name, 0.0) + count
 
     def max(self, name, value):
-        self.maxes[name] = max(self.maxes.get(name, -math.inf), float(value))
+        self.maxes[name] = max(self.maxes.get(name, -math.inf), number(value))
 
     def merge(self, other):
         """Adds other's sums and counts to this one's, and takes the larger maxima."""

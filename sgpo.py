@@ -53,7 +53,7 @@ from inputs import UsageError, check_train_config, config_from_args, load_train_
 from reward import Grader, default_workers
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
-                     compute_dtype, full_weights, get_rank, lockstep, rank_batches,
+                     compute_dtype, full_weights, get_rank, lockstep, number, rank_batches,
                      resolve_resume, restore_checkpoint, save_checkpoint, setup_distributed,
                      world_size, wrap)
 
@@ -398,7 +398,14 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=Fals
     pad = policy.tokenizer.pad_token_id
     pairs = [(r.prompt, r.response) for r in rows] or [([pad], [pad])]
     hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
-    is_kd = per_token(rows, [isinstance(r, KDRow) for r in rows]).to(policy.device)  # [M]
+    # positions of the KD rows' tokens and of the others' among the M (index lists, not a boolean
+    # mask: their sizes are known without reading data, so fake tensors can run this too)
+    kd_at, own_at = [], []
+    for r in rows:
+        start = len(kd_at) + len(own_at)
+        (kd_at if isinstance(r, KDRow) else own_at).extend(range(start, start + len(r.response)))
+    kd_at, own_at = (torch.tensor(at, dtype=torch.long, device=policy.device)
+                     for at in (kd_at, own_at))
     kd = [r for r in rows if isinstance(r, KDRow)]
     # The teacher: the same weights on the guided prompt + target, no gradient. One forward per
     # micro-batch, KD rows or not: under FSDP every forward is a collective.
@@ -409,7 +416,7 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=Fals
         # through every parameter: DDP's reduction waits for all of them
         return policy.head(hidden).float().sum() * 0.0
     loss = hidden.new_zeros((), dtype=torch.float32)
-    own = (hidden[~is_kd], targets[~is_kd])
+    own = (hidden[own_at], targets[own_at])
     sft = [r for r in rows if type(r) is Row]
     if sft:
         loss = loss + sft_term(policy, sft, own, cfg, stats)
@@ -417,7 +424,7 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=Fals
     if grpo:
         loss = loss + grpo_term(policy, grpo, own, cfg, stats, ref, pi_old_now)
     if kd:
-        student = (hidden[is_kd], targets[is_kd], t_hidden)
+        student = (hidden[kd_at], targets[kd_at], t_hidden)
         loss = loss + kd_term(policy, kd, student, cfg, stats, pi_old_now)
     return loss
 
@@ -509,7 +516,7 @@ def optimizer_step(lm, opt, cfg: Config):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # FSDP: a DTensor
-    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    return number(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
 
 # ==== One RL step: the pieces, in the order rl_step calls them ([n]: the method sheet's step n).
