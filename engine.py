@@ -223,9 +223,8 @@ def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct], device=device)
     rows = torch.tensor([distinct[tuple(p)] for p in batch], device=device)  # [N]: its prompt's row
     was_training = model.training
-    # transformers >= 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated)
     accepted = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    cache_arg = cache_kwarg(model)
     # prefill each distinct prompt once, all but its last token (generate runs that one), then
     # copy its KV cache to the rows that share it; its logits are not used: keep one
     prefill = len(distinct) < len(batch) and width > 1
@@ -246,6 +245,12 @@ def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     finally:
         model.train(was_training)
     return out[:, width:]
+
+
+def cache_kwarg(model) -> str:
+    """The name of the forward's KV cache argument: transformers >= 5.24 names it `cache`
+    (`past_key_values` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _kv_cache(model, device, always=False):

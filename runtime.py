@@ -78,11 +78,12 @@ def wrap(backbone, cfg, ddp: bool, device):
     return backbone
 
 
-def shard_fsdp(backbone, param_dtype, device):
+def shard_fsdp(backbone, param_dtype, device, materialize=None):
     """FSDP2: every decoder layer is one unit, the Backbone (embeddings, final norm, LM head) the
     root. (fully_shard on the HF model itself fails: Backbone calls get_decoder(), bypassing that
     root's hooks.) Shards stay fp32; forwards all-gather them in the compute dtype and gradients are
-    reduce-scattered in fp32."""
+    reduce-scattered in fp32. materialize(backbone): gives a model built on the meta device its
+    storage once sharded (tests/memory_plan.py --simulate: fake tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -90,6 +91,8 @@ def shard_fsdp(backbone, param_dtype, device):
     for layer in backbone.lm.get_decoder().layers:
         fully_shard(layer, **kw)
     fully_shard(backbone, **kw)
+    if materialize:
+        materialize(backbone)
     # FSDP makes the first module to run forward the root: the Backbone, not a layer
     with torch.no_grad():
         backbone(*torch.ones((2, 1, 1), dtype=torch.long, device=device))  # ids, mask [1, 1]

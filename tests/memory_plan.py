@@ -1,8 +1,12 @@
 """Per-GPU memory of a run, from a model's config (no download: parameters counted on the meta
-device).
+device): an arithmetic table, and a simulation of the project's own step (tests/simulate.py).
 
     python tests/memory_plan.py       # Qwen2.5-1.5B and 7B under paper.args, 8 GPUs
     python tests/memory_plan.py --config path/to/config.json --world 4 --generation_batch_size 32
+    python tests/memory_plan.py --simulate    # 7B, paper.args, FSDP x 8: one step, fake tensors
+    python tests/memory_plan.py --simulate --config Qwen2.5-1.5B-Instruct -- --fsdp false
+    python tests/memory_plan.py --simulate --config out/smollm2/config.json --flags my.args \
+        --world 2 -- --micro_batch_size 4   # any HF config; sgpo.py flags after --
 
 Arithmetic (bytes): fp32 master weights 4/param, fp32 gradients 4, AdamW moments 8 (DDP: all on
 every GPU; FSDP: divided by the world size); bf16 compute copy of the weights 2/param (DDP:
@@ -15,6 +19,8 @@ x 2.
 """
 
 import argparse
+import json
+import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -74,8 +80,80 @@ def plan(config, args) -> dict:
     return out
 
 
+# What the time estimate assumes: 8 x H100 SXM 80 GB
+PEAK_BF16 = 989e12  # dense bf16 FLOP/s
+HBM = 3.35e12  # bytes/s
+MFU = 0.4  # utilisation of the forward/backward passes (scoring, update, prefill)
+
+
+def simulated(args, flags) -> dict:
+    """One RL step of sgpo.py simulated (tests/simulate.py) for args.config under args.flags and
+    the sgpo.py flags after --, on rank 0 of a fake process group of args.world ranks; printed per
+    phase, with FLOPs and a time estimate; returns the JSON line's fields."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sgpo
+    from tests.simulate import fake_world, simulate
+    name = args.config or "Qwen2.5-7B-Instruct"
+    config = (AutoConfig.for_model(**CONFIGS[name]) if name in CONFIGS
+              else AutoConfig.from_pretrained(name))
+    with fake_world(args.world):
+        cfg = sgpo.parse_args([f"@{args.flags}", "--model", "m", "--data", "d", *flags])
+        # the GPU run's "auto"
+        cfg.dtype = "bf16" if cfg.dtype == "auto" else cfg.dtype
+        out = simulate(config, cfg, args.prompt_tokens)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    mode = f"FSDP x{args.world}" if cfg.fsdp else f"DDP x{args.world}"
+    print(f"{name} ({n / 1e9:.2f}B parameters), {mode}, {args.flags} {' '.join(flags)}: "
+          f"one step on rank 0, simulated")
+    print("| phase | peak GB | resident (parameters / gradients / AdamW) GB | what else is "
+          "alive at the peak, GB |\n|---|---|---|---|")
+    for phase in ("generation", "scoring", "update"):
+        r = out[phase]
+        res = " / ".join(f"{v / GB:.1f}" for v in r["resident"].values())
+        rest = ", ".join(f"{k} {v / GB:.1f}" for k, v in r["at_peak"].items())
+        print(f"| {phase} | **{r['peak'] / GB:.1f}** | {res} | {rest} |")
+    print(f"KV cache of a generate call at its final length: {out['kv_cache'] / GB:.1f} GB; "
+          f"gradients {out['gradients'] / GB:.1f} GB, AdamW state "
+          f"{out['resident']['optimizer_state'] / GB:.1f} GB")
+    times = step_time(out, cfg, n, args.prompt_tokens)
+    print(f"time of one step on 8 x H100 (estimate: bf16 {PEAK_BF16 / 1e12:.0f} TFLOP/s at "
+          f"{MFU:.0%} for the passes, decoding bound by reading the bf16 weights and the KV cache "
+          f"at {HBM / 1e12:.2f} TB/s, every response at max_completion_length): "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f"; {cfg.max_steps} steps: {sum(times.values()) * cfg.max_steps / 3600:.0f} h "
+          "(the paper: ~17 h for 7B on 32 GPUs, its lengths unpublished)")
+    return dict(model=name, world=args.world, fsdp=cfg.fsdp,
+                peak_gb=round(max(out[p]["peak"] for p in times) / GB, 2),
+                **{f"{p}_gb": round(out[p]["peak"] / GB, 2) for p in times},
+                **{f"{p}_tflop": round(out[p]["flops"] / 1e12, 1) for p in times},
+                step_s=round(sum(times.values())))
+
+
+def step_time(out, cfg, n: int, prompt_tokens: int) -> dict:
+    """Seconds per phase of one step, from the simulated FLOPs, scaled to the step's counts: the
+    generate calls (prefill at MFU, max_completion_length decode steps each reading the weights
+    and the KV cache at half its final length), the scoring micro-batches (G2 candidates a
+    problem at most), the update's micro-batches (G1 + 1 rows a problem, mu epochs)."""
+    rollouts = cfg.batch_size * (cfg.num_generations + cfg.num_guided_generations)
+    calls = -(-rollouts // (cfg.generation_batch_size or rollouts))
+    decode = (2 * n + out["kv_cache"] / 2) / HBM * cfg.max_completion_length
+    passes = out["generation"]["flops"] / (PEAK_BF16 * MFU)
+    scoring = -(-cfg.batch_size * cfg.num_guided_generations // cfg.micro_batch_size)
+    update = -(-cfg.batch_size * (cfg.num_generations + 1) // cfg.micro_batch_size)
+    return dict(
+        generation=calls * (decode + passes),
+        scoring=scoring * out["scoring"]["flops"] / (PEAK_BF16 * MFU),
+        update=cfg.num_iterations * update / 2 * out["update"]["flops"] / (PEAK_BF16 * MFU))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--simulate", action="store_true",
+                   help="run one step of the project's code on fake tensors (tests/simulate.py)")
+    p.add_argument("--flags", default="paper.args", help="--simulate: sgpo.py's flags file")
     p.add_argument("--config", help="a config.json (default: the two Qwen2.5 models)")
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=16, help="problems per GPU per step")
@@ -87,7 +165,12 @@ def main():
     p.add_argument("--max_completion_length", type=int, default=8192)
     p.add_argument("--micro_batch_size", type=int, default=2)
     p.add_argument("--kd_chunk_size", type=int, default=256)
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.simulate:
+        print(json.dumps(simulated(args, flags)))
+        return
     configs = (
         {args.config: AutoConfig.from_pretrained(args.config)}
         if args.config

@@ -1,0 +1,278 @@
+"""
+One RL step of sgpo.py at a model's full size, simulated on a CPU: rank 0 of a fake process group
+of any world size, every tensor a fake one (a shape, a dtype, no storage), the project's own code
+for each phase, and the bytes it holds measured as it runs (`python tests/memory_plan.py
+--simulate`; tests/test_simulate.py checks the measurement against real tensors at a tiny size).
+
+What stands in for what:
+- the weights: the config's model built on the meta device, given fake storage, wrapped by the
+  project's runtime.wrap (FSDP2 sharded as runtime.shard_fsdp shards it, or DDP), activation
+  checkpointing as the flags say; the compute dtype is bf16 (the GPU run's "auto");
+- generation: engine.generate's own stopping check reads data, which fake tensors refuse. The
+  phase runs what its peak holds: the weights as full_weights gathers them, the prompts' prefill
+  into the engine's KV cache (engine._kv_cache: keys and values in the compute dtype),
+  generation_batch_size sequences; the cache grown to its final length (prompt +
+  max_completion_length) by appending keys and values, as the decode steps append them; then one
+  decode step: its [B, 1, V] logits, the sampler's log-softmax and the draw;
+- target scoring: sgpo.response_logps on micro-batches of the longest pairs;
+- the update: sgpo.accumulate_gradients on micro_batch_size GRPO and KD rows of the longest length
+  (prompt + max_completion_length; the teacher's forward included), then sgpo.optimizer_step
+  (AdamW's state created). Two micro-batches: the second one meets the first one's gradients.
+Bytes: every tensor created while a phase runs, alive or freed (LiveBytes), on top of what was
+already resident (the parameters' storage, gradients, optimizer state, measured). The CUDA caching
+allocator's rounding and fragmentation are not modelled: docs/memory_and_speed.md states a margin.
+"""
+
+import os
+import sys
+import weakref
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._pytree import tree_flatten
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import engine  # noqa: E402
+import runtime  # noqa: E402
+import sgpo  # noqa: E402
+
+GB = 1e9
+DDP_BUCKETS = "DDP gradient buckets (closed form: 4 bytes a parameter)"
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors created while it is active (DTensors counted by their local shards) and
+    still alive: `now`, `peak`, and at the peak the bytes per label (the label current when each
+    live tensor was made)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now, self.peak, self.label = 0, 0, ""
+        self.live, self.by_label, self.at_peak = {}, {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t is DTensor for t in types):
+            return NotImplemented  # let DTensor run its local ops, which this sees
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
+                self._track(t)
+        return out
+
+    def _track(self, t):
+        """A storage counts once, however many tensors (views, detached aliases) share it, until
+        the last of them dies."""
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), self.label, 0]
+            self.now += storage.nbytes()
+            self.by_label[self.label] = self.by_label.get(self.label, 0) + storage.nbytes()
+            if self.now > self.peak:
+                self.peak, self.at_peak = self.now, dict(self.by_label)
+        self.live[key][2] += 1
+        weakref.finalize(t, self._free, key)
+
+    def _free(self, key):
+        entry = self.live[key]
+        entry[2] -= 1
+        if entry[2] == 0:
+            n, label, _ = self.live.pop(key)
+            self.now -= n
+            self.by_label[label] -= n
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of tensors' elements (a DTensor: its local shard; FSDP's shards are views into
+    larger buffers, which the phases' LiveBytes count)."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def resident(policy, optimizer) -> dict:
+    """The bytes that live across phases: parameters, gradients, AdamW state."""
+    params = list(policy.lm.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return dict(parameters=tensor_bytes(params),
+                gradients=tensor_bytes(p.grad for p in params if p.grad is not None),
+                optimizer_state=tensor_bytes(s for s in state if s.dim() > 0))
+
+
+@contextmanager
+def fake_world(world: int):
+    """A fake process group of `world` ranks, this process rank 0: collectives return at once."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    os.environ["WORLD_SIZE"], os.environ["RANK"] = str(world), "0"
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        del os.environ["WORLD_SIZE"], os.environ["RANK"]
+
+
+def build_policy(config, cfg, tokenizer, mode):
+    """The model of `config` as sgpo.py trains it: fp32 weights (with a FakeTensorMode: built on
+    meta and given fake storage once sharded; else real random ones), activation checkpointing per
+    the flags, wrapped by runtime.wrap over the process group (outside the fake mode: a device
+    mesh cannot be built inside it)."""
+    fake = mode is not None
+    from transformers import AutoModelForCausalLM
+    device = torch.device("cpu")
+    with torch.device("meta" if fake else "cpu"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    if cfg.gradient_checkpointing:
+        engine.enable_activation_checkpointing(lm)
+
+    def materialize(module):
+        if fake:
+            with mode:
+                give_storage(module, device)
+
+    def wrap(backbone):
+        if cfg.fsdp:
+            return runtime.shard_fsdp(backbone, runtime.compute_dtype(cfg.dtype), device,
+                                      materialize)
+        materialize(backbone)
+        # DDP's reducer reads its parameters' data when built, which fake tensors lack: the
+        # backbone runs bare, and the reducer's gradient buckets (an fp32 copy of the gradients)
+        # are added to the update (DDP_BUCKETS)
+        return runtime.wrap(backbone, cfg, dist.is_initialized() and not fake, device)
+
+    return sgpo.Policy.of(lm, tokenizer, device, wrap)
+
+
+def give_storage(module, device):
+    """Every meta parameter and buffer of module given (here: fake) storage on device. Sharded by
+    FSDP: module.to_empty. Else each replaced, tied ones kept tied (to_empty would swap them in
+    place, which fails on an unsharded HF model under fake mode)."""
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        module.to_empty(device=device)
+        return
+    new = {}
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if id(p) not in new:
+                new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device),
+                                                p.requires_grad)
+            setattr(sub, name, new[id(p)])
+        for name, b in list(sub.named_buffers(recurse=False)):
+            sub.register_buffer(name, torch.empty_like(b, device=device))
+
+
+def longest_rows(cfg, prompt_tokens: int, token: int):
+    """micro_batch_size x 2 rows of the longest length: GRPO and KD rows alternating (KD rows with
+    a guided prompt as long), pi_old stored as the first pass stores it."""
+    n = cfg.max_completion_length
+    rows = []
+    for i in range(2 * cfg.micro_batch_size):
+        prompt, response = [token] * prompt_tokens, [token] * n
+        if i % 2:
+            rows.append(sgpo.KDRow(prompt, response, 1.0, teacher_prompt=[token] * prompt_tokens))
+        else:
+            rows.append(sgpo.GRPORow(prompt, response, 1.0, advantage=1.0,
+                                     sampler_logps=torch.zeros(n)))
+    return rows
+
+
+def generation_phase(policy, cfg, prompt_tokens: int, tracker):
+    """Generation's peak: gathered weights, the prompts' prefill into the engine's KV cache, the
+    cache grown to its final length, one decode step (logits, log-softmax, draw)."""
+    lm, dev = policy.lm, policy.device
+    batch = cfg.generation_batch_size or cfg.batch_size * (cfg.num_generations
+                                                           + cfg.num_guided_generations)
+    with torch.no_grad(), runtime.full_weights(policy.wrapped), runtime.autocast(cfg.dtype, dev):
+        tracker.label = "prompts' prefill"
+        cache = engine._kv_cache(lm, dev, always=True)
+        ids = torch.ones((batch, prompt_tokens), dtype=torch.long, device=dev)
+        lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+           **{engine.cache_kwarg(lm): cache})
+        tracker.label = "KV cache"
+        kv, head_dim = lm.config.num_key_value_heads, lm.config.hidden_size // \
+            lm.config.num_attention_heads
+        head_dim = getattr(lm.config, "head_dim", None) or head_dim
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
+            else torch.float32
+        for layer in range(lm.config.num_hidden_layers):
+            new = torch.ones((batch, kv, cfg.max_completion_length - 1, head_dim), dtype=dtype)
+            cache.update(new, new.clone(), layer)
+        tracker.label = "decode step"
+        mask = torch.ones((batch, prompt_tokens + cfg.max_completion_length), dtype=torch.long)
+        logits = lm(input_ids=ids[:, :1], attention_mask=mask, use_cache=True,
+                    **{engine.cache_kwarg(lm): cache}).logits
+        log_p = (logits[:, -1].float() / cfg.temperature).log_softmax(-1)
+        torch.multinomial(log_p.exp(), 1)
+        return tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
+def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
+    """One step's phases under the current process group (fake_world, or none: one process).
+    Returns per phase its peak bytes and, at that peak, the bytes per label on top of the resident
+    parameters / gradients / AdamW state; and those resident bytes."""
+    from toy.tiny import build_tokenizer
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    tokenizer = build_tokenizer()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    out = {}
+    policy = build_policy(config, cfg, tokenizer, mode)
+    with mode or _nothing():
+        opt = sgpo.make_optimizer(policy.lm, cfg.learning_rate, cfg)
+        phases = [
+            ("generation", lambda t: out.update(kv_cache=generation_phase(
+                policy, cfg, prompt_tokens, t))),
+            ("scoring", lambda t: scoring_phase(policy, cfg, prompt_tokens, t)),
+            ("update", lambda t: update_phase(policy, opt, cfg, prompt_tokens, t, out)),
+        ]
+        for name, run in phases:
+            start = resident(policy, opt[0])
+            tracker = LiveBytes()
+            with tracker:
+                run(tracker)
+            out[name] = dict(peak=sum(start.values()) + tracker.peak, resident=start,
+                             at_peak={k: v for k, v in tracker.at_peak.items() if v})
+        # FLOPs in a second pass: the counter keeps tensors alive that the first pass must not see
+        for name, run in phases:
+            flops = FlopCounterMode(display=False)
+            with flops:
+                run(LiveBytes())
+            out[name]["flops"] = flops.get_total_flops()
+        if fake and not cfg.fsdp and dist.is_initialized():
+            out["update"]["at_peak"][DDP_BUCKETS] = out["gradients"]
+            out["update"]["peak"] += out["gradients"]
+        out["resident"] = resident(policy, opt[0])
+    return out
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def scoring_phase(policy, cfg, prompt_tokens: int, tracker):
+    """Target selection's scoring: sgpo.response_logps over a micro-batch of the longest pairs,
+    under the gathered weights."""
+    pairs = [([1] * prompt_tokens, [1] * cfg.max_completion_length)] * cfg.micro_batch_size
+    tracker.label = "scoring forward"
+    with runtime.full_weights(policy.wrapped), runtime.autocast(cfg.dtype, policy.device):
+        sgpo.response_logps(policy, pairs, cfg)
+
+
+def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
+    """Two micro-batches of the longest rows through sgpo.accumulate_gradients, then
+    sgpo.optimizer_step."""
+    policy.wrapped.train()
+    tracker.label = "forward and backward"
+    sgpo.accumulate_gradients(policy, longest_rows(cfg, prompt_tokens, 1), cfg, runtime.Stats(),
+                              None, True)
+    out["gradients"] = tensor_bytes(p.grad for p in policy.lm.parameters() if p.grad is not None)
+    tracker.label = "optimizer step"
+    sgpo.optimizer_step(policy.lm, opt, cfg)

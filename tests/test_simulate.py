@@ -1,0 +1,74 @@
+"""The full-size simulation (tests/simulate.py, `tests/memory_plan.py --simulate`) sees what the
+code allocates: at the toy's size, fake tensors give the peaks that real tensors give, phase by
+phase; the resident categories equal their closed forms; world sizes 1 and 2, FSDP and DDP."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import sgpo
+from tests.conftest import ROOT
+from tests.simulate import fake_world, simulate
+
+CONFIG = ROOT / "toy" / "cups_data" / "model"
+
+
+def _cfg(**kw):
+    return sgpo.Config(max_completion_length=40, micro_batch_size=2, generation_batch_size=8,
+                       gradient_checkpointing=True, **kw)
+
+
+def test_fake_tensors_give_the_real_peaks():
+    """One process, the toy's model: each phase's peak on fake tensors within 2 % of the same
+    measurement on real ones."""
+    config = AutoConfig.from_pretrained(CONFIG)
+    real = simulate(config, _cfg(), prompt_tokens=30, fake=False)
+    fake = simulate(config, _cfg(), prompt_tokens=30, fake=True)
+    for phase in ("generation", "scoring", "update"):
+        assert fake[phase]["peak"] == pytest.approx(real[phase]["peak"], rel=0.02), phase
+        assert fake[phase]["flops"] == real[phase]["flops"] > 0, phase
+    assert fake["kv_cache"] == real["kv_cache"] > 0
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_resident_bytes_are_the_closed_forms(fsdp):
+    """World 2, fake process group: parameters 4 bytes each, gradients 4, AdamW 8, all on every
+    rank under DDP (plus its gradient buckets, 4), rank 0's shard of each under FSDP (FSDP2 gives
+    rank 0 ceil(rows / 2) rows of every parameter)."""
+    config = AutoConfig.from_pretrained(CONFIG)
+    with torch.device("meta"):
+        shapes = [p.shape for p in AutoModelForCausalLM.from_config(config).parameters()]
+    n = sum(math.prod(s) for s in shapes)
+    shard = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) for s in shapes)
+    mine = shard if fsdp else n
+    with fake_world(2):
+        out = simulate(config, _cfg(fsdp=fsdp), prompt_tokens=30)
+    assert out["resident"]["parameters"] == 4 * mine
+    assert out["gradients"] == 4 * mine
+    assert out["resident"]["optimizer_state"] == 8 * mine
+    # the update's peak holds at least the parameters, gradients and AdamW state
+    assert out["update"]["peak"] >= 16 * mine
+    if not fsdp:
+        assert sum(v for k, v in out["update"]["at_peak"].items() if "DDP" in k) == 4 * n
+
+
+def test_memory_plan_simulate_prints_phases_and_a_json_line(capsys, monkeypatch):
+    """`python tests/memory_plan.py --simulate --config ... --world 2 -- <sgpo flags>`: the phase
+    table and a last JSON line with the model, world, fsdp, the step's peak and each phase's."""
+    from tests import memory_plan
+
+    monkeypatch.setattr(sys, "argv", ["memory_plan.py", "--simulate", "--config", str(CONFIG),
+                                      "--world", "2", "--prompt_tokens", "30", "--",
+                                      "--max_completion_length", "40"])
+    memory_plan.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert {"model", "world", "fsdp", "peak_gb", "generation_gb", "scoring_gb",
+            "update_gb"} <= set(result)
+    assert (result["world"], result["fsdp"]) == (2, True)
+    assert result["peak_gb"] == max(result[f"{p}_gb"] for p in ("generation", "scoring", "update"))
+    assert any(line.startswith("| update | **") for line in lines)
