@@ -46,45 +46,76 @@ DDP_BUCKETS = "DDP gradient buckets (closed form: 4 bytes a parameter)"
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors created while it is active (DTensors counted by their local shards) and
-    still alive: `now`, `peak`, and at the peak the bytes per label (the label current when each
-    live tensor was made)."""
+    """Bytes of the storages made while it is active and still alive (DTensors counted by their
+    local shards): `now`, `peak`, and at the peak the bytes per label (the label current when
+    each was made). An op's output that shares an input's storage (a view, an in-place op) is not
+    new; a storage resized while active (FSDP2 gathers a unit's weights into storage it resizes
+    from 0, and frees them by resizing back) counts by its size."""
 
     def __init__(self):
         super().__init__()
         self.now, self.peak, self.label = 0, 0, ""
         self.live, self.by_label, self.at_peak = {}, {}, {}
 
+    def __enter__(self):
+        self._resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize(storage, size):
+            before = storage.nbytes()
+            result = tracker._resize(storage, size)
+            tracker._grow(storage._cdata, storage.nbytes() - before)
+            return result
+
+        torch.UntypedStorage.resize_ = resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t is DTensor for t in types):
             return NotImplemented  # let DTensor run its local ops, which this sees
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and not isinstance(t, DTensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not isinstance(t, DTensor):
-                self._track(t)
+                if t.untyped_storage()._cdata not in inputs:
+                    self._track(t)
         return out
 
     def _track(self, t):
-        """A storage counts once, however many tensors (views, detached aliases) share it, until
-        the last of them dies."""
-        storage = t.untyped_storage()
-        key = storage._cdata
+        """A storage counts once, however many tensors share it, until the last of them dies."""
+        key = t.untyped_storage()._cdata
         if key not in self.live:
-            self.live[key] = [storage.nbytes(), self.label, 0]
-            self.now += storage.nbytes()
-            self.by_label[self.label] = self.by_label.get(self.label, 0) + storage.nbytes()
-            if self.now > self.peak:
-                self.peak, self.at_peak = self.now, dict(self.by_label)
+            self.live[key] = [0, self.label, 0]
+            self._grow(key, t.untyped_storage().nbytes())
         self.live[key][2] += 1
         weakref.finalize(t, self._free, key)
+
+    def _grow(self, key, n):
+        if key not in self.live:
+            if n <= 0:
+                return  # a storage made before and shrunk (fake tensors' own bookkeeping)
+            # made before, grown now (FSDP2's gathered weights): counted until shrunk to 0
+            self.live[key] = [0, self.label, None]
+        entry = self.live[key]
+        entry[0] += n
+        self.now += n
+        self.by_label[entry[1]] = self.by_label.get(entry[1], 0) + n
+        if self.now > self.peak:
+            self.peak, self.at_peak = self.now, dict(self.by_label)
+        if entry[2] is None and entry[0] <= 0:
+            del self.live[key]
 
     def _free(self, key):
         entry = self.live[key]
         entry[2] -= 1
         if entry[2] == 0:
-            n, label, _ = self.live.pop(key)
-            self.now -= n
-            self.by_label[label] -= n
+            self._grow(key, -entry[0])
+            del self.live[key]
 
 
 def tensor_bytes(tensors) -> int:
@@ -175,7 +206,8 @@ def longest_rows(cfg, prompt_tokens: int, token: int):
     n = cfg.max_completion_length
     rows = []
     for i in range(2 * cfg.micro_batch_size):
-        prompt, response = [token] * prompt_tokens, [token] * n
+        # padded, as real micro-batches are (scoring_phase)
+        prompt, response = [token] * (prompt_tokens - i), [token] * n
         if i % 2:
             rows.append(sgpo.KDRow(prompt, response, 1.0, teacher_prompt=[token] * prompt_tokens))
         else:
@@ -194,7 +226,10 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
         tracker.label = "prompts' prefill"
         cache = engine._kv_cache(lm, dev, always=True)
         ids = torch.ones((batch, prompt_tokens), dtype=torch.long, device=dev)
-        lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+        # left padding, as the engine pads prompts of different lengths (scoring_phase)
+        mask = torch.ones_like(ids)
+        mask[0, 0] = 0
+        lm(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
            **{engine.cache_kwarg(lm): cache})
         tracker.label = "KV cache"
         kv, head_dim = lm.config.num_key_value_heads, lm.config.hidden_size // \
@@ -207,6 +242,7 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
             cache.update(new, new.clone(), layer)
         tracker.label = "decode step"
         mask = torch.ones((batch, prompt_tokens + cfg.max_completion_length), dtype=torch.long)
+        mask[0, 0] = 0
         logits = lm(input_ids=ids[:, :1], attention_mask=mask, use_cache=True,
                     **{engine.cache_kwarg(lm): cache}).logits
         log_p = (logits[:, -1].float() / cfg.temperature).log_softmax(-1)
@@ -260,7 +296,10 @@ def _nothing():
 def scoring_phase(policy, cfg, prompt_tokens: int, tracker):
     """Target selection's scoring: sgpo.response_logps over a micro-batch of the longest pairs,
     under the gathered weights."""
-    pairs = [([1] * prompt_tokens, [1] * cfg.max_completion_length)] * cfg.micro_batch_size
+    # one prompt a token shorter: real batches are padded, and with padding HF builds the
+    # attention mask that fake tensors always make it build (it cannot look for padding in them)
+    pairs = [([1] * (prompt_tokens - (i > 0)), [1] * cfg.max_completion_length)
+             for i in range(cfg.micro_batch_size)]
     tracker.label = "scoring forward"
     with runtime.full_weights(policy.wrapped), runtime.autocast(cfg.dtype, policy.device):
         sgpo.response_logps(policy, pairs, cfg)
