@@ -18,8 +18,9 @@ What stands in for what:
 - the update: sgpo.accumulate_gradients on micro_batch_size GRPO and KD rows of the longest length
   (prompt + max_completion_length; the teacher's forward included), then sgpo.optimizer_step
   (AdamW's state created). Two micro-batches: the second one meets the first one's gradients.
-Bytes: every tensor created while a phase runs, alive or freed (LiveBytes), on top of what was
-already resident (the parameters' storage, gradients, optimizer state, measured). The CUDA caching
+Bytes: every storage made while a phase runs, alive or freed (LiveBytes), on top of what was
+already resident (the parameters, gradients, AdamW state, measured), in the steady state of the
+second step on (one update runs first, unmeasured: AdamW's state exists in every phase). The CUDA caching
 allocator's rounding and fragmentation are not modelled: docs/memory_and_speed.md states a margin.
 """
 
@@ -268,6 +269,8 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
             ("scoring", lambda t: scoring_phase(policy, cfg, prompt_tokens, t)),
             ("update", lambda t: update_phase(policy, opt, cfg, prompt_tokens, t, out)),
         ]
+        # the steady state, as from the second step on: AdamW's state exists in every phase
+        update_phase(policy, opt, cfg, prompt_tokens, LiveBytes(), {})
         for name, run in phases:
             start = resident(policy, opt[0])
             tracker = LiveBytes()
