@@ -20,8 +20,9 @@ What stands in for what:
   (AdamW's state created). Two micro-batches: the second one meets the first one's gradients.
 Bytes: every storage made while a phase runs, alive or freed (LiveBytes), on top of what was
 already resident (the parameters, gradients, AdamW state, measured), in the steady state of the
-second step on (one update runs first, unmeasured: AdamW's state exists in every phase). The CUDA caching
-allocator's rounding and fragmentation are not modelled: docs/memory_and_speed.md states a margin.
+second step on (one update runs first, unmeasured: AdamW's state exists in every phase). The CUDA
+caching allocator's rounding and fragmentation are not modelled: docs/memory_and_speed.md states a
+margin.
 """
 
 import os
