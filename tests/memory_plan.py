@@ -80,7 +80,7 @@ def plan(config, args) -> dict:
     return out
 
 
-# What the time estimate assumes: 8 x H100 SXM 80 GB
+# What the time estimate assumes: H100 SXM 80 GB
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s
 HBM = 3.35e12  # bytes/s
 MFU = 0.4  # utilisation of the forward/backward passes (scoring, update, prefill)
@@ -119,9 +119,9 @@ def simulated(args, flags) -> dict:
           f"gradients {out['gradients'] / GB:.1f} GB, AdamW state "
           f"{out['resident']['optimizer_state'] / GB:.1f} GB")
     times = step_time(out, cfg, n, args.prompt_tokens)
-    print(f"time of one step on 8 x H100 (estimate: bf16 {PEAK_BF16 / 1e12:.0f} TFLOP/s at "
-          f"{MFU:.0%} for the passes, decoding bound by reading the bf16 weights and the KV cache "
-          f"at {HBM / 1e12:.2f} TB/s, every response at max_completion_length): "
+    print(f"time of one step on {args.world} x H100 (estimate: bf16 {PEAK_BF16 / 1e12:.0f} "
+          f"TFLOP/s at {MFU:.0%} for the passes, decoding bound by reading the bf16 weights and "
+          f"the KV cache at {HBM / 1e12:.2f} TB/s, every response at max_completion_length): "
           + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; {cfg.max_steps} steps: {sum(times.values()) * cfg.max_steps / 3600:.0f} h "
           "(the paper: ~17 h for 7B on 32 GPUs, its lengths unpublished)")
