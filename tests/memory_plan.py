@@ -94,7 +94,7 @@ def simulated(args, flags) -> dict:
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sgpo
-    from tests.simulate import fake_world, simulate
+    from tests.simulate import categories, fake_world, simulate
     name = args.config or "Qwen2.5-7B-Instruct"
     config = (AutoConfig.for_model(**CONFIGS[name]) if name in CONFIGS
               else AutoConfig.from_pretrained(name))
@@ -108,13 +108,12 @@ def simulated(args, flags) -> dict:
     mode = f"FSDP x{args.world}" if cfg.fsdp else f"DDP x{args.world}"
     print(f"{name} ({n / 1e9:.2f}B parameters), {mode}, {args.flags} {' '.join(flags)}: "
           f"one step on rank 0, simulated")
-    print("| phase | peak GB | resident (parameters / gradients / AdamW) GB | what else is "
-          "alive at the peak, GB |\n|---|---|---|---|")
+    names = list(categories(out, "update"))
+    print("| phase | peak GB | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2))
     for phase in ("generation", "scoring", "update"):
-        r = out[phase]
-        res = " / ".join(f"{v / GB:.1f}" for v in r["resident"].values())
-        rest = ", ".join(f"{k} {v / GB:.1f}" for k, v in r["at_peak"].items())
-        print(f"| {phase} | **{r['peak'] / GB:.1f}** | {res} | {rest} |")
+        parts = categories(out, phase)
+        print(f"| {phase} | **{out[phase]['peak'] / GB:.1f}** | "
+              + " | ".join(f"{parts[k] / GB:.1f}" for k in names) + " |")
     print(f"KV cache of a generate call at its final length: {out['kv_cache'] / GB:.1f} GB; "
           f"gradients {out['gradients'] / GB:.1f} GB, AdamW state "
           f"{out['resident']['optimizer_state'] / GB:.1f} GB")

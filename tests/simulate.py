@@ -224,6 +224,7 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
     lm, dev = policy.lm, policy.device
     batch = cfg.generation_batch_size or cfg.batch_size * (cfg.num_generations
                                                            + cfg.num_guided_generations)
+    tracker.label = "gathered weights"
     with torch.no_grad(), runtime.full_weights(policy.wrapped), runtime.autocast(cfg.dtype, dev):
         tracker.label = "prompts' prefill"
         cache = engine._kv_cache(lm, dev, always=True)
@@ -292,6 +293,21 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
     return out
 
 
+def categories(out, phase) -> dict:
+    """A phase's peak split by what holds it: parameters, gradients, AdamW state (resident, or the
+    gradients made in the update), the gathered weights (FSDP: full_weights), the KV cache
+    (generation: at its final length), DDP's buckets, and the rest: activations and temporaries."""
+    r = out[phase]
+    parts = {"parameters": r["resident"]["parameters"],
+             "gradients": out["gradients"] if phase == "update" else 0,
+             "optimizer state": r["resident"]["optimizer_state"],
+             "gathered weights": r["at_peak"].get("gathered weights", 0),
+             "KV cache": out["kv_cache"] if phase == "generation" else 0,
+             "DDP buckets": r["at_peak"].get(DDP_BUCKETS, 0)}
+    parts["activations and temporaries"] = r["peak"] - sum(parts.values())
+    return parts
+
+
 @contextmanager
 def _nothing():
     yield
@@ -304,8 +320,9 @@ def scoring_phase(policy, cfg, prompt_tokens: int, tracker):
     # attention mask that fake tensors always make it build (it cannot look for padding in them)
     pairs = [([1] * (prompt_tokens - (i > 0)), [1] * cfg.max_completion_length)
              for i in range(cfg.micro_batch_size)]
-    tracker.label = "scoring forward"
+    tracker.label = "gathered weights"
     with runtime.full_weights(policy.wrapped), runtime.autocast(cfg.dtype, policy.device):
+        tracker.label = "scoring forward"
         sgpo.response_logps(policy, pairs, cfg)
 
 

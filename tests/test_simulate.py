@@ -75,3 +75,25 @@ def test_memory_plan_simulate_prints_phases_and_a_json_line(capsys, monkeypatch)
     assert (result["world"], result["fsdp"]) == (2, True)
     assert result["peak_gb"] == max(result[f"{p}_gb"] for p in ("generation", "scoring", "update"))
     assert any(line.startswith("| update | **") for line in lines)
+    header = "| phase | peak GB | parameters | gradients | optimizer state | gathered weights"
+    assert any(line.startswith(header) for line in lines)
+
+
+def test_categories_add_up_to_the_peak():
+    """Each phase's peak is split into parameters, gradients, AdamW state, gathered weights, KV
+    cache, DDP buckets and the rest, which is what the phase's activations and temporaries hold
+    (>= 0); under FSDP generation holds the gathered weights (2 bytes a parameter at bf16 compute,
+    here fp32: 4)."""
+    from tests.simulate import categories
+
+    config = AutoConfig.from_pretrained(CONFIG)
+    with fake_world(2):
+        out = simulate(config, _cfg(fsdp=True), prompt_tokens=30)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    for phase in ("generation", "scoring", "update"):
+        parts = categories(out, phase)
+        assert sum(parts.values()) == out[phase]["peak"]
+        assert parts["activations and temporaries"] >= 0, (phase, parts)
+    assert categories(out, "generation")["gathered weights"] == 4 * n
+    assert categories(out, "generation")["KV cache"] == out["kv_cache"] > 0
