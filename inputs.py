@@ -251,7 +251,8 @@ def check_train_config(cfg):
     for name in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps",
                  "generation_batch_size"):
         checks.append((getattr(cfg, name) >= 0, name, "must be >= 0"))
-    checks.append((not check_tracker(cfg.report_to), "report_to", check_tracker(cfg.report_to)))
+    tracker = check_tracker(cfg.report_to)
+    checks.append((not tracker, "report_to", tracker))
     guided = cfg.guided_prompt_template
     checks += [("{problem}" in cfg.prompt_template, "prompt_template", "must contain {problem}"),
                ("{problem}" in guided and "{strategy}" in guided, "guided_prompt_template",

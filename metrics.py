@@ -14,19 +14,17 @@ from tqdm import tqdm
 from engine import greedy_accuracy
 from runtime import full_weights, get_rank, prepare_output_dir, world_size
 
-def rollout_metrics(stats, batch, alpha, minibatches, cfg):
+def rollout_metrics(stats, batch, alpha, minibatches, cfg, pass_gap):
     """What the step sampled (batch: sgpo.Batch) and trained on (the update's mini-batches):
-    rewards, pass gap, alpha, KD target fraction, lengths, into stats."""
+    rewards, pass gap ([B] p_guided - p_auto), alpha, KD target fraction, lengths, into stats."""
     g1, n = cfg.num_generations, len(batch.problems)
     r_auto, r_guided = batch.rewards[:, :g1], batch.rewards[:, g1:]  # [B, G1], [B, G2]
     auto = [r for rollouts in batch.rollouts for r in rollouts[:g1]]
     guided = [r for rollouts in batch.rollouts for r in rollouts[g1:]]
     rows = list(itertools.chain.from_iterable(minibatches))
-    p_auto = r_auto.mean(1)
-    p_guided = r_guided.mean(1) if cfg.num_guided_generations else r_auto.mean(1)
     stats.add("reward/autonomous_mean", r_auto, r_auto.numel())
     stats.add("reward/guided_mean", r_guided, r_guided.numel())
-    stats.add("pass_gap", p_guided - p_auto, n)
+    stats.add("pass_gap", pass_gap, n)
     stats.add("alpha/mean", sum(alpha[q["id"]] for q in batch.problems), n)
     # KD rows are the ones with a teacher
     stats.add("kd/target_frac", sum(hasattr(r, "teacher_prompt") for r in rows), n)

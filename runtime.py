@@ -17,6 +17,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
@@ -178,7 +179,6 @@ def all_gather_objects(obj) -> list:
 def number(x) -> float:
     """float(x); 0.0 for a fake tensor (tests/memory_plan.py --simulate runs the step on tensors
     without data: what they would hold is not needed there)."""
-    from torch._subclasses.fake_tensor import is_fake
     return 0.0 if isinstance(x, torch.Tensor) and is_fake(x) else float(x)
 
 

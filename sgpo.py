@@ -380,6 +380,16 @@ def keep_pi_old(rows, logp):
         r.old_logps = piece
 
 
+def check_sampler(rows, stats):
+    """rollout_probs_diff_max: the largest |sampler log-prob - pi_old| over the GRPO rows' tokens
+    (the same distribution, computed twice: they must agree)."""
+    rows = [r for r in rows if isinstance(r, GRPORow)]
+    if rows:
+        old = torch.cat([r.old_logps for r in rows])
+        sampler = torch.cat([r.sampler_logps for r in rows]).to(old.device)
+        stats.max("rollout_probs_diff_max", (sampler - old).abs().max())
+
+
 def per_token(rows, values):
     """One value per row -> [M] tensor, the row's value at each of its response tokens."""
     out = []
@@ -445,8 +455,7 @@ def grpo_term(policy, rows, student, cfg: Config, stats, ref=None, pi_old_now=Fa
     logp, _, entropy = head_outputs(policy.head, *student, cfg)
     if pi_old_now:
         keep_pi_old(rows, logp)
-        sampler = torch.cat([r.sampler_logps for r in rows]).to(policy.device)
-        stats.max("rollout_probs_diff_max", (sampler - logp.detach()).abs().max())
+        check_sampler(rows, stats)
     old_logp = torch.cat([r.old_logps for r in rows])
     advantage = per_token(rows, [r.advantage for r in rows]).to(policy.device)
     weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
@@ -593,13 +602,12 @@ def pass_rates(batch: Batch, cfg: Config):
     return (r_guided.mean(1) if cfg.num_guided_generations else r_auto.mean(1)), p_auto
 
 
-def update_alpha_table(alpha, batch: Batch, cfg: Config):
+def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
     """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps (every
     rank applies all updates in the same order). (R) Before the KD weight reads it: this visit's
     gap acts on this visit; read after, a problem seen once (the toy: 1,280 of 2,000 in 80 steps)
     would always weigh alpha_0, and adaptive alpha would be the fixed-alpha row there."""
-    p_guided, p_auto = pass_rates(batch, cfg)
-    mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(batch.problems, p_guided, p_auto)]
+    mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
     for updates in all_gather_objects(mine):
         for qid, pg, pa in updates:
             prev = alpha.get(qid, cfg.alpha_0)
@@ -687,9 +695,7 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats, ref=None):
             logps = response_logps(policy, [(r.prompt, r.response) for r in later], cfg)
         for r, logp in zip(later, logps):
             r.old_logps = logp
-            if isinstance(r, GRPORow):
-                gap = (r.sampler_logps.to(logp.device) - logp).abs().max()
-                stats.max("rollout_probs_diff_max", gap)
+        check_sampler(later, stats)
     late, grad_norm = Stats(), 0.0
     for epoch in range(cfg.num_iterations):
         for i, rows in enumerate(minibatches):
@@ -719,14 +725,15 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     grpo_rows = make_grpo_rows(batch, cfg)
     times["grade"] = time.time()
     # [6] alpha(q) from the pass gap, [3] target selection, [4] the KD rows
-    update_alpha_table(alpha, batch, cfg)
+    p_guided, p_auto = pass_rates(batch, cfg)
+    update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
     kd_rows = make_kd_rows(policy, batch, alpha, cfg)
     times["select"] = time.time()
     # [5, 7] the update: k mini-batches of whole problems, one optimizer step each
     minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
     late, grad_norm = update_policy(policy, opt, minibatches, cfg, stats, ref)
     times["update"] = time.time()
-    rollout_metrics(stats, batch, alpha, minibatches, cfg)
+    rollout_metrics(stats, batch, alpha, minibatches, cfg, p_guided - p_auto)
     return step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
 
 
@@ -819,11 +826,11 @@ def train(cfg: Config, data, resume, policy):
         save_checkpoint(cfg, policy, *opt, state)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, desc="sgpo")
     with bar:  # (closed on Ctrl-C)
+        batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
         while state["step"] < cfg.max_steps:
-            batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             if state["position"] >= len(batches):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
-                continue
+                batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             batch = [problems[i] for i in batches[state["position"]]]
             metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade, ref)
             state["position"] += 1

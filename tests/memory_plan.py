@@ -20,6 +20,7 @@ x 2.
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -90,8 +91,6 @@ def simulated(args, flags) -> dict:
     """One RL step of sgpo.py simulated (tests/simulate.py) for args.config under args.flags and
     the sgpo.py flags after --, on rank 0 of a fake process group of args.world ranks; printed per
     phase, with FLOPs and a time estimate; returns the JSON line's fields."""
-    import os
-    import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sgpo
     from tests.simulate import categories, fake_world, simulate

@@ -28,7 +28,7 @@ margin.
 import os
 import sys
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -263,7 +263,7 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     out = {}
     policy = build_policy(config, cfg, tokenizer, mode)
-    with mode or _nothing():
+    with mode or nullcontext():
         opt = sgpo.make_optimizer(policy.lm, cfg.learning_rate, cfg)
         phases = [
             ("generation", lambda t: out.update(kv_cache=generation_phase(
@@ -306,11 +306,6 @@ def categories(out, phase) -> dict:
              "DDP buckets": r["at_peak"].get(DDP_BUCKETS, 0)}
     parts["activations and temporaries"] = r["peak"] - sum(parts.values())
     return parts
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def scoring_phase(policy, cfg, prompt_tokens: int, tracker):
