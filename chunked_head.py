@@ -25,35 +25,37 @@ def _rowdot(x, y):
     return torch.einsum("cv,cv->c", x, y)
 
 
-def _chunk_forward(h, t_h, y, w, temperature, kind):
-    """One chunk: [c] log p_s(y), D_t, entropy. A function so that its [c, V] tensors die when it
-    returns."""
+def _chunk_forward(h, t_h, y, weights, temperature, kind):
+    """One chunk: [c] log p_s(y), D_t, entropy. weights: the student's and the teacher's head. A
+    function so that its [c, V] tensors die when it returns."""
+    w, t_w = weights
     log_s = _chunk_log_softmax(h, w, temperature)
     logp = log_s.gather(-1, y[:, None]).squeeze(-1)
     entropy = -_rowdot(log_s.exp(), log_s)
     if kind not in ("fkl", "rkl"):
         return logp, torch.zeros_like(logp), entropy
-    log_t = _chunk_log_softmax(t_h, w, temperature)
+    log_t = _chunk_log_softmax(t_h, t_w, temperature)
     log_p, log_q = (log_t, log_s) if kind == "fkl" else (log_s, log_t)
     p = log_p.exp()
     # KL(p || q) = sum p log p - sum p log q
     return logp, _rowdot(p, log_p) - _rowdot(p, log_q), entropy
 
 
-def _chunk_backward(chunk, w, ctx, upstream, g_weight):
+def _chunk_backward(chunk, weights, ctx, upstream, g_weight):
     """One chunk: adds d loss / d weight to g_weight, returns d loss / d h. chunk: h, t_h, y, D_t;
-    upstream: a, b [c, 1]."""
+    weights: the student's and the teacher's head; upstream: a, b [c, 1]."""
     h, t_h, y, div = chunk
+    w, t_w = weights
     a, b = upstream
     temperature, kind, _ = ctx.args
     log_s = _chunk_log_softmax(h, w, temperature)
     if kind == "fkl":
         # (a - b) p_s - a p_t + b onehot(y)
-        p_t = _chunk_log_softmax(t_h, w, temperature).exp_()
+        p_t = _chunk_log_softmax(t_h, t_w, temperature).exp_()
         grad = log_s.exp_().mul_(a - b).sub_(p_t.mul_(a))
     elif kind == "rkl":
         # p_s (a (log p_s - log p_t - D) - b) + b onehot(y)
-        x = _chunk_log_softmax(t_h, w, temperature).neg_().add_(log_s)  # log p_s - log p_t
+        x = _chunk_log_softmax(t_h, t_w, temperature).neg_().add_(log_s)  # log p_s - log p_t
         x = x.sub_(div[:, None]).mul_(a).sub_(b)
         grad = log_s.exp_().mul_(x)
     else:
@@ -70,32 +72,33 @@ class ChunkedHead(torch.autograd.Function):
     (see above)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, targets, temperature, kind, chunk_size):
-        """[M, H] hidden, [V, H] head weight, [M, H] teacher hidden (None unless kind is fkl/rkl),
-        [M] targets -> [M] log p_s(target), [M] divergence D_t (0 unless fkl/rkl), [M] entropy of
-        p_s (no gradient)."""
+    def forward(ctx, hidden, weight, teacher, targets, temperature, kind, chunk_size):
+        """[M, H] hidden, [V, H] head weight, teacher: ([M, H] teacher hidden, [V, H] its head
+        weight or None: the student's) or None unless kind is fkl/rkl, [M] targets -> [M] log
+        p_s(target), [M] divergence D_t (0 unless fkl/rkl), [M] entropy of p_s (no gradient)."""
         dev = hidden.device.type
         autocast = torch.is_autocast_enabled(dev)
         ctx.dtype = torch.get_autocast_dtype(dev) if autocast else hidden.dtype
         ctx.args = temperature, kind, chunk_size
-        w = weight.to(ctx.dtype)
-        t_hidden = hidden if t_hidden is None else t_hidden
+        t_hidden, t_weight = teacher or (hidden, None)
+        t_weight = weight if t_weight is None else t_weight
+        weights = weight.to(ctx.dtype), t_weight.to(ctx.dtype)
         outs = []
         with torch.autocast(dev, enabled=False):
             for i in range(0, len(targets), chunk_size):
                 c = slice(i, i + chunk_size)
                 h, t_h = hidden[c].to(ctx.dtype), t_hidden[c].to(ctx.dtype)
-                outs.append(_chunk_forward(h, t_h, targets[c], w, temperature, kind))
+                outs.append(_chunk_forward(h, t_h, targets[c], weights, temperature, kind))
         logp, div, entropy = (torch.cat(o) for o in zip(*outs))
-        ctx.save_for_backward(hidden, weight, t_hidden, targets, div)
+        ctx.save_for_backward(hidden, weight, t_hidden, t_weight, targets, div)
         ctx.mark_non_differentiable(entropy)
         return logp, div, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_div, _):
-        hidden, weight, t_hidden, targets, div = ctx.saved_tensors
+        hidden, weight, t_hidden, t_weight, targets, div = ctx.saved_tensors
         chunk_size = ctx.args[2]
-        w = weight.to(ctx.dtype)
+        weights = weight.to(ctx.dtype), t_weight.to(ctx.dtype)
         # summed over the chunks in fp32, rounded once: under FSDP the weight is the gathered bf16
         # parameter, and 64 chunks added up in bf16 lose ~4x more than one rounding
         g_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -104,7 +107,7 @@ class ChunkedHead(torch.autograd.Function):
             c = slice(i, i + chunk_size)
             chunk = hidden[c].to(ctx.dtype), t_hidden[c].to(ctx.dtype), targets[c], div[c]
             upstream = g_div[c, None].float(), g_logp[c, None].float()
-            g_hidden.append(_chunk_backward(chunk, w, ctx, upstream, g_weight))
+            g_hidden.append(_chunk_backward(chunk, weights, ctx, upstream, g_weight))
         g_hidden = torch.cat(g_hidden)
         g_weight = g_weight.to(weight.dtype)
         return g_hidden.to(hidden.dtype), g_weight, None, None, None, None, None
@@ -128,6 +131,6 @@ def token_logps(hidden, targets, head, temperature, chunk_size=256):
 def kd_divergence(s_hidden, t_hidden, targets, head, temperature, kind="fkl", chunk_size=256):
     """[M, H] student and teacher hidden states on the same target tokens -> ([M] D_t, [M] student
     log-probs)."""
-    logp, div, _ = ChunkedHead.apply(s_hidden, head_weight(head), t_hidden.detach(), targets,
-                                     temperature, kind, chunk_size)
+    logp, div, _ = ChunkedHead.apply(s_hidden, head_weight(head), (t_hidden.detach(), None),
+                                     targets, temperature, kind, chunk_size)
     return div, logp

@@ -72,6 +72,16 @@ def load_model(path: str, dtype, device, check=None, trainable=False):
     return model, tokenizer
 
 
+def load_weights(path: str, device):
+    """A causal LM alone, fp32, no tokenizer (a checkpoint's teacher/)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0][:200]
+        raise UsageError(f"{path}: cannot load ({reason})") from None
+
+
 def turn_end_ids(tokenizer) -> list:
     """The ids that close an assistant turn in the tokenizer's chat template: what it writes after
     an assistant message's content, up to and including the first special token (ChatML:
@@ -273,14 +283,15 @@ def _kv_cache(model, device, always=False):
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems, cfg, device, shard=(0, 1), grade=None) -> dict:
+def greedy_accuracy(model, tokenizer, problems, cfg, device, shard=(0, 1), grade=None,
+                    modes=("unguided", "guided")) -> dict:
     """Greedy accuracy on held-out problems, unguided and (rows with a usable strategy) guided.
     cfg: sgpo.py's Config (prompts, dtype, max_completion_length, generation_batch_size,
     reward_timeout); shard: (rank, world), this rank's rows, summed over ranks; grade: a Grader
     (default: in this process)."""
     counts, grade = [], grade or Grader(0, cfg.reward_timeout)
     rank, world = shard
-    for guided in (False, True):
+    for guided in [mode == "guided" for mode in modes]:
         rows = [q for q in problems[rank::world] if not guided or has_usable_strategy(q)]
         with autocast(cfg.dtype, device):
             prompts = [prompt_ids(tokenizer, cfg, q, guided) for q in rows]
@@ -291,7 +302,7 @@ def greedy_accuracy(model, tokenizer, problems, cfg, device, shard=(0, 1), grade
         counts += [sum(grade(texts, [q["answer"] for q in rows])), len(rows)]
     c = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
     result = {}
-    for k, mode in enumerate(("unguided", "guided")):
+    for k, mode in enumerate(modes):
         if c[2 * k + 1]:
             result[f"eval/{mode}_acc"] = c[2 * k] / c[2 * k + 1]
     return result

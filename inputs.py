@@ -234,6 +234,8 @@ def check_train_config(cfg):
         (cfg.temperature > 0, "temperature", "must be > 0"),
         (cfg.dtype in ("auto", "bf16", "fp32"), "dtype", "must be auto, bf16 or fp32"),
         (cfg.kl_clip > 0, "kl_clip", "must be > 0 (inf disables clipping)"),
+        (cfg.teacher in ("live", "base", "ema"), "teacher", "must be live, base or ema"),
+        (0 < cfg.teacher_ema_rate <= 1, "teacher_ema_rate", "must be in (0, 1]"),
         (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")
     ]
     for name in ("batch_size", "num_generations", "max_completion_length", "micro_batch_size",

@@ -66,10 +66,17 @@ def step_metrics(stats, times, grad_norm, opt, cfg, device) -> dict:
 
 def held_out_accuracy(policy, problems, cfg, state, grade) -> dict:
     """Greedy held-out accuracy (engine.greedy_accuracy, each rank its share), printed by rank 0
-    next to the one before RL (kept in state["eval_start"])."""
+    next to the one before RL (kept in state["eval_start"]); with a teacher of its own
+    (--teacher base/ema), its guided accuracy too (eval/teacher_guided_acc)."""
+    shard = get_rank(), world_size()
     with full_weights(policy.wrapped):
         result = greedy_accuracy(policy.lm, policy.tokenizer, problems, cfg, policy.device,
-                                 (get_rank(), world_size()), grade)
+                                 shard, grade)
+    if policy.teacher:
+        with full_weights(policy.teacher.wrapped):
+            guided = greedy_accuracy(policy.teacher.lm, policy.tokenizer, problems, cfg,
+                                     policy.device, shard, grade, modes=("guided",))
+        result.update({f"eval/teacher_{k[5:]}": v for k, v in guided.items()})
     start = state["eval_start"] = state["eval_start"] or result
     parts = []
     for k, v in result.items():

@@ -103,12 +103,14 @@ def shard_fsdp(backbone, param_dtype, device, materialize=None):
 
 
 @contextmanager
-def full_weights(model):
-    """FSDP: all-gather every unit once and keep the full (compute-dtype) weights until the block
-    ends, so that the forwards of generate, scoring and evaluation are local: ranks may run
-    different numbers of them (no collective, no synced_gpus). Costs one full copy of the weights
-    per GPU while it lasts. DDP and one process: nothing."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+def full_weights(*models):
+    """FSDP: all-gather every unit of the models once and keep the full (compute-dtype) weights
+    until the block ends, so that the forwards of generate, scoring and evaluation are local: ranks
+    may run different numbers of them (no collective, no synced_gpus). Costs one full copy of the
+    weights per GPU while it lasts. DDP and one process: nothing."""
+    roots, units = list(dict.fromkeys(models)), []
+    for model in roots:
+        units += [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -118,7 +120,15 @@ def full_weights(model):
         for m in units:
             m.reshard()
             # FSDP's default: the root keeps its weights
-            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.set_reshard_after_forward(m not in roots, recurse=False)
+
+
+def reshard(model):
+    """FSDP: every unit back to its shards. A root keeps its weights gathered after a forward (for
+    its backward); a model that runs no backward (the teacher) is resharded here."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def lockstep(micro_batches: list, model, device):
@@ -271,6 +281,12 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, state: dict):
         barrier()
         if cfg.fsdp:
             weights = _save_fsdp_shards(policy.wrapped, optimizer, tmp)
+        if policy.teacher:
+            # --teacher base/ema: its own fp32 weights, in teacher/ (gathered like the policy's)
+            t_weights = _gathered_weights(policy.teacher.wrapped) if cfg.fsdp else None
+            if master:
+                policy.teacher.lm.save_pretrained(os.path.join(tmp, "teacher"),
+                                                  state_dict=t_weights)
         if master:
             policy.lm.save_pretrained(tmp, state_dict=weights)
             policy.lm.original_generation_config.save_pretrained(tmp)
@@ -303,15 +319,21 @@ def _save_fsdp_shards(model, optimizer, folder):
     """FSDP: every rank writes its optimizer shards; returns the full fp32 weights (rank 0's CPU;
     empty on the other ranks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(model, options=options)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    full = _gathered_weights(model)
     # empty before the first step (checkpoint-0); get_optimizer_state_dict would step it
     if optimizer.state:
         shards = get_optimizer_state_dict(model, optimizer)
         dcp.save(shards, checkpoint_id=os.path.join(folder, "optimizer"))
+    return full
+
+
+def _gathered_weights(model):
+    """FSDP: the full fp32 weights of a sharded Backbone, keyed as in its HF model (rank 0's CPU;
+    empty on the other ranks). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
     return {k.removeprefix("lm."): v for k, v in full.items()}
 
 
@@ -385,10 +407,29 @@ def _safetensors_damage(path: str):
 def checkpoint_damage(path: str):
     """'file: what is wrong' for a checkpoint folder, or None if it is whole: its files are there,
     the JSON files parse, and every *.safetensors file is as long as its header says (a cut write is
-    shorter)."""
-    for name in ("trainer_state.pt", "sgpo_config.json", "config.json"):
+    shorter); the same for the weights in teacher/ where its run had a teacher of its own."""
+    for name in ("trainer_state.pt", "sgpo_config.json"):
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name}: missing"
+    try:
+        with open(os.path.join(path, "sgpo_config.json")) as f:
+            teacher = json.load(f).get("teacher", "live")
+    except ValueError:
+        return "sgpo_config.json: not valid JSON"
+    for folder in ("", "teacher/") if teacher != "live" else ("",):
+        damage = _weights_damage(os.path.join(path, folder))
+        if damage:
+            return folder + damage
+    optimizer = os.path.join(path, "optimizer")  # FSDP's shards (torch.distributed.checkpoint)
+    if os.path.isdir(optimizer) and not os.path.isfile(os.path.join(optimizer, ".metadata")):
+        return "optimizer/.metadata: missing"
+    return None
+
+
+def _weights_damage(path: str):
+    """checkpoint_damage of one save_pretrained folder: config.json and the *.safetensors."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "config.json: missing"
     weights = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not weights:
         return "model.safetensors: missing"
@@ -396,23 +437,26 @@ def checkpoint_damage(path: str):
         damage = _safetensors_damage(w)
         if damage:
             return damage
-    for name in ("sgpo_config.json", "config.json"):
-        try:
-            with open(os.path.join(path, name)) as f:
-                json.load(f)
-        except ValueError:
-            return f"{name}: not valid JSON"
-    optimizer = os.path.join(path, "optimizer")  # FSDP's shards (torch.distributed.checkpoint)
-    if os.path.isdir(optimizer) and not os.path.isfile(os.path.join(optimizer, ".metadata")):
-        return "optimizer/.metadata: missing"
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+    except ValueError:
+        return "config.json: not valid JSON"
     return None
 
 
-def resolve_resume(resume: str, output_dir: str, fsdp: bool):
+# flags a resumed run must share with its checkpoint, and their value where a checkpoint was written
+# before the flag existed: the optimizer state is saved sharded or whole (fsdp), the teacher's
+# weights are saved or not (teacher)
+SAME_ON_RESUME = {"fsdp": False, "teacher": "live"}
+
+
+def resolve_resume(cfg):
     """--resume (a folder, or 'latest') -> (checkpoint folder, its trainer_state.pt loaded).
     'latest' takes the newest intact checkpoint-N of output_dir and warns (rank 0) of the damaged
-    ones it passed over; a folder given by name must be intact. Its --fsdp must be this run's (the
-    optimizer state is saved sharded or whole)."""
+    ones it passed over; a folder given by name must be intact. Its SAME_ON_RESUME flags must be
+    this run's."""
+    resume, output_dir = cfg.resume, cfg.output_dir
     latest = resume == "latest"
     paths = checkpoints(output_dir) if latest else [resume]
     if not paths or not os.path.isdir(paths[0]):
@@ -437,9 +481,12 @@ def resolve_resume(resume: str, output_dir: str, fsdp: bool):
         raise UsageError(f"--resume: no whole checkpoint in {output_dir} ({'; '.join(damaged)}); "
                          "to start over: --overwrite_output_dir")
     with open(os.path.join(path, "sgpo_config.json")) as f:
-        if json.load(f).get("fsdp", False) != fsdp:
-            raise UsageError(f"--resume {path}: written with --fsdp {str(not fsdp).lower()}; "
-                             "resume with it")
+        written = json.load(f)
+    for name, old in SAME_ON_RESUME.items():
+        value = written.get(name, old)
+        if value != getattr(cfg, name):
+            value = str(value).lower() if isinstance(value, bool) else value
+            raise UsageError(f"--resume {path}: written with --{name} {value}; resume with it")
     if damaged and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: --resume: passed over {'; '.join(damaged)}; resuming from {path}",
               file=sys.stderr)

@@ -33,6 +33,7 @@ objective); one RL step's pieces, marked [n] with the method sheet's step n, and
 `train`. Plumbing: engine.py (the model, generation), runtime.py (ranks, FSDP, checkpoints),
 metrics.py (what a run reports), inputs.py (flags, data), reward.py (math-verify), chunked_head.py.
 """
+import copy
 import itertools
 import math
 import os
@@ -47,15 +48,15 @@ from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
 from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
-                    enable_activation_checkpointing, generate, load_model,
+                    enable_activation_checkpointing, generate, load_model, load_weights,
                     prompt_ids, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
                      compute_dtype, full_weights, get_rank, lockstep, number, rank_batches,
-                     resolve_resume, restore_checkpoint, save_checkpoint, setup_distributed,
-                     world_size, wrap)
+                     reshard, resolve_resume, restore_checkpoint, save_checkpoint,
+                     setup_distributed, world_size, wrap)
 
 
 @dataclass
@@ -172,6 +173,15 @@ class Config:
     kl_clip: float = math.inf
     """delta: tokens with D_t > delta give no gradient (loss min(D_t, delta)); inf = no KL
     clipping (paper: 1.0; the toy's strategy effect sits on tokens with D_t >> 1: toy/README.md)."""
+    teacher: str = "live"
+    """Whose weights teach (with the strategy in the prompt): live (the policy itself, the
+    paper's), base (the policy as RL starts, frozen) or ema (a moving average of the policy's
+    weights, TRL SDPO's default): a teacher that keeps its guided skill (toy/README.md, sizes)."""
+    teacher_ema_rate: float = 0.05
+    """--teacher ema: theta_T += rate (theta - theta_T) after every optimizer step (TRL's 0.05)."""
+    teacher_samples_guided: bool = False
+    """--teacher base/ema: the G2 guided rollouts (KD target candidates) sampled by the teacher,
+    not the policy (toy/README.md measures both)."""
     target_selection: bool = True
     """Pick the correct guided rollout most likely under the unguided prompt; false = a random
     correct one."""
@@ -308,12 +318,19 @@ class Policy:
     """lm's output embedding (tied to the input embedding in some models)."""
     tokenizer: object
     device: torch.device
+    teacher: "Policy" = None
+    """--teacher base/ema: the teacher's own weights, fp32 like lm's, never trained (FSDP: sharded
+    like the policy); None: the live policy teaches."""
 
     @staticmethod
     def of(lm, tokenizer, device, wrap_backbone=lambda backbone: backbone):
         backbone = Backbone(lm)
         return Policy(lm, backbone, wrap_backbone(backbone), lm.get_output_embeddings(),
                       tokenizer, torch.device(device))
+
+    def teacher_view(self) -> "Policy":
+        """The weights the KD term's teacher runs: the teacher's own, or these (live)."""
+        return self.teacher or self
 
     def response_hidden(self, pairs, sync_grads=True):
         """(prompt ids, response ids) pairs -> [M, H] hidden states that predict the response
@@ -326,21 +343,25 @@ class Policy:
         return hidden.reshape(-1, hidden.shape[-1])[pred_idx.to(to)], targets.to(to)
 
 
-def head_outputs(head, hidden, targets, cfg: Config, t_hidden=None):
+def head_outputs(head, hidden, targets, cfg: Config, teacher=None):
     """[M, H] student hidden states predicting [M] tokens -> [M] log p(y), [M] D_t (zeros unless
-    t_hidden, the teacher's hidden states, is given and kd_loss is fkl/rkl), [M] entropy (no
-    gradient): at temperature T, fp32. Plain formulas on [M, V] logits, or the same in chunks."""
+    teacher, ([M, H] the teacher's hidden states, its head), is given and kd_loss is fkl/rkl), [M]
+    entropy (no gradient): at temperature T, fp32. Plain formulas on [M, V] logits, or the same in
+    chunks."""
+    t_hidden, t_head = teacher or (None, head)
     kind = cfg.kd_loss if t_hidden is not None and cfg.kd_loss != "sft" else "logp"
     if cfg.chunked_head:
-        return ChunkedHead.apply(hidden, head_weight(head), t_hidden, targets, cfg.temperature,
-                                 kind, cfg.kd_chunk_size)
+        # (the live teacher: the student's own head weight, None)
+        t_weight = None if t_head is head else head_weight(t_head)
+        return ChunkedHead.apply(hidden, head_weight(head), teacher and (t_hidden, t_weight),
+                                 targets, cfg.temperature, kind, cfg.kd_chunk_size)
     logits = head(hidden).float() / cfg.temperature  # [M, V]
     log_p = logits.log_softmax(-1)  # [M, V]
     logp = log_p.gather(-1, targets[:, None]).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1).detach()
     div = torch.zeros_like(logp)
     if kind != "logp":
-        t_logits = head(t_hidden).float() / cfg.temperature  # [M, V]
+        t_logits = t_head(t_hidden).float() / cfg.temperature  # [M, V]
         div = per_token_kl(logits, t_logits, kind)
     return logp, div, entropy
 
@@ -417,11 +438,13 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=Fals
     kd_at, own_at = (torch.tensor(at, dtype=torch.long, device=policy.device)
                      for at in (kd_at, own_at))
     kd = [r for r in rows if isinstance(r, KDRow)]
-    # The teacher: the same weights on the guided prompt + target, no gradient. One forward per
-    # micro-batch, KD rows or not: under FSDP every forward is a collective.
+    # The teacher: the policy's weights (or --teacher's) on the guided prompt + target, no
+    # gradient. One forward per micro-batch, KD rows or not: under FSDP every forward is a
+    # collective.
+    teacher = policy.teacher_view()
     with torch.no_grad():
         t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
-        t_hidden, _ = policy.response_hidden(t_pairs, sync_grads=False)
+        t_hidden, _ = teacher.response_hidden(t_pairs, sync_grads=False)
     if not rows:
         # through every parameter: DDP's reduction waits for all of them
         return policy.head(hidden).float().sum() * 0.0
@@ -434,7 +457,7 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=Fals
     if grpo:
         loss = loss + grpo_term(policy, grpo, own, cfg, stats, ref, pi_old_now)
     if kd:
-        student = (hidden[kd_at], targets[kd_at], t_hidden)
+        student = (hidden[kd_at], targets[kd_at], (t_hidden, teacher.head))
         loss = loss + kd_term(policy, kd, student, cfg, stats, pi_old_now)
     return loss
 
@@ -477,9 +500,9 @@ def kd_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
     """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
     guided teacher to the unguided student, no gradient where the unguided ratio left the trust
     region; w_t = alpha(q) / (|target| x problems of the mini-batch). student: [M, H] hidden
-    states, [M] tokens, [M, H] the teacher's hidden states."""
-    hidden, targets, t_hidden = student
-    logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, t_hidden)
+    states, [M] tokens, the teacher's ([M, H] hidden states, head)."""
+    hidden, targets, teacher = student
+    logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, teacher)
     if pi_old_now:
         keep_pi_old(rows, logp)
     old_logp = torch.cat([r.old_logps for r in rows])
@@ -542,23 +565,32 @@ class Batch:
     rewards: torch.Tensor = None  # [B, G1 + G2] binary
 
 
-def sample(policy, prompts, cfg: Config):
+def sample(policy, prompts, cfg: Config, lm=None):
     """Responses to prompts (engine.generate: ids up to the first EOS, truncation, sampler
-    log-probs), cfg.generation_batch_size sequences per generate call."""
-    return generate(policy.lm, prompts, policy.tokenizer.pad_token_id,
+    log-probs), cfg.generation_batch_size sequences per generate call. lm: another sampler than
+    the policy's (its teacher)."""
+    return generate(lm or policy.lm, prompts, policy.tokenizer.pad_token_id,
                     policy.lm.generation_config.eos_token_id, policy.device, cfg.temperature,
                     cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
 
 
 def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
     """[1] G1 autonomous and G2 guided responses per problem: one generate call (or
-    generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode false)."""
+    generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode false);
+    the guided ones by the teacher under --teacher_samples_guided."""
     auto = repeat_each(auto_prompts, cfg.num_generations)
     guided = repeat_each(guided_prompts, cfg.num_guided_generations)
-    if not cfg.generate_by_mode:
+    guide = guided_sampler(policy, cfg)
+    if not cfg.generate_by_mode and guide is policy:
         both = sample(policy, auto + guided, cfg)
         return both[:len(auto)], both[len(auto):]
-    return sample(policy, auto, cfg), sample(policy, guided, cfg)
+    return sample(policy, auto, cfg), sample(policy, guided, cfg, guide.lm)
+
+
+def guided_sampler(policy, cfg: Config):
+    """Who samples the G2 guided rollouts: the teacher under --teacher_samples_guided, else the
+    policy."""
+    return policy.teacher if policy.teacher and cfg.teacher_samples_guided else policy
 
 
 def repeat_each(items, n):
@@ -702,7 +734,25 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats, ref=None):
             first = epoch == i == 0
             if accumulate_gradients(policy, rows, cfg, stats if first else late, ref, first):
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
+                if policy.teacher:
+                    move_teacher(policy, cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0)
     return late, grad_norm
+
+
+@torch.no_grad()
+def move_teacher(policy, rate: float):
+    """[7] --teacher ema, after each optimizer step: theta_T += rate (theta - theta_T) in fp32,
+    tensor by tensor (FSDP: each rank its own shards; DDP: the same update of the same replicas
+    on every rank). rate 1: a copy (the start of RL); 0: none (base). FSDP: the teacher's root,
+    left gathered by its forwards, is resharded first."""
+    reshard(policy.teacher.wrapped)
+    if rate == 0:
+        return
+    for theta_t, theta in zip(policy.teacher.lm.parameters(), policy.lm.parameters(), strict=True):
+        if rate == 1:
+            theta_t.copy_(theta)
+        else:
+            theta_t.lerp_(theta, rate)
 
 
 def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
@@ -713,9 +763,10 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     g1, g2, tok = cfg.num_generations, cfg.num_guided_generations, policy.tokenizer
     batch = Batch(problems, [prompt_ids(tok, cfg, q, guided=False) for q in problems],
                   [prompt_ids(tok, cfg, q, guided=True) for q in problems])
-    # [1] G1 autonomous and G2 strategy-guided rollouts per problem (FSDP: the weights gathered
-    # once for all generate calls), and their binary rewards
-    with full_weights(policy.wrapped), autocast(cfg.dtype, dev):
+    # [1] G1 autonomous and G2 strategy-guided rollouts per problem (FSDP: the samplers' weights
+    # gathered once for all generate calls), and their binary rewards
+    samplers = policy.wrapped, guided_sampler(policy, cfg).wrapped
+    with full_weights(*samplers), autocast(cfg.dtype, dev):
         auto, guided = sample_rollouts(policy, batch.auto_prompts, batch.guided_prompts, cfg)
     batch.rollouts = [auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2]
                       for b in range(len(problems))]
@@ -774,7 +825,7 @@ def setup(argv):
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
         lambda tokenizer: len(turn_end_ids(tokenizer)))
     # (folder, its trainer state): --resume alone passes over a damaged newest checkpoint
-    resume = resolve_resume(cfg.resume, cfg.output_dir, cfg.fsdp) if cfg.resume else None
+    resume = resolve_resume(cfg) if cfg.resume else None
     check_output_dir(cfg.output_dir, resume, cfg.overwrite_output_dir)
     if cfg.fsdp and "RANK" not in os.environ:
         raise UsageError("--fsdp: needs a process group; launch with torchrun "
@@ -784,9 +835,18 @@ def setup(argv):
     # GPU. check_data: every row tokenizes and fits the context, before the weights load.
     lm, tokenizer = load_model(resume[0] if resume else cfg.model, torch.float32,
                                "cpu" if cfg.fsdp else device, check_data, trainable=True)
+    teacher = None
+    if cfg.teacher != "live":
+        # fp32 like the policy (so that base == live exactly until the first step; an EMA in
+        # bf16 would drop lr-1e-6 moves): a resumed run's from its checkpoint, else a copy
+        t_lm = load_weights(f"{resume[0]}/teacher", lm.device) if resume else copy.deepcopy(lm)
+        t_lm.generation_config = lm.generation_config  # (its end-of-turn ids)
+        teacher = Policy.of(t_lm.eval().requires_grad_(False), tokenizer, device,
+                            lambda backbone: wrap(backbone, cfg, False, device))
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(lm)
     policy = Policy.of(lm, tokenizer, device, lambda backbone: wrap(backbone, cfg, ddp, device))
+    policy.teacher = teacher
     return cfg, (problems, sft_problems, eval_problems), resume, policy
 
 
@@ -818,6 +878,9 @@ def train(cfg: Config, data, resume, policy):
     if warming_up:
         sft_warmup(sft_problems, policy, cfg, log)
         state["sft_done"] = True
+    # --teacher base/ema: the policy as RL starts (after the warm-up, if any)
+    if policy.teacher and state["step"] == 0:
+        move_teacher(policy, 1.0)
     # before RL (after the warm-up, if any)
     if eval_problems and state["step"] == 0 and not state["eval_start"]:
         log({"step": 0, **held_out_accuracy(policy, eval_problems, cfg, state, grade)})

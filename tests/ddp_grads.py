@@ -1,7 +1,10 @@
 """Helper for test_ddp.py: accumulate the gradient of fixed rollouts with `python` (all rows) or
 under `torchrun --nproc_per_node=2` (rows split unevenly over ranks, DDP over gloo, or FSDP2 with
-the argument `fsdp`; with `tied`, a model whose LM head is its input embedding); rank 0 saves it."""
+the argument `fsdp`; with `tied`, a model whose LM head is its input embedding; with `teacher`, a
+teacher of its own weights (--teacher base/ema), which then moves halfway to the policy by
+sgpo.move_teacher); rank 0 saves it, and the teacher's weights."""
 
+import copy
 import os
 import sys
 
@@ -20,6 +23,13 @@ torch.manual_seed(0)
 tok, model, cfg = tiny_setup(tied="tied" in sys.argv[2:])
 cfg.micro_batch_size = 2
 rows = training_rows(tok, model, cfg, n=6)  # identical on every rank; loss weights are global
+teacher = None
+if "teacher" in sys.argv[2:]:
+    # the policy's weights, each moved by seeded noise: a teacher that is not the live policy
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
 if "RANK" in os.environ:
     dist.init_process_group("gloo")
     # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous rows
@@ -33,8 +43,12 @@ if "RANK" in os.environ:
         else DDP
     )
     policy = sgpo.Policy.of(model, tok, "cpu", wrap)
+    if teacher is not None:
+        policy.teacher = sgpo.Policy.of(teacher, tok, "cpu", wrap if fsdp else lambda b: b)
 else:
     policy = sgpo.Policy.of(model, tok, "cpu")
+    if teacher is not None:
+        policy.teacher = sgpo.Policy.of(teacher, tok, "cpu")
 stats = runtime.Stats()
 sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
 metrics = stats.reduce("cpu")
@@ -42,8 +56,13 @@ grads = {
     n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
     for n, p in model.named_parameters()
 }
+teacher_weights = {}
+if teacher is not None:
+    sgpo.move_teacher(policy, 0.5)
+    for n, p in teacher.named_parameters():
+        teacher_weights[n] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
 if not dist.is_initialized() or dist.get_rank() == 0:
-    torch.save({"grads": grads, "metrics": metrics}, out_path)
+    torch.save({"grads": grads, "metrics": metrics, "teacher": teacher_weights}, out_path)
 if dist.is_initialized():
     # DDP's reducer holds the process group: freed at interpreter exit, gloo's threads abort
     # ("terminate called without an active exception", 1 run in 5 here). Release it first.

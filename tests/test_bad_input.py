@@ -199,6 +199,21 @@ CASES = [
         "bytes)",
     ),
     (
+        "sgpo.py", "--resume with another --teacher than the checkpoint's",
+        lambda c: _sgpo(
+            c, "--resume", _damaged(c["tmp"], c["run_dir"], lambda d: None), "--teacher", "ema"
+        ),
+        "error: --resume TMP/run/checkpoint-2: written with --teacher live; resume with it",
+    ),
+    (
+        "sgpo.py",
+        "--resume naming a checkpoint of a --teacher ema run whose teacher weights are missing",
+        lambda c: _sgpo(
+            c, "--resume", _damaged(c["tmp"], c["run_dir"], _teacher_lost), "--teacher", "ema"
+        ),
+        "error: --resume TMP/run/checkpoint-2: teacher/config.json: missing",
+    ),
+    (
         "sgpo.py",
         "--resume where every checkpoint is damaged",
         lambda c: _sgpo(c, "--resume") + ["--output_dir", _all_cut(c)],
@@ -263,6 +278,12 @@ CASES = [
         "needed)",
     ),
 ]
+
+
+def _teacher_lost(ckpt):
+    """A --teacher ema run's checkpoint (its flags say so) without its teacher/ folder."""
+    config = json.loads((ckpt / "sgpo_config.json").read_text())
+    (ckpt / "sgpo_config.json").write_text(json.dumps({**config, "teacher": "ema"}))
 
 
 def _all_cut(c):

@@ -21,11 +21,15 @@ def _run(args, out, *extra):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp tied"])
+@pytest.mark.parametrize(
+    "parallel", ["ddp", "fsdp", "fsdp tied", "ddp teacher", "fsdp teacher", "fsdp tied teacher"]
+)
 def test_world_size_2_equals_1(tmp_path, parallel):
     """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and zero-loss
     forwards keep the collectives matched (a missing one hangs). Tied: the LM head is the input
-    embedding, whose gradient comes from ChunkedHead and from the embedding lookup."""
+    embedding, whose gradient comes from ChunkedHead and from the embedding lookup. Teacher: a
+    teacher of its own weights (--teacher base/ema; under FSDP sharded like the policy) gives the
+    same gradient, and moves halfway to the policy (the EMA step) to the same weights."""
     flags = parallel.split()
     one = _run([], tmp_path / "one.pt", *flags[1:])
     two = _run(
@@ -39,6 +43,10 @@ def test_world_size_2_equals_1(tmp_path, parallel):
     # metrics are reduced over ranks too
     for key in ("loss/grpo", "loss/kd", "entropy", "kd/kl_mean"):
         assert abs(one["metrics"][key] - two["metrics"][key]) < 1e-6, key
+    assert one["teacher"].keys() == two["teacher"].keys()
+    assert bool(one["teacher"]) == ("teacher" in flags)
+    for name, w in one["teacher"].items():
+        assert torch.equal(w, two["teacher"][name]), name
 
 
 def test_process_group_freed_by_destroy(tiny_dir):

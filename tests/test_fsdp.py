@@ -1,5 +1,6 @@
 """--fsdp (FSDP2 over gloo, 2 ranks): the same training as DDP, HF checkpoints, exact resume after a
-kill."""
+kill; with an EMA teacher (--teacher ema), sharded like the policy, saved and resumed with it (the
+live teacher under FSDP: tests/test_ddp.py, test_simulate.py)."""
 
 import json
 import os
@@ -22,7 +23,8 @@ STEPS = 3
 
 def _args(warm_dir, data_file, eval_file, out):
     """A warm-up epoch, RL steps with held-out evaluations on the way: every phase that runs
-    forwards; with paper.args' activation checkpointing and several generate calls a step."""
+    forwards; with paper.args' activation checkpointing and several generate calls a step; an EMA
+    teacher that samples the guided rollouts (rate 0.5: it moves visibly in 3 steps)."""
     return (
         [
             "--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", STEPS,
@@ -31,7 +33,8 @@ def _args(warm_dir, data_file, eval_file, out):
         + COMMON
         + [
             "--eval_data", eval_file, "--eval_steps", 2, "--gradient_checkpointing", "true",
-            "--generation_batch_size", 10
+            "--generation_batch_size", 10, "--teacher", "ema", "--teacher_ema_rate", 0.5,
+            "--teacher_samples_guided", "true"
         ]
     )
 
@@ -65,7 +68,16 @@ def test_fsdp_equals_ddp(fsdp_run, warm_dir, data_file, eval_file, tmp_path):
             _weights(tmp_path / "ddp" / f"checkpoint-{step}")
         )
         assert max((fsdp[n] - plain[n]).abs().max().item() for n in plain) < 1e-5, step
+        t_fsdp, t_plain = (
+            _weights(fsdp_run / f"checkpoint-{step}" / "teacher"),
+            _weights(tmp_path / "ddp" / f"checkpoint-{step}" / "teacher")
+        )
+        assert max((t_fsdp[n] - t_plain[n]).abs().max().item() for n in t_plain) < 1e-5, step
+        # the teacher starts as the policy after the warm-up, then lags behind it
+        gap = max((t_fsdp[n] - fsdp[n]).abs().max().item() for n in fsdp)
+        assert gap == 0.0 if step == 0 else gap > 1e-5, (step, gap)
     assert all(p.dtype == torch.float32 for p in fsdp.values())
+    assert all(p.dtype == torch.float32 for p in t_fsdp.values())
     start = _weights(warm_dir)
     assert max((fsdp[n] - start[n]).abs().max().item() for n in start) > 1e-4  # it trained
     assert os.path.isdir(fsdp_run / "checkpoint-1" / "optimizer")  # sharded optimizer state (DCP)
@@ -112,6 +124,7 @@ def test_fsdp_kill_and_resume(fsdp_run, warm_dir, data_file, eval_file, tmp_path
         m["step"]: _comparable(m) for m in read_metrics(fsdp_run / "metrics.jsonl") if "step" in m
     }
     final = _weights(fsdp_run / f"checkpoint-{STEPS}")
+    final_teacher = _weights(fsdp_run / f"checkpoint-{STEPS}" / "teacher")
     for run, first in ((out, killed_at + 1), (tmp_path / "from0", 1)):
         metrics = [m for m in read_metrics(run / "metrics.jsonl") if m.get("step", 0) >= first]
         assert [m["step"] for m in metrics] == list(range(first, STEPS + 1))
@@ -119,6 +132,8 @@ def test_fsdp_kill_and_resume(fsdp_run, warm_dir, data_file, eval_file, tmp_path
             assert _comparable(m) == pytest.approx(reference[m["step"]], abs=1e-6), (run, m["step"])
         weights = _weights(run / f"checkpoint-{STEPS}")
         assert max((weights[n] - final[n]).abs().max().item() for n in final) == 0.0
+        teacher = _weights(run / f"checkpoint-{STEPS}" / "teacher")
+        assert max((teacher[n] - final_teacher[n]).abs().max().item() for n in final) == 0.0
 
 
 def test_fsdp_checkpoint_needs_fsdp_to_resume(fsdp_run, data_file, tmp_path, capsys):

@@ -200,19 +200,22 @@ def test_chunked_logps_equal_plain():
     assert torch.allclose(g, h.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("own_teacher_head", [False, True], ids=["live", "teacher head"])
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "sft", "logp"])
-def test_chunked_head_hand_written_gradient_equals_autograd(kind):
+def test_chunked_head_hand_written_gradient_equals_autograd(kind, own_teacher_head):
     """ChunkedHead's analytic backward == autograd through the plain full-logit computation, with
     random upstream gradients on BOTH outputs (D_t and log p_s(y)), any chunk size (1, 3, all), and
-    a temperature."""
+    a temperature; the teacher's logits from the student's head (live) or from a head of its own
+    (--teacher base/ema), which gets no gradient."""
     torch.manual_seed(1)
     M, H, V, T = 10, 8, 13, 0.7
     head = torch.nn.Linear(H, V, bias=False)
+    t_head = torch.nn.Linear(H, V, bias=False).requires_grad_(False) if own_teacher_head else head
     s_h, t_h, targets = (
         torch.randn(M, H, requires_grad=True), torch.randn(M, H), torch.randint(V, (M,))
     )
     a, b = torch.randn(M), torch.randn(M)  # d loss / d D_t, d loss / d log p_s(y)
-    s_logits, t_logits = head(s_h) / T, head(t_h) / T
+    s_logits, t_logits = head(s_h) / T, t_head(t_h) / T
     div_ref = (
         sgpo.per_token_kl(s_logits, t_logits, kind) if kind in ("fkl", "rkl") else torch.zeros(M)
     )
@@ -224,8 +227,9 @@ def test_chunked_head_hand_written_gradient_equals_autograd(kind):
     g_ref = s_h.grad.clone(), head.weight.grad.clone()
     for chunk in (1, 3, M):
         s_h.grad = head.weight.grad = None
+        teacher = (t_h, t_head.weight if own_teacher_head else None)
         logp, div, ent = chunked_head.ChunkedHead.apply(
-            s_h, head.weight, t_h, targets, T, kind, chunk
+            s_h, head.weight, teacher, targets, T, kind, chunk
         )
         (a * div + b * logp).sum().backward()
         for x, ref in (

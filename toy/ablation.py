@@ -12,6 +12,8 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
                                             # steps per rollout batch
     python toy/ablation.py --rows sizes # SGPO and its baselines at hidden 32, 64 and 128 (each
                                         # warm checkpoint built once, 25-50 min)
+    python toy/ablation.py --rows teachers  # SGPO with a base and an EMA teacher at each size
+    python toy/ablation.py --rows sgpo_ema_g2_h32  # ... whose guided rollouts the teacher samples
     # forward KL vs direct SFT, teacher with spread
     python toy/ablation.py --rows sgpo_spread direct_sft_spread
     # a subset; extra sgpo.py flags after --
@@ -138,6 +140,23 @@ for hidden in SIZES:
         )
 
 
+# A teacher that keeps its guided skill (--teacher): the policy as RL starts (base) or a moving
+# average of its weights (ema), at each size; and the guided rollouts sampled by that teacher.
+TEACHERS = ("base", "ema")
+for teacher in TEACHERS:
+    ROWS[f"sgpo_{teacher}"] = (f"SGPO, {teacher} teacher", ["--teacher", teacher])
+    ROWS[f"sgpo_{teacher}_g2"] = (
+        f"SGPO, {teacher} teacher sampling the guided rollouts",
+        ["--teacher", teacher, "--teacher_samples_guided", "true"]
+    )
+    for hidden in SIZES:
+        for row in (f"sgpo_{teacher}", f"sgpo_{teacher}_g2"):
+            label, flags = ROWS[row]
+            ROWS[at_size(row, hidden)] = (
+                f"{label}, hidden {hidden}", ["--model", f"{{size_{hidden}}}/model", *flags]
+            )
+
+
 def size_of(row: str) -> int:
     """The hidden size of the warm checkpoint a row starts from (64: the committed one)."""
     for hidden in SIZES:
@@ -178,8 +197,10 @@ GROUPS = {  # --rows names a group for its rows
 }
 GROUPS["proximal"] = [f"{row}_k{k}" for k in STEPS_PER_GENERATION for row in PROXIMAL]
 GROUPS["sizes"] = []
+GROUPS["teachers"] = []
 for hidden in ALL_SIZES:
     GROUPS["sizes"] += size_rows(hidden)
+    GROUPS["teachers"] += [at_size(f"sgpo_{teacher}", hidden) for teacher in TEACHERS]
 
 
 def records(out: str, key: str) -> list:
