@@ -1,11 +1,13 @@
 """
 The model as the scripts run it, shared by sgpo.py, evaluate.py and extract_strategies.py: prompts
-in the chat format, model loading, the training forward without the LM head (`Backbone`), and the
-generation engine: batched sampling that records the sampler's log-probs, prefills each distinct
-prompt once and cuts every response at its first EOS.
+in the chat format, model loading, the training forward without the LM head (`Backbone`, and
+sgpo.py's `Policy`, the views of the model it trains), and the generation engine: batched
+sampling that records the sampler's log-probs, prefills each distinct prompt once and cuts every
+response at its first EOS.
 """
 import inspect
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -169,6 +171,44 @@ def collate(pairs: list, pad_id: int):
         pred_idx.extend(range(start, start + len(r)))
         targets.extend(r)
     return input_ids, mask, torch.tensor(pred_idx), torch.tensor(targets)
+
+
+@dataclass
+class Policy:
+    """The parts of the one model sgpo.py trains: one model, several views of it."""
+    lm: torch.nn.Module
+    """The HF causal LM, head included, fp32 master weights: generates, is optimised and saved."""
+    backbone: Backbone
+    """lm minus its head: forwards without gradient (teacher, target scoring)."""
+    wrapped: torch.nn.Module
+    """The backbone as DDP or FSDP wraps it (or itself): the forward whose backward syncs ranks."""
+    head: torch.nn.Module
+    """lm's output embedding (tied to the input embedding in some models)."""
+    tokenizer: object
+    device: torch.device
+    teacher: "Policy" = None
+    """--teacher base/ema: the teacher's own weights, fp32 like lm's, never trained (FSDP: sharded
+    like the policy); None: the live policy teaches."""
+
+    @staticmethod
+    def of(lm, tokenizer, device, wrap_backbone=lambda backbone: backbone):
+        backbone = Backbone(lm)
+        return Policy(lm, backbone, wrap_backbone(backbone), lm.get_output_embeddings(),
+                      tokenizer, torch.device(device))
+
+    def teacher_view(self) -> "Policy":
+        """The weights the KD term's teacher runs: the teacher's own, or these (live)."""
+        return self.teacher or self
+
+    def response_hidden(self, pairs, sync_grads=True):
+        """(prompt ids, response ids) pairs -> [M, H] hidden states that predict the response
+        tokens, and those tokens [M]. sync_grads: through `wrapped`, whose backward syncs the
+        gradients over ranks (the student); else through the bare `backbone` (no gradient)."""
+        input_ids, mask, pred_idx, targets = collate(pairs, self.tokenizer.pad_token_id)
+        to = self.device
+        module = self.wrapped if sync_grads else self.backbone
+        hidden = module(input_ids.to(to), mask.to(to))  # [B, L, H]
+        return hidden.reshape(-1, hidden.shape[-1])[pred_idx.to(to)], targets.to(to)
 
 
 # ==== Generation.

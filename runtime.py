@@ -1,8 +1,8 @@
 """
 What sgpo.py's loop runs on, apart from the method: the process group (one file runs under `python`
-and `torchrun`), mixed precision, DDP or FSDP2 around the model, collectives that are no-ops in one
-process, metrics reduced over ranks, the output folder, and checkpoints (written whole or not at
-all, checked for damage, resumed exactly).
+and `torchrun`), mixed precision, the optimizer, DDP or FSDP2 around the model, collectives that
+are no-ops in one process, metrics reduced over ranks, the output folder, and checkpoints (written
+whole or not at all, checked for damage, resumed exactly).
 """
 import datetime
 import glob
@@ -66,6 +66,26 @@ def autocast(dtype_name: str, device):
     dtype = compute_dtype(dtype_name)
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# ==== The optimizer: AdamW over the fp32 master weights.
+def make_optimizer(lm, lr, cfg):
+    """AdamW over the fp32 master weights, with a linear warm-up of cfg.warmup_steps."""
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return optimizer, scheduler
+
+
+def optimizer_step(lm, opt, cfg):
+    """Clip, step, zero; returns the gradient norm before clipping."""
+    optimizer, scheduler = opt
+    grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    # FSDP: a DTensor
+    return number(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
 
 # ==== DDP or FSDP2 around the model.

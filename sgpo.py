@@ -47,16 +47,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
-from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Backbone, collate,
-                    enable_activation_checkpointing, generate, load_model, load_weights,
-                    prompt_ids, turn_end_ids)
+from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, enable_activation_checkpointing,
+                    generate, load_model, load_weights, prompt_ids, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
-                     compute_dtype, full_weights, get_rank, lockstep, number, rank_batches,
-                     reshard, resolve_resume, restore_checkpoint, save_checkpoint,
-                     setup_distributed, world_size, wrap)
+                     compute_dtype, full_weights, get_rank, lockstep, make_optimizer,
+                     optimizer_step, rank_batches, reshard, resolve_resume, restore_checkpoint,
+                     save_checkpoint, setup_distributed, world_size, wrap)
 
 
 @dataclass
@@ -304,45 +303,6 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-# ==== The policy: one model, several views of it.
-@dataclass
-class Policy:
-    """The parts of the one model that is trained."""
-    lm: torch.nn.Module
-    """The HF causal LM, head included, fp32 master weights: generates, is optimised and saved."""
-    backbone: Backbone
-    """lm minus its head: forwards without gradient (teacher, target scoring)."""
-    wrapped: torch.nn.Module
-    """The backbone as DDP or FSDP wraps it (or itself): the forward whose backward syncs ranks."""
-    head: torch.nn.Module
-    """lm's output embedding (tied to the input embedding in some models)."""
-    tokenizer: object
-    device: torch.device
-    teacher: "Policy" = None
-    """--teacher base/ema: the teacher's own weights, fp32 like lm's, never trained (FSDP: sharded
-    like the policy); None: the live policy teaches."""
-
-    @staticmethod
-    def of(lm, tokenizer, device, wrap_backbone=lambda backbone: backbone):
-        backbone = Backbone(lm)
-        return Policy(lm, backbone, wrap_backbone(backbone), lm.get_output_embeddings(),
-                      tokenizer, torch.device(device))
-
-    def teacher_view(self) -> "Policy":
-        """The weights the KD term's teacher runs: the teacher's own, or these (live)."""
-        return self.teacher or self
-
-    def response_hidden(self, pairs, sync_grads=True):
-        """(prompt ids, response ids) pairs -> [M, H] hidden states that predict the response
-        tokens, and those tokens [M]. sync_grads: through `wrapped`, whose backward syncs the
-        gradients over ranks (the student); else through the bare `backbone` (no gradient)."""
-        input_ids, mask, pred_idx, targets = collate(pairs, self.tokenizer.pad_token_id)
-        to = self.device
-        module = self.wrapped if sync_grads else self.backbone
-        hidden = module(input_ids.to(to), mask.to(to))  # [B, L, H]
-        return hidden.reshape(-1, hidden.shape[-1])[pred_idx.to(to)], targets.to(to)
-
-
 def head_outputs(head, hidden, targets, cfg: Config, teacher=None):
     """[M, H] student hidden states predicting [M] tokens -> [M] log p(y), [M] D_t (zeros unless
     teacher, ([M, H] the teacher's hidden states, its head), is given and kd_loss is fkl/rkl), [M]
@@ -530,25 +490,6 @@ def accumulate_gradients(policy, rows, cfg: Config, stats, ref=None, pi_old_now=
             loss = micro_batch_loss(policy, batch, cfg, stats, ref, pi_old_now)
         backward(loss)
     return n
-
-
-def make_optimizer(lm, lr, cfg: Config):
-    """AdamW over the fp32 master weights, with a linear warm-up of cfg.warmup_steps."""
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    return optimizer, scheduler
-
-
-def optimizer_step(lm, opt, cfg: Config):
-    """Clip, step, zero; returns the gradient norm before clipping."""
-    optimizer, scheduler = opt
-    grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    # FSDP: a DTensor
-    return number(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
 
 # ==== One RL step: the pieces, in the order rl_step calls them ([n]: the method sheet's step n).

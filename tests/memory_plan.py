@@ -8,14 +8,14 @@ device): an arithmetic table, and a simulation of the project's own step (tests/
     python tests/memory_plan.py --simulate --config out/smollm2/config.json --flags my.args \
         --world 2 -- --micro_batch_size 4   # any HF config; sgpo.py flags after --
 
-Arithmetic (bytes): fp32 master weights 4/param, fp32 gradients 4, AdamW moments 8 (DDP: all on
-every GPU; FSDP: divided by the world size); bf16 compute copy of the weights 2/param (DDP:
-autocast's cast cache during a forward; FSDP: the full weights gathered for generation); KV cache of
-one generate call = sequences x (prompt + new tokens) x 2 (K, V) x layers x kv_heads x head_dim x 2
-(bf16); KD loss chunk = kd_chunk_size x vocab x 14 (3 fp32 and one bf16 [chunk, V] tensors live,
-measured: tests/bench_kd_memory.py); activations under gradient checkpointing (estimate) =
-micro-batch tokens x (hidden x layers + ~3 x intermediate + ~8 x hidden of the recomputed layer)
-x 2.
+Arithmetic (bytes): fp32 master weights 4/param, fp32 gradients 4, AdamW moments 8, with --teacher
+base/ema the teacher's fp32 weights 4 (DDP: all on every GPU; FSDP: divided by the world size); bf16
+compute copy of the weights 2/param (DDP: autocast's cast cache during a forward; FSDP: the full
+weights gathered for generation); KV cache of one generate call = sequences x (prompt + new tokens)
+x 2 (K, V) x layers x kv_heads x head_dim x 2 (bf16); KD loss chunk = kd_chunk_size x vocab x 14 (3
+fp32 and one bf16 [chunk, V] tensors live, measured: tests/bench_kd_memory.py); activations under
+gradient checkpointing (estimate) = micro-batch tokens x (hidden x layers + ~3 x intermediate + ~8 x
+hidden of the recomputed layer) x 2.
 """
 
 import argparse
@@ -65,7 +65,8 @@ def plan(config, args) -> dict:
     kd_chunk = args.kd_chunk_size * config.vocab_size * 14
     out = {"parameters (B)": n / 1e9, "KV cache per token (KB)": kv_per_token / 1e3}
     for mode, shard in (("DDP", 1), (f"FSDP x{args.world}", args.world)):
-        states = 16 * n / shard
+        teacher = 0 if args.teacher == "live" else 4 * n / shard
+        states = 16 * n / shard + teacher
         gen = states + 2 * n + kv_call
         train = (
             states
@@ -74,7 +75,8 @@ def plan(config, args) -> dict:
             + kd_chunk
         )
         out[mode] = dict(
-            weights_grads_adam=states / GB, bf16_weights=2 * n / GB, kv_cache_per_call=kv_call / GB,
+            weights_grads_adam=states / GB, teacher=teacher / GB, bf16_weights=2 * n / GB,
+            kv_cache_per_call=kv_call / GB,
             generate_calls=calls, kd_chunk=kd_chunk / GB, activations=act / GB,
             peak_generation=gen / GB, peak_update=train / GB
         )
@@ -163,6 +165,8 @@ def main():
     p.add_argument("--max_completion_length", type=int, default=8192)
     p.add_argument("--micro_batch_size", type=int, default=2)
     p.add_argument("--kd_chunk_size", type=int, default=256)
+    p.add_argument("--teacher", default="live", choices=["live", "base", "ema"],
+                   help="base/ema: the teacher's own fp32 weights (in the first column)")
     argv = sys.argv[1:]
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -175,7 +179,8 @@ def main():
         else {k: AutoConfig.for_model(**v) for k, v in CONFIGS.items()}
     )
     print(
-        "| model | mode | weights + grads + AdamW | bf16 weights | KV cache / generate call "
+        "| model | mode | weights + grads + AdamW (+ teacher) | bf16 weights "
+        "| KV cache / generate call "
         "(calls / step) | KD chunk "
         "| activations (est.) | peak in generation | peak in the update "
         "|\n|---|---|---|---|---|---|---|---|---|"

@@ -39,7 +39,7 @@ class Script:
     def add(self, prompt, responses):
         self.queue.setdefault(tuple(prompt), []).extend(responses)
 
-    def sample(self, policy, prompts, cfg):
+    def sample(self, policy, prompts, cfg, lm=None):
         out = []
         for p in prompts:
             ids = self.queue[tuple(p)].pop(0)

@@ -131,12 +131,15 @@ def tensor_bytes(tensors) -> int:
 
 
 def resident(policy, optimizer) -> dict:
-    """The bytes that live across phases: parameters, gradients, AdamW state."""
+    """The bytes that live across phases: parameters, gradients, AdamW state, the teacher's own
+    weights (--teacher base/ema)."""
     params = list(policy.lm.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    teacher = policy.teacher.lm.parameters() if policy.teacher else []
     return dict(parameters=tensor_bytes(params),
                 gradients=tensor_bytes(p.grad for p in params if p.grad is not None),
-                optimizer_state=tensor_bytes(s for s in state if s.dim() > 0))
+                optimizer_state=tensor_bytes(s for s in state if s.dim() > 0),
+                teacher=tensor_bytes(teacher))
 
 
 @contextmanager
@@ -152,18 +155,21 @@ def fake_world(world: int):
         del os.environ["WORLD_SIZE"], os.environ["RANK"]
 
 
-def build_policy(config, cfg, tokenizer, mode):
+def build_policy(config, cfg, tokenizer, mode, teacher=False):
     """The model of `config` as sgpo.py trains it: fp32 weights (with a FakeTensorMode: built on
     meta and given fake storage once sharded; else real random ones), activation checkpointing per
     the flags, wrapped by runtime.wrap over the process group (outside the fake mode: a device
-    mesh cannot be built inside it)."""
+    mesh cannot be built inside it). teacher: as sgpo.setup builds a teacher of its own weights
+    (frozen, sharded under FSDP, else bare)."""
     fake = mode is not None
     from transformers import AutoModelForCausalLM
     device = torch.device("cpu")
     with torch.device("meta" if fake else "cpu"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lm.generation_config.eos_token_id = [tokenizer.eos_token_id]
-    if cfg.gradient_checkpointing:
+    if teacher:
+        lm.requires_grad_(False)
+    elif cfg.gradient_checkpointing:
         engine.enable_activation_checkpointing(lm)
 
     def materialize(module):
@@ -179,7 +185,8 @@ def build_policy(config, cfg, tokenizer, mode):
         # DDP's reducer reads its parameters' data when built, which fake tensors lack: the
         # backbone runs bare, and the reducer's gradient buckets (an fp32 copy of the gradients)
         # are added to the update (DDP_BUCKETS)
-        return runtime.wrap(backbone, cfg, dist.is_initialized() and not fake, device)
+        return runtime.wrap(backbone, cfg, dist.is_initialized() and not (fake or teacher),
+                            device)
 
     return sgpo.Policy.of(lm, tokenizer, device, wrap)
 
@@ -225,7 +232,9 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
     batch = cfg.generation_batch_size or cfg.batch_size * (cfg.num_generations
                                                            + cfg.num_guided_generations)
     tracker.label = "gathered weights"
-    with torch.no_grad(), runtime.full_weights(policy.wrapped), runtime.autocast(cfg.dtype, dev):
+    # as rl_step gathers them: the policy's, and the teacher's where it samples the guided rollouts
+    samplers = policy.wrapped, sgpo.guided_sampler(policy, cfg).wrapped
+    with torch.no_grad(), runtime.full_weights(*samplers), runtime.autocast(cfg.dtype, dev):
         tracker.label = "prompts' prefill"
         cache = engine._kv_cache(lm, dev, always=True)
         ids = torch.ones((batch, prompt_tokens), dtype=torch.long, device=dev)
@@ -263,6 +272,8 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     out = {}
     policy = build_policy(config, cfg, tokenizer, mode)
+    if cfg.teacher != "live":
+        policy.teacher = build_policy(config, cfg, tokenizer, mode, teacher=True)
     with mode or nullcontext():
         opt = sgpo.make_optimizer(policy.lm, cfg.learning_rate, cfg)
         phases = [
@@ -295,10 +306,12 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
 
 def categories(out, phase) -> dict:
     """A phase's peak split by what holds it: parameters, gradients, AdamW state (resident, or the
-    gradients made in the update), the gathered weights (FSDP: full_weights), the KV cache
+    gradients made in the update), the teacher's own weights, the gathered weights (FSDP:
+    full_weights), the KV cache
     (generation: at its final length), DDP's buckets, and the rest: activations and temporaries."""
     r = out[phase]
     parts = {"parameters": r["resident"]["parameters"],
+             "teacher weights": r["resident"]["teacher"],
              "gradients": out["gradients"] if phase == "update" else 0,
              "optimizer state": r["resident"]["optimizer_state"],
              "gathered weights": r["at_peak"].get("gathered weights", 0),
@@ -331,3 +344,6 @@ def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
     out["gradients"] = tensor_bytes(p.grad for p in policy.lm.parameters() if p.grad is not None)
     tracker.label = "optimizer step"
     sgpo.optimizer_step(policy.lm, opt, cfg)
+    if policy.teacher:
+        # as update_policy moves it (the teacher's root, gathered by its forwards, resharded)
+        sgpo.move_teacher(policy, cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0)

@@ -1,5 +1,6 @@
 """Each ablation row of the method sheet is one flag away, and the flag does what its row says."""
 
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -177,7 +178,7 @@ def test_generate_by_mode_or_together_gives_each_mode_its_rollouts(monkeypatch):
     its G1 autonomous and G2 guided responses, in order."""
     calls = []
 
-    def echo(policy, prompts, cfg):
+    def echo(policy, prompts, cfg, lm=None):
         calls.append(len(prompts))
         return [{"ids": list(p)} for p in prompts]
 
@@ -186,7 +187,7 @@ def test_generate_by_mode_or_together_gives_each_mode_its_rollouts(monkeypatch):
     for by_mode, expected_calls in ((True, [6, 4]), (False, [10])):
         calls.clear()
         cfg = sgpo.Config(num_generations=3, num_guided_generations=2, generate_by_mode=by_mode)
-        a, g = sgpo.sample_rollouts(None, auto, guided, cfg)
+        a, g = sgpo.sample_rollouts(SimpleNamespace(teacher=None, lm=None), auto, guided, cfg)
         assert calls == expected_calls
         assert [r["ids"] for r in a] == [[1]] * 3 + [[2]] * 3
         assert [r["ids"] for r in g] == [[10]] * 2 + [[20]] * 2

@@ -37,11 +37,13 @@ def test_fake_tensors_give_the_real_peaks():
     assert fake["kv_cache"] == real["kv_cache"] > 0
 
 
+@pytest.mark.parametrize("teacher", ["live", "ema"])
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_resident_bytes_are_the_closed_forms(fsdp):
+def test_resident_bytes_are_the_closed_forms(fsdp, teacher):
     """World 2, fake process group: parameters 4 bytes each, gradients 4, AdamW 8, all on every
     rank under DDP (plus its gradient buckets, 4), rank 0's shard of each under FSDP (FSDP2 gives
-    rank 0 ceil(rows / 2) rows of every parameter)."""
+    rank 0 ceil(rows / 2) rows of every parameter); a teacher of its own (--teacher ema) 4 more,
+    sharded alike, and with it the teacher gathered beside the policy where it samples."""
     config = AutoConfig.from_pretrained(CONFIG)
     with torch.device("meta"):
         shapes = [p.shape for p in AutoModelForCausalLM.from_config(config).parameters()]
@@ -49,8 +51,14 @@ def test_resident_bytes_are_the_closed_forms(fsdp):
     shard = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) for s in shapes)
     mine = shard if fsdp else n
     with fake_world(2):
-        out = simulate(config, _cfg(fsdp=fsdp), prompt_tokens=30)
+        out = simulate(config, _cfg(fsdp=fsdp, teacher=teacher, teacher_samples_guided=True),
+                       prompt_tokens=30)
     assert out["resident"]["parameters"] == 4 * mine
+    assert out["resident"]["teacher"] == (4 * mine if teacher == "ema" else 0)
+    if fsdp:
+        # generation gathers the sampling models' weights (fp32 compute here): 4 bytes each
+        gathered = out["generation"]["at_peak"]["gathered weights"]
+        assert gathered == 4 * n * (2 if teacher == "ema" else 1)
     assert out["gradients"] == 4 * mine
     assert out["resident"]["optimizer_state"] == 8 * mine
     # the update's peak holds at least the parameters, gradients and AdamW state
@@ -75,7 +83,8 @@ def test_memory_plan_simulate_prints_phases_and_a_json_line(capsys, monkeypatch)
     assert (result["world"], result["fsdp"]) == (2, True)
     assert result["peak_gb"] == max(result[f"{p}_gb"] for p in ("generation", "scoring", "update"))
     assert any(line.startswith("| update | **") for line in lines)
-    header = "| phase | peak GB | parameters | gradients | optimizer state | gathered weights"
+    header = ("| phase | peak GB | parameters | teacher weights | gradients | optimizer state | "
+              "gathered weights")
     assert any(line.startswith(header) for line in lines)
 
 
