@@ -147,11 +147,12 @@ def _comparable(m):
 
 
 def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, tmp_path):
-    # with evaluations on the way: greedy, they must not shift the sampling of the steps after them
+    """With evaluations on the way (greedy: they must not shift the sampling of the steps after
+    them) and a base teacher (its weights saved and reloaded: the warm model's, exactly)."""
     args = (
         ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1]
         + COMMON
-        + ["--eval_data", eval_file, "--eval_steps", 3]
+        + ["--eval_data", eval_file, "--eval_steps", 3, "--teacher", "base"]
     )
     ref = run_sgpo(args + ["--output_dir", tmp_path / "ref"])
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -183,6 +184,12 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, t
     for m in metrics[killed_at + 1 :]:
         for k, v in _comparable(m).items():
             assert v == pytest.approx(reference[m["step"]][k], abs=1e-6), (m["step"], k)
+    assert "eval/teacher_guided_acc" in metrics[-1]
+    warm = dict(AutoModelForCausalLM.from_pretrained(warm_dir).named_parameters())
+    for run in (tmp_path / "ref", out):
+        teacher = AutoModelForCausalLM.from_pretrained(run / "checkpoint-8" / "teacher")
+        for name, w in teacher.named_parameters():
+            assert torch.equal(w, warm[name]), (run, name)
 
 
 def test_warmup_evaluated_once_across_a_resume(tiny_dir, data_file, eval_file, tmp_path):
@@ -302,7 +309,7 @@ def test_paper_args_file():
     sheet = dict(
         num_generations=8, num_guided_generations=4, epsilon=0.2, epsilon_high=0.28, beta=0.0,
         kd_loss="fkl", kl_clip=1.0, target_selection=True, adaptive_alpha=True, alpha_0=0.5,
-        alpha_gamma=0.1, alpha_max=0.8
+        alpha_gamma=0.1, alpha_max=0.8, teacher="live"
     )
     assert {k: getattr(cfg, k) for k in sheet} == sheet
     assert (cfg.model, cfg.data, cfg.max_steps, cfg.eval_data, cfg.gradient_checkpointing) == (

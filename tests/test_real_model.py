@@ -49,8 +49,10 @@ def smollm2(tmp_path_factory):
 
 def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
     """sgpo.py as a user runs it: an SFT warm-up, then an RL step of 2 problems x (2 + 2)
-    rollouts. The sampler's log-probs equal the trainer's (fp32), the step trains, and the last
-    checkpoint reloads into a model whose greedy output is the in-memory model's."""
+    rollouts, with an EMA teacher. The sampler's log-probs equal the trainer's (fp32), the step
+    trains, the last checkpoint reloads into a model whose greedy output is the in-memory model's,
+    and its teacher is the EMA of the warm and the trained weights: 0.95 x checkpoint-0 + 0.05 x
+    checkpoint-1."""
     data = tmp_path / "train.jsonl"
     write_jsonl(data, [{**q, "strategy": STRATEGY} for q in _problems(2)])
     probe = engine.prompt_ids(engine.load_model(smollm2, torch.float32, "cpu")[1], sgpo.Config(),
@@ -70,7 +72,7 @@ def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
             "--sft_epochs", 1, "--sft_learning_rate", 1e-5, "--learning_rate", 1e-5,
             "--batch_size", 2, "--num_generations", 2, "--num_guided_generations", 2,
             "--max_completion_length", 12, "--max_steps", 1, "--micro_batch_size", 8,
-            "--reward_workers", 0]
+            "--reward_workers", 0, "--teacher", "ema"]
     assert sgpo.main([str(a) for a in args]) == 0
     metrics = read_metrics(out / "metrics.jsonl")
     sft, rl = metrics[:1], metrics[1:]
@@ -85,6 +87,17 @@ def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
     outs = engine.generate(reloaded, [probe], tok.pad_token_id,
                            reloaded.generation_config.eos_token_id, "cpu", 0.0, 12)
     assert sorted(greedy) == [0, 1] and outs[0]["ids"] == greedy[1]
+    warm, trained = (dict(engine.load_model(str(out / f"checkpoint-{k}"), torch.float32,
+                                            "cpu")[0].named_parameters()) for k in (0, 1))
+    teacher = dict(engine.load_weights(str(out / "checkpoint-1" / "teacher"),
+                                       "cpu").named_parameters())
+    assert teacher.keys() == trained.keys()
+    moved = 0.0
+    for name, t in teacher.items():
+        closed = 0.95 * warm[name] + 0.05 * trained[name]
+        assert torch.allclose(t, closed, atol=1e-6), name
+        moved = max(moved, (trained[name] - warm[name]).abs().max().item())
+    assert moved > 1e-5
 
 
 def test_plain_and_chunked_loss_agree_on_smollm2(smollm2):
