@@ -263,6 +263,23 @@ def generate(model, prompts: list, pad_id: int, eos_ids: list, device, temperatu
     return results
 
 
+def sample(policy, prompts, cfg, lm=None):
+    """sgpo.py's rollouts: responses to prompts (generate: ids up to the first EOS, truncation,
+    sampler log-probs) at cfg's sampling settings, cfg.generation_batch_size sequences per call.
+    lm: another sampler than the policy's (its teacher)."""
+    return generate(lm or policy.lm, prompts, policy.tokenizer.pad_token_id,
+                    policy.lm.generation_config.eos_token_id, policy.device, cfg.temperature,
+                    cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
+
+
+def repeat_each(items, n):
+    """[a, b], 2 -> [a, a, b, b]."""
+    out = []
+    for x in items:
+        out += [x] * n
+    return out
+
+
 def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     """One HF generate call on the prompts of batch -> [N, T] sampled ids."""
     from transformers import LogitsProcessorList

@@ -15,7 +15,8 @@ unguided policy finds most likely. ../shared/SGPO_METHOD.md is the method; READM
 
 Design choices:
 1. One model plays every part: sampler, teacher (the same weights with the strategy in the prompt,
-   no gradient) and student. `Policy` bundles its views.
+   no gradient) and student; `Policy` bundles its views. (--teacher base/ema: the teacher's
+   weights of its own, the policy as RL starts or a moving average of it.)
 2. The loss needs full-vocabulary log-probs at every response position but never holds [B, T, V]
    logits: the LM head runs chunk by chunk with a hand-written gradient (chunked_head.py);
    `--chunked_head false` runs the plain formulas below instead.
@@ -30,8 +31,9 @@ Design choices:
 
 Reading order: Config; the pure loss functions; `micro_batch_loss` and its three terms (the
 objective); one RL step's pieces, marked [n] with the method sheet's step n, and `rl_step`;
-`train`. Plumbing: engine.py (the model, generation), runtime.py (ranks, FSDP, checkpoints),
-metrics.py (what a run reports), inputs.py (flags, data), reward.py (math-verify), chunked_head.py.
+`train`. Plumbing: engine.py (the model, Policy, generation), runtime.py (ranks, the optimizer,
+FSDP, checkpoints), metrics.py (what a run reports), inputs.py (flags, data), reward.py
+(math-verify), chunked_head.py.
 """
 import copy
 import itertools
@@ -48,7 +50,7 @@ from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
 from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, enable_activation_checkpointing,
-                    generate, load_model, load_weights, prompt_ids, turn_end_ids)
+                    load_model, load_weights, prompt_ids, repeat_each, sample, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
@@ -506,15 +508,6 @@ class Batch:
     rewards: torch.Tensor = None  # [B, G1 + G2] binary
 
 
-def sample(policy, prompts, cfg: Config, lm=None):
-    """Responses to prompts (engine.generate: ids up to the first EOS, truncation, sampler
-    log-probs), cfg.generation_batch_size sequences per generate call. lm: another sampler than
-    the policy's (its teacher)."""
-    return generate(lm or policy.lm, prompts, policy.tokenizer.pad_token_id,
-                    policy.lm.generation_config.eos_token_id, policy.device, cfg.temperature,
-                    cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
-
-
 def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
     """[1] G1 autonomous and G2 guided responses per problem: one generate call (or
     generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode false);
@@ -532,14 +525,6 @@ def guided_sampler(policy, cfg: Config):
     """Who samples the G2 guided rollouts: the teacher under --teacher_samples_guided, else the
     policy."""
     return policy.teacher if policy.teacher and cfg.teacher_samples_guided else policy
-
-
-def repeat_each(items, n):
-    """[a, b], 2 -> [a, a, b, b]."""
-    out = []
-    for x in items:
-        out += [x] * n
-    return out
 
 
 def grade_rollouts(batch: Batch, tokenizer, grade) -> torch.Tensor:

@@ -31,6 +31,9 @@ if "teacher" in sys.argv[2:]:
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn(p.shape))
 if "RANK" in os.environ:
+    # imported before the process group, as runtime.setup_distributed does: imported after, it
+    # holds the group, and gloo's threads can abort the interpreter's exit
+    __import__("torch.distributed.checkpoint")
     dist.init_process_group("gloo")
     # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous rows
     # (one pass, then zero-loss passes) and so no KD metrics at all

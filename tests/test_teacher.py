@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
+import engine
 import runtime
 import sgpo
 from tests.conftest import fresh, tiny_setup, training_rows
@@ -104,7 +105,7 @@ def test_guided_rollouts_sampled_by_the_teacher_when_asked(from_teacher):
         calls.append((lm, len(prompts)))
         return [dict(ids=[1], truncated=False, sampler_logps=torch.zeros(1))] * len(prompts)
 
-    with mock.patch.object(sgpo, "generate", record):
+    with mock.patch.object(engine, "generate", record):
         auto, guided = sgpo.sample_rollouts(policy, [[5, 6]] * 2, [[7, 8]] * 2, cfg)
     assert len(auto) == 2 * cfg.num_generations and len(guided) == 2 * cfg.num_guided_generations
     g1, g2 = 2 * cfg.num_generations, 2 * cfg.num_guided_generations
