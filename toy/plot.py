@@ -5,10 +5,12 @@ install matplotlib`).
 
     python toy/plot.py                              # every row with finished runs in out/ablation
     python toy/plot.py --rows sgpo grpo_only sft_grpo --out toy/main_table.png
-    python toy/plot.py --sizes                      # final accuracy against model size
+    python toy/plot.py --sizes   # final accuracy against model size, per teacher (toy/sizes.json
+                                 # keeps the numbers when out/ablation no longer has the runs)
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -26,46 +28,75 @@ def curves(out: str) -> dict:
     }
 
 
-def final_accuracies(output_dir: str, row: str, hidden: int):
-    """Final unguided accuracies (%) of a row's seeds 0-2 at one model size; None unless all three
-    finished."""
-    ends = [final_eval(os.path.join(output_dir, f"{at_size(row, hidden)}-seed{seed}"))
-            for seed in (0, 1, 2)]
-    return None if None in ends else [100 * end[1]["eval/unguided_acc"] for end in ends]
+# The size runs' final accuracies, kept for the figure when out/ablation no longer holds the runs:
+# written by --sizes from the runs it finds (the live-teacher rows and baselines at hidden 32 and
+# 128 were entered from toy/README.md's table, whose runs are gone).
+RECORDED = os.path.join(ROOT, "toy", "sizes.json")
+TEACHER_ROWS = {"sgpo": "live teacher", "sgpo_base": "base teacher", "sgpo_ema": "EMA teacher"}
+BASELINES = SIZE_ROWS[1:]
+
+
+def final_accuracies(output_dir: str, row: str, hidden: int, recorded: dict):
+    """{'unguided': [3 seeds], 'guided': [3 seeds], 'teacher_guided' (a teacher of its own): [3
+    seeds]} final accuracies (%) of a row's seeds 0-2 at one model size, from its runs (then kept
+    in recorded) or from recorded; None if neither."""
+    name = at_size(row, hidden)
+    ends = [final_eval(os.path.join(output_dir, f"{name}-seed{seed}")) for seed in (0, 1, 2)]
+    if None not in ends:
+        modes = [m for m in ("unguided", "guided", "teacher_guided")
+                 if f"eval/{m}_acc" in ends[0][1]]
+        recorded[name] = {mode: [100 * end[1][f"eval/{mode}_acc"] for end in ends]
+                          for mode in modes}
+    return recorded.get(name)
 
 
 def plot_sizes(plt, output_dir: str, out: str) -> None:
-    """Final unguided accuracy of SGPO (at the default learning rate and at 3e-5, dashed) and its
-    baselines against the warm checkpoint's size (a point per seed, a line through the means), and
-    SGPO's gain over its best baseline."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    sizes = ALL_SIZES
-    means = {}  # row -> {hidden: mean over seeds}
-    for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
-        found = {h: final_accuracies(output_dir, row, h) for h in sizes}
+    """Against the warm checkpoint's size: the final unguided accuracy of SGPO with each teacher
+    and of its baselines (a point per seed, a line through the means), the final guided accuracy
+    (the policy's own skill, with the strategy; dashed: the base/EMA teacher's), and SGPO's gain
+    over its best baseline per teacher."""
+    recorded = json.load(open(RECORDED)) if os.path.exists(RECORDED) else {}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    sizes, means = ALL_SIZES, {}  # row -> {hidden: mean unguided over seeds}
+    for row in (*TEACHER_ROWS, *BASELINES):
+        found = {h: final_accuracies(output_dir, row, h, recorded) for h in sizes}
         found = {h: ends for h, ends in found.items() if ends}
         if not found:
             continue
-        means[row] = {h: sum(ends) / len(ends) for h, ends in found.items()}
+        means[row] = {h: sum(e["unguided"]) / 3 for h, e in found.items()}
+        label = f"SGPO, {TEACHER_ROWS[row]}" if row in TEACHER_ROWS else ROWS[row][0]
         (line,) = axes[0].plot(list(means[row]), list(means[row].values()), marker="o",
-                               ls="-" if row in SIZE_ROWS else "--", label=ROWS[row][0])
+                               ls="-" if row in TEACHER_ROWS else ":", label=label)
         for h, ends in found.items():
-            axes[0].scatter([h] * len(ends), ends, s=12, alpha=0.5, color=line.get_color())
-    sgpo_rows = [row for row in ("sgpo", "sgpo_lr3e-5") if row in means]
-    for k, row in enumerate(sgpo_rows):
-        gains = {h: mean - max(means[b][h] for b in SIZE_ROWS[1:])
+            axes[0].scatter([h] * 3, ends["unguided"], s=12, alpha=0.5, color=line.get_color())
+        if row in TEACHER_ROWS:
+            guided = {h: sum(e["guided"]) / len(e["guided"]) for h, e in found.items()}
+            axes[1].plot(list(guided), list(guided.values()), marker="o", label=label,
+                         color=line.get_color())
+            teacher = {h: sum(e["teacher_guided"]) / 3 for h, e in found.items()
+                       if "teacher_guided" in e}
+            if teacher:
+                axes[1].plot(list(teacher), list(teacher.values()), marker="x", ls="--",
+                             color=line.get_color(), label=f"{TEACHER_ROWS[row]} itself")
+    teachers = [row for row in TEACHER_ROWS if row in means]
+    for k, row in enumerate(teachers):
+        gains = {h: mean - max(means[b][h] for b in BASELINES if h in means.get(b, {}))
                  for h, mean in means[row].items()}
-        axes[1].bar([sizes.index(h) + 0.4 * k for h in gains], list(gains.values()), width=0.4,
-                    label=ROWS[row][0])
-    shift = 0.2 * (len(sgpo_rows) - 1)
-    axes[0].set(title="unguided greedy accuracy after training", xlabel="hidden units (3 layers)",
-                ylabel="accuracy (%)", ylim=(0, 102), xscale="log", xticks=sizes)
-    axes[0].set_xticklabels([str(h) for h in sizes])
-    axes[0].minorticks_off()
-    axes[1].set(title="SGPO minus its best baseline (means of 3 seeds)", ylabel="points",
+        axes[2].bar([sizes.index(h) + 0.25 * k for h in gains], list(gains.values()), width=0.25,
+                    label=TEACHER_ROWS[row])
+    with open(RECORDED, "w") as f:
+        json.dump(recorded, f, indent=1, sort_keys=True)
+    titles = ("unguided greedy accuracy after training", "guided greedy accuracy after training")
+    for ax, title in zip(axes[:2], titles):
+        ax.set(title=title, xlabel="hidden units (3 layers)", ylabel="accuracy (%)",
+               ylim=(0, 102), xscale="log", xticks=sizes)
+        ax.set_xticklabels([str(h) for h in sizes])
+        ax.minorticks_off()
+    shift = 0.125 * (len(teachers) - 1)
+    axes[2].set(title="SGPO minus its best baseline (means of 3 seeds)", ylabel="points",
                 xlabel="hidden units (3 layers)", xticks=[i + shift for i in range(len(sizes))])
-    axes[1].set_xticklabels([str(h) for h in sizes])
-    axes[1].axhline(0, color="gray", lw=1)
+    axes[2].set_xticklabels([str(h) for h in sizes])
+    axes[2].axhline(0, color="gray", lw=1)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
