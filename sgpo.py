@@ -35,7 +35,6 @@ objective); one RL step's pieces, marked [n] with the method sheet's step n, and
 FSDP, checkpoints), metrics.py (what a run reports), inputs.py (flags, data), reward.py
 (math-verify), chunked_head.py.
 """
-import copy
 import itertools
 import math
 import os
@@ -315,8 +314,9 @@ def head_outputs(head, hidden, targets, cfg: Config, teacher=None):
     if cfg.chunked_head:
         # (the live teacher: the student's own head weight, None)
         t_weight = None if t_head is head else head_weight(t_head)
-        return ChunkedHead.apply(hidden, head_weight(head), teacher and (t_hidden, t_weight),
-                                 targets, cfg.temperature, kind, cfg.kd_chunk_size)
+        t_args = None if teacher is None else (t_hidden, t_weight)
+        return ChunkedHead.apply(hidden, head_weight(head), t_args, targets, cfg.temperature,
+                                 kind, cfg.kd_chunk_size)
     logits = head(hidden).float() / cfg.temperature  # [M, V]
     log_p = logits.log_softmax(-1)  # [M, V]
     logp = log_p.gather(-1, targets[:, None]).squeeze(-1)
@@ -761,18 +761,19 @@ def setup(argv):
     # GPU. check_data: every row tokenizes and fits the context, before the weights load.
     lm, tokenizer = load_model(resume[0] if resume else cfg.model, torch.float32,
                                "cpu" if cfg.fsdp else device, check_data, trainable=True)
-    teacher = None
-    if cfg.teacher != "live":
-        # fp32 like the policy (so that base == live exactly until the first step; an EMA in
-        # bf16 would drop lr-1e-6 moves): a resumed run's from its checkpoint, else a copy
-        t_lm = load_weights(f"{resume[0]}/teacher", lm.device) if resume else copy.deepcopy(lm)
-        t_lm.generation_config = lm.generation_config  # (its end-of-turn ids)
-        teacher = Policy.of(t_lm.eval().requires_grad_(False), tokenizer, device,
-                            lambda backbone: wrap(backbone, cfg, False, device))
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(lm)
     policy = Policy.of(lm, tokenizer, device, lambda backbone: wrap(backbone, cfg, ddp, device))
-    policy.teacher = teacher
+    if cfg.teacher != "live":
+        # fp32 like the policy (base == live exactly until the first step; an EMA in bf16 would
+        # drop lr-1e-6 moves), loaded once the policy is sharded (FSDP: one full model on the
+        # host at a time): a resumed run's from its checkpoint, else the policy's start (copied
+        # from the policy again after the warm-up: train)
+        t_lm = load_weights(f"{resume[0]}/teacher" if resume else cfg.model,
+                            "cpu" if cfg.fsdp else device)
+        t_lm.generation_config = lm.generation_config  # (its end-of-turn ids)
+        policy.teacher = Policy.of(t_lm.eval().requires_grad_(False), tokenizer, device,
+                                   lambda backbone: wrap(backbone, cfg, False, device))
     return cfg, (problems, sft_problems, eval_problems), resume, policy
 
 
