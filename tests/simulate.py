@@ -45,6 +45,7 @@ import sgpo  # noqa: E402
 
 GB = 1e9
 DDP_BUCKETS = "DDP gradient buckets (closed form: 4 bytes a parameter)"
+SAVED = "activations saved for backward"
 
 
 class LiveBytes(TorchDispatchMode):
@@ -87,6 +88,17 @@ class LiveBytes(TorchDispatchMode):
                 if t.untyped_storage()._cdata not in inputs:
                     self._track(t)
         return out
+
+    def saved_for_backward(self, t):
+        """A saved_tensors_hooks pack hook: the storage of t, made by this phase's compute, counts
+        as SAVED from now on (not a checkpointed layer's: its own hooks keep nothing until the
+        backward recomputes it, which this leaves among the temporaries)."""
+        entry = self.live.get(t.untyped_storage()._cdata)
+        if entry is not None and entry[1] == self.label:
+            self.by_label[entry[1]] -= entry[0]
+            self.by_label[SAVED] = self.by_label.get(SAVED, 0) + entry[0]
+            entry[1] = SAVED
+        return t
 
     def _track(self, t):
         """A storage counts once, however many tensors share it, until the last of them dies."""
@@ -308,7 +320,8 @@ def categories(out, phase) -> dict:
     """A phase's peak split by what holds it: parameters, gradients, AdamW state (resident, or the
     gradients made in the update), the teacher's own weights, the gathered weights (FSDP:
     full_weights), the KV cache
-    (generation: at its final length), DDP's buckets, and the rest: activations and temporaries."""
+    (generation: at its final length), DDP's buckets, the activations saved for backward (the
+    update) and the rest: temporaries (and the recomputed layer's activations)."""
     r = out[phase]
     parts = {"parameters": r["resident"]["parameters"],
              "teacher weights": r["resident"]["teacher"],
@@ -316,8 +329,9 @@ def categories(out, phase) -> dict:
              "optimizer state": r["resident"]["optimizer_state"],
              "gathered weights": r["at_peak"].get("gathered weights", 0),
              "KV cache": out["kv_cache"] if phase == "generation" else 0,
-             "DDP buckets": r["at_peak"].get(DDP_BUCKETS, 0)}
-    parts["activations and temporaries"] = r["peak"] - sum(parts.values())
+             "DDP buckets": r["at_peak"].get(DDP_BUCKETS, 0),
+             "saved activations": r["at_peak"].get(SAVED, 0)}
+    parts["temporaries"] = r["peak"] - sum(parts.values())
     return parts
 
 
@@ -339,8 +353,9 @@ def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
     sgpo.optimizer_step."""
     policy.wrapped.train()
     tracker.label = "forward and backward"
-    sgpo.accumulate_gradients(policy, longest_rows(cfg, prompt_tokens, 1), cfg, runtime.Stats(),
-                              None, True)
+    with torch.autograd.graph.saved_tensors_hooks(tracker.saved_for_backward, lambda t: t):
+        sgpo.accumulate_gradients(policy, longest_rows(cfg, prompt_tokens, 1), cfg,
+                                  runtime.Stats(), None, True)
     out["gradients"] = tensor_bytes(p.grad for p in policy.lm.parameters() if p.grad is not None)
     tracker.label = "optimizer step"
     sgpo.optimizer_step(policy.lm, opt, cfg)

@@ -21,8 +21,8 @@ def _cfg(**kw):
     # responses long enough for the KV cache to hold most of generation's peak, as at full size
     # (at 40 tokens the prefill's transients decide it, and fake and real differ there by one
     # hidden-state tensor: 5 % of the toy's 1.2 MB)
-    return sgpo.Config(max_completion_length=200, micro_batch_size=2, generation_batch_size=16,
-                       gradient_checkpointing=True, **kw)
+    return sgpo.Config(**{**dict(max_completion_length=200, micro_batch_size=2,
+                                 generation_batch_size=16, gradient_checkpointing=True), **kw})
 
 
 def test_fake_tensors_give_the_real_peaks():
@@ -90,7 +90,7 @@ def test_memory_plan_simulate_prints_phases_and_a_json_line(capsys, monkeypatch)
 
 def test_categories_add_up_to_the_peak():
     """Each phase's peak is split into parameters, gradients, AdamW state, gathered weights, KV
-    cache, DDP buckets and the rest, which is what the phase's activations and temporaries hold
+    cache, DDP buckets, the activations saved for backward and the rest, the temporaries
     (>= 0); under FSDP generation holds the gathered weights (2 bytes a parameter at bf16 compute,
     here fp32: 4)."""
     from tests.simulate import categories
@@ -103,6 +103,21 @@ def test_categories_add_up_to_the_peak():
     for phase in ("generation", "scoring", "update"):
         parts = categories(out, phase)
         assert sum(parts.values()) == out[phase]["peak"]
-        assert parts["activations and temporaries"] >= 0, (phase, parts)
+        assert parts["temporaries"] >= 0, (phase, parts)
+        # only the update keeps tensors for a backward
+        assert (parts["saved activations"] > 0) == (phase == "update"), (phase, parts)
     assert categories(out, "generation")["gathered weights"] == 4 * n
     assert categories(out, "generation")["KV cache"] == out["kv_cache"] > 0
+
+
+def test_saved_activations_shrink_under_activation_checkpointing():
+    """The update's activations saved for backward: without activation checkpointing every layer
+    keeps its own: several times the checkpointed layers' inputs, all that it keeps with it."""
+    from tests.simulate import categories
+
+    config = AutoConfig.from_pretrained(CONFIG)
+    saved = {}
+    for checkpointing in (False, True):
+        out = simulate(config, _cfg(gradient_checkpointing=checkpointing), prompt_tokens=30)
+        saved[checkpointing] = categories(out, "update")["saved activations"]
+    assert saved[False] > 3 * saved[True] > 0, saved
