@@ -67,6 +67,13 @@ def _chunk_backward(chunk, weights, ctx, upstream, g_weight):
     return grad @ w
 
 
+def _cast(weight, t_weight, dtype):
+    """The student's and the teacher's head weights in the compute dtype; one cast when the teacher
+    has no head of its own (t_weight None): at V x H, a copy is 1 GB at 7B."""
+    w = weight.to(dtype)
+    return w, w if t_weight is None else t_weight.to(dtype)
+
+
 class ChunkedHead(torch.autograd.Function):
     """The LM head's per-token log-probs, divergences and entropies, chunk_size positions at a time
     (see above)."""
@@ -81,8 +88,7 @@ class ChunkedHead(torch.autograd.Function):
         ctx.dtype = torch.get_autocast_dtype(dev) if autocast else hidden.dtype
         ctx.args = temperature, kind, chunk_size
         t_hidden, t_weight = teacher or (hidden, None)
-        t_weight = weight if t_weight is None else t_weight
-        weights = weight.to(ctx.dtype), t_weight.to(ctx.dtype)
+        weights = _cast(weight, t_weight, ctx.dtype)
         outs = []
         with torch.autocast(dev, enabled=False):
             for i in range(0, len(targets), chunk_size):
@@ -98,7 +104,7 @@ class ChunkedHead(torch.autograd.Function):
     def backward(ctx, g_logp, g_div, _):
         hidden, weight, t_hidden, t_weight, targets, div = ctx.saved_tensors
         chunk_size = ctx.args[2]
-        weights = weight.to(ctx.dtype), t_weight.to(ctx.dtype)
+        weights = _cast(weight, t_weight, ctx.dtype)
         # summed over the chunks in fp32, rounded once: under FSDP the weight is the gathered bf16
         # parameter, and 64 chunks added up in bf16 lose ~4x more than one rounding
         g_weight = torch.zeros_like(weight, dtype=torch.float32)
