@@ -20,7 +20,9 @@ What stands in for what:
   (AdamW's state created). Two micro-batches: the second one meets the first one's gradients.
 Bytes: every storage made while a phase runs, alive or freed (LiveBytes), on top of what was
 already resident (the parameters, gradients, AdamW state, measured), in the steady state of the
-second step on (one update runs first, unmeasured: AdamW's state exists in every phase). The CUDA
+second step on (one update runs first, unmeasured: AdamW's state exists in every phase); the
+update's activations saved for backward in a pass of their own (a saved_tensors_hooks pack hook
+marks them), split off the rest of its peak. The CUDA
 caching allocator's rounding and fragmentation are not modelled: docs/memory_and_speed.md states a
 margin.
 """
@@ -55,9 +57,9 @@ class LiveBytes(TorchDispatchMode):
     new; a storage resized while active (FSDP2 gathers a unit's weights into storage it resizes
     from 0, and frees them by resizing back) counts by its size."""
 
-    def __init__(self):
+    def __init__(self, mark_saved=False):
         super().__init__()
-        self.now, self.peak, self.label = 0, 0, ""
+        self.now, self.peak, self.label, self.mark_saved = 0, 0, "", mark_saved
         self.live, self.by_label, self.at_peak = {}, {}, {}
 
     def __enter__(self):
@@ -309,6 +311,11 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
             with flops:
                 run(LiveBytes())
             out[name]["flops"] = flops.get_total_flops()
+        # and the update's activations saved for backward at its peak, in a third pass
+        tracker = LiveBytes(mark_saved=True)
+        with tracker:
+            update_phase(policy, opt, cfg, prompt_tokens, tracker, {})
+        out["update"]["saved"] = tracker.at_peak.get(SAVED, 0)
         if fake and not cfg.fsdp and dist.is_initialized():
             out["update"]["at_peak"][DDP_BUCKETS] = out["gradients"]
             out["update"]["peak"] += out["gradients"]
@@ -329,9 +336,10 @@ def categories(out, phase) -> dict:
              "optimizer state": r["resident"]["optimizer_state"],
              "gathered weights": r["at_peak"].get("gathered weights", 0),
              "KV cache": out["kv_cache"] if phase == "generation" else 0,
-             "DDP buckets": r["at_peak"].get(DDP_BUCKETS, 0),
-             "saved activations": r["at_peak"].get(SAVED, 0)}
-    parts["temporaries"] = r["peak"] - sum(parts.values())
+             "DDP buckets": r["at_peak"].get(DDP_BUCKETS, 0)}
+    rest = r["peak"] - sum(parts.values())
+    parts["saved activations"] = min(r.get("saved", 0), rest)
+    parts["temporaries"] = rest - parts["saved activations"]
     return parts
 
 
@@ -353,7 +361,11 @@ def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
     sgpo.optimizer_step."""
     policy.wrapped.train()
     tracker.label = "forward and backward"
-    with torch.autograd.graph.saved_tensors_hooks(tracker.saved_for_backward, lambda t: t):
+    # tracker.mark_saved: a pass of its own (the hook itself holds more at full size under FSDP:
+    # +1.1 GB at 7B, measured, so the peak comes from a pass without it)
+    hooks = (torch.autograd.graph.saved_tensors_hooks(tracker.saved_for_backward, lambda t: t)
+             if tracker.mark_saved else nullcontext())
+    with hooks:
         sgpo.accumulate_gradients(policy, longest_rows(cfg, prompt_tokens, 1), cfg,
                                   runtime.Stats(), None, True)
     out["gradients"] = tensor_bytes(p.grad for p in policy.lm.parameters() if p.grad is not None)
