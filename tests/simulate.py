@@ -17,7 +17,8 @@ What stands in for what:
 - target scoring: sgpo.response_logps on micro-batches of the longest pairs;
 - the update: sgpo.accumulate_gradients on micro_batch_size GRPO and KD rows of the longest length
   (prompt + max_completion_length; the teacher's forward included), then sgpo.optimizer_step
-  (AdamW's state created). Two micro-batches: the second one meets the first one's gradients.
+  (AdamW's state created, on the foreach path a GPU takes). Two micro-batches: the second one meets
+  the first one's gradients.
 Bytes: every storage made while a phase runs, alive or freed (LiveBytes), on top of what was
 already resident (the parameters, gradients, AdamW state, measured), in the steady state of the
 second step on (one update runs first, unmeasured: AdamW's state exists in every phase); the
@@ -290,6 +291,10 @@ def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
         policy.teacher = build_policy(config, cfg, tokenizer, mode, teacher=True)
     with mode or nullcontext():
         opt = sgpo.make_optimizer(policy.lm, cfg.learning_rate, cfg)
+        # AdamW's path on a GPU, foreach (the CPU's default is the single-tensor one): its step
+        # makes whole-list temporaries (one more fp32 copy of the gradients' size)
+        for group in opt[0].param_groups:
+            group["foreach"] = True
         phases = [
             ("generation", lambda t: out.update(kv_cache=generation_phase(
                 policy, cfg, prompt_tokens, t))),
