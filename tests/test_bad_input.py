@@ -481,24 +481,14 @@ def test_ctrl_c_prints_one_line_and_leaves_no_partial_checkpoint(warm_dir, data_
     while not runtime.latest_checkpoint(str(out)) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # it is now stepping and writing a checkpoint every step
-    # Python loses a KeyboardInterrupt raised while it runs a finalizer ("Exception ignored in"),
-    # and the run goes on (seen once in ~6 suite runs): then a second Ctrl-C, as a user would
-    for _ in range(3):
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    else:
-        proc.kill()
-        raise AssertionError("three Ctrl-C did not stop the run")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert (
         err.rstrip().splitlines()[-1]
         == "interrupted: the checkpoints in --output_dir are whole; continue with --resume"
     )
-    assert "Traceback" not in err or "Exception ignored" in err
+    assert "Traceback" not in err
     assert not list(out.glob("*.tmp"))
     assert runtime.checkpoint_damage(runtime.latest_checkpoint(str(out))) is None
 
