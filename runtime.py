@@ -436,7 +436,8 @@ def checkpoint_damage(path: str):
             teacher = json.load(f).get("teacher", "live")
     except ValueError:
         return "sgpo_config.json: not valid JSON"
-    for folder in ("", "teacher/") if teacher != "live" else ("",):
+    folders = ["", "teacher/"] if teacher != "live" else [""]
+    for folder in folders:
         damage = _weights_damage(os.path.join(path, folder))
         if damage:
             return folder + damage

@@ -661,17 +661,20 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats, ref=None):
             if accumulate_gradients(policy, rows, cfg, stats if first else late, ref, first):
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 if policy.teacher:
-                    move_teacher(policy, cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0)
+                    move_teacher(policy, cfg)
     return late, grad_norm
 
 
 @torch.no_grad()
-def move_teacher(policy, rate: float):
-    """[7] --teacher ema, after each optimizer step: theta_T += rate (theta - theta_T) in fp32,
-    tensor by tensor (FSDP: each rank its own shards; DDP: the same update of the same replicas
-    on every rank). rate 1: a copy (the start of RL); 0: none (base). FSDP: the teacher's root,
-    left gathered by its forwards, is resharded first."""
+def move_teacher(policy, cfg: Config, rate=None):
+    """[7] After each optimizer step: theta_T += rate (theta - theta_T) in fp32, tensor by tensor
+    (FSDP: each rank its own shards; DDP: the same update of the same replicas on every rank);
+    rate: --teacher_ema_rate under --teacher ema, 0 (none) under base, unless given (1: a copy,
+    the start of RL). FSDP: the teacher's root, left gathered by its forwards, is resharded
+    first."""
     reshard(policy.teacher.wrapped)
+    if rate is None:
+        rate = cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0
     if rate == 0:
         return
     for theta_t, theta in zip(policy.teacher.lm.parameters(), policy.lm.parameters(), strict=True):
@@ -807,7 +810,7 @@ def train(cfg: Config, data, resume, policy):
         state["sft_done"] = True
     # --teacher base/ema: the policy as RL starts (after the warm-up, if any)
     if policy.teacher and state["step"] == 0:
-        move_teacher(policy, 1.0)
+        move_teacher(policy, cfg, rate=1.0)
     # before RL (after the warm-up, if any)
     if eval_problems and state["step"] == 0 and not state["eval_start"]:
         log({"step": 0, **held_out_accuracy(policy, eval_problems, cfg, state, grade)})

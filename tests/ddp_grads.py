@@ -61,7 +61,7 @@ grads = {
 }
 teacher_weights = {}
 if teacher is not None:
-    sgpo.move_teacher(policy, 0.5)
+    sgpo.move_teacher(policy, cfg, rate=0.5)
     for n, p in teacher.named_parameters():
         teacher_weights[n] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
 if not dist.is_initialized() or dist.get_rank() == 0:
