@@ -5,6 +5,7 @@ sgpo.py's `Policy`, the views of the model it trains), and the generation engine
 sampling that records the sampler's log-probs, prefills each distinct prompt once and cuts every
 response at its first EOS.
 """
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 
 from inputs import UsageError, has_usable_strategy
 from reward import Grader
-from runtime import all_reduce, autocast
+from runtime import all_reduce, autocast, compute_dtype, wrap
 
 AUTO_TEMPLATE = (
     "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -189,6 +190,8 @@ class Policy:
     teacher: "Policy" = None
     """--teacher base/ema: the teacher's own weights, fp32 like lm's, never trained (FSDP: sharded
     like the policy); None: the live policy teaches."""
+    reference: "Policy" = None
+    """--beta > 0: the frozen initial model of the k3 KL, in the compute dtype, replicated."""
 
     @staticmethod
     def of(lm, tokenizer, device, wrap_backbone=lambda backbone: backbone):
@@ -209,6 +212,34 @@ class Policy:
         module = self.wrapped if sync_grads else self.backbone
         hidden = module(input_ids.to(to), mask.to(to))  # [B, L, H]
         return hidden.reshape(-1, hidden.shape[-1])[pred_idx.to(to)], targets.to(to)
+
+
+def load_policy(cfg, resume, ddp, device, check=None) -> Policy:
+    """sgpo.py's Policy: fp32 master weights (the forwards compute in --dtype under autocast) of
+    cfg.model, or of the checkpoint folder `resume`, wrapped by runtime.wrap (DDP, FSDP: each
+    rank's shards moved to its GPU, or none); its teacher (--teacher base/ema) and reference
+    (--beta > 0). check: run
+    on the tokenizer before the weights load (inputs.load_train_data's data-fit check)."""
+    lm, tokenizer = load_model(resume or cfg.model, torch.float32,
+                               "cpu" if cfg.fsdp else device, check, trainable=True)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(lm)
+    policy = Policy.of(lm, tokenizer, device, lambda backbone: wrap(backbone, cfg, ddp, device))
+    if cfg.teacher != "live":
+        # fp32 like the policy (base == live exactly until the first step; an EMA in bf16 would
+        # drop lr-1e-6 moves), loaded once the policy is sharded (FSDP: one full model on the
+        # host at a time): a resumed run's from its checkpoint, else the policy's start (copied
+        # from the policy again after the warm-up: sgpo.train)
+        t_lm = load_weights(f"{resume}/teacher" if resume else cfg.model,
+                            "cpu" if cfg.fsdp else device)
+        t_lm.generation_config = lm.generation_config  # (its end-of-turn ids)
+        policy.teacher = Policy.of(t_lm.eval().requires_grad_(False), tokenizer, device,
+                                   lambda backbone: wrap(backbone, cfg, False, device))
+    if cfg.beta > 0:
+        # the initial model, never trained (a resumed run's too)
+        ref_lm, _ = load_model(cfg.model, compute_dtype(cfg.dtype), device)
+        policy.reference = Policy.of(ref_lm.eval().requires_grad_(False), tokenizer, device)
+    return policy
 
 
 # ==== Generation.
@@ -272,6 +303,31 @@ def sample(policy, prompts, cfg, lm=None):
                     cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
 
 
+def one_call_is_cheaper(lm, prompts, cfg) -> bool:
+    """Sample both modes' rollouts (prompts: all of them) in one generate call rather than one
+    call per mode? A decode step reads the weights once per call and every row's KV cache: one
+    call reads the weights half as often, but keeps every row until the longest sequence of
+    either mode ends (guided rollouts often run longer). (R) One call where the weights outweigh
+    the KV cache of a call's rows at their full length (SmolLM2-135M, 24 rows of ~250 tokens),
+    one per mode where the cache outweighs them (the toy's 117K parameters; 64 rows of 8.7K
+    tokens of a 7B model). Counted in elements, from the model's shape and the step's prompts,
+    not timed: the same choice on every machine and rank, and on a resume."""
+    if cfg.generate_by_mode != "auto":
+        return cfg.generate_by_mode == "false"
+    c = lm.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim  # K and V elements
+    rows = min(len(prompts), cfg.generation_batch_size or len(prompts))
+    length = max(map(len, prompts)) + cfg.max_completion_length
+    # a decode step reads every weight but the input embedding (unless the head is tied to it)
+    weights = sum(p.numel() for p in lm.parameters())
+    embedding = lm.get_input_embeddings().weight
+    if embedding is not lm.get_output_embeddings().weight:
+        weights -= embedding.numel()
+    return weights >= rows * length * per_token
+
+
 def repeat_each(items, n):
     """[a, b], 2 -> [a, a, b, b]."""
     out = []
@@ -295,7 +351,7 @@ def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
     # prefill each distinct prompt once, all but its last token (generate runs that one), then
     # copy its KV cache to the rows that share it; its logits are not used: keep one
     prefill = len(distinct) < len(batch) and width > 1
-    cache = _kv_cache(model, device, always=prefill)
+    cache = _kv_cache(model, device, width + gen_cfg.max_new_tokens)
     # eval() also turns HF activation checkpointing off (it acts in training mode only), so the
     # KV cache works
     model.eval()
@@ -320,23 +376,56 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _kv_cache(model, device, always=False):
-    """The KV cache of a generate call. Under autocast over fp32 weights the residual stream stays
-    fp32, and keys come out of rotary embeddings (and Qwen3's k_norm) in fp32 beside bf16 values:
-    1.5x the memory, and attention casts them back at every step. This cache stores keys and values
-    in the autocast dtype, as attention uses them. None (HF's default) when there is nothing to
-    cast, unless always."""
+def _kv_cache(model, device, length: int):
+    """The KV cache of a generate call, sized for it: each full-attention layer's keys and values
+    in one buffer of the call's final length (prompt width + new tokens), written in place. HF's
+    DynamicCache grows by concatenation: a copy of the layer's whole cache at every decode step,
+    and a second copy held while it is made. Keys and values are stored in the compute dtype:
+    under autocast over fp32 weights the residual stream stays fp32, and keys leave rotary
+    embeddings (and Qwen3's k_norm) in fp32 beside bf16 values, 1.5x the memory, cast back by
+    attention at every step. Sliding-window layers keep HF's own (they drop what leaves the
+    window)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
     device = torch.device(device).type
-    dtype = torch.get_autocast_dtype(device)
-    if not torch.is_autocast_enabled(device) or dtype == torch.float32:
-        return DynamicCache(config=model.config) if always else None
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = _in_place_layer()(length, dtype)
+    return cache
 
-    class CacheInComputeDtype(DynamicCache):
+
+@functools.cache
+def _in_place_layer():
+    """transformers' DynamicLayer (one attention layer's cache), written in place into a buffer
+    of the call's final length: `keys` and `values` are views of its first `length` positions.
+    (A class made on first use: transformers is imported only when a model is.)"""
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        def __init__(self, capacity: int, dtype):
+            super().__init__()
+            self.capacity, self.dtype, self.length = capacity, dtype, 0
+
         def update(self, key_states, value_states, *args, **kwargs):
-            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+            new = [t.to(self.dtype or t.dtype) for t in (key_states, value_states)]
+            if not self.is_initialized:
+                self.lazy_initialization(*new)
+                b, h, _, d = new[0].shape
+                self.buffers = [t.new_empty(b, h, self.capacity, d) for t in new]
+            start, self.length = self.length, self.length + new[0].shape[-2]
+            for buffer, states in zip(self.buffers, new):
+                buffer[:, :, start:self.length] = states
+            self.keys, self.values = (t[:, :, :self.length] for t in self.buffers)
+            return self.keys, self.values
 
-    return CacheInComputeDtype(config=model.config)
+        def batch_select_indices(self, indices):
+            if self.length:
+                self.buffers = [t[indices] for t in self.buffers]
+                self.keys, self.values = (t[:, :, :self.length] for t in self.buffers)
+
+    return InPlaceLayer
 
 
 @torch.no_grad()

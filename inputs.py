@@ -236,6 +236,8 @@ def check_train_config(cfg):
         (cfg.kl_clip > 0, "kl_clip", "must be > 0 (inf disables clipping)"),
         (cfg.teacher in ("live", "base", "ema"), "teacher", "must be live, base or ema"),
         (0 < cfg.teacher_ema_rate <= 1, "teacher_ema_rate", "must be in (0, 1]"),
+        (cfg.generate_by_mode in ("auto", "true", "false"), "generate_by_mode",
+         "must be auto, true or false"),
         (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")
     ]
     for name in ("batch_size", "num_generations", "max_completion_length", "micro_batch_size",

@@ -48,15 +48,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
-from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, enable_activation_checkpointing,
-                    load_model, load_weights, prompt_ids, repeat_each, sample, turn_end_ids)
+from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, one_call_is_cheaper,
+                    prompt_ids, repeat_each, sample, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader, default_workers
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
-                     compute_dtype, full_weights, get_rank, lockstep, make_optimizer,
-                     optimizer_step, rank_batches, reshard, resolve_resume, restore_checkpoint,
-                     save_checkpoint, setup_distributed, world_size, wrap)
+                     full_weights, get_rank, lockstep, make_optimizer, optimizer_step,
+                     rank_batches, reshard, resolve_resume, restore_checkpoint, save_checkpoint,
+                     setup_distributed, world_size)
 
 
 @dataclass
@@ -111,9 +111,10 @@ class Config:
     generation_batch_size: int = 0
     """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache
     (docs/memory_and_speed.md); 0 = all in one."""
-    generate_by_mode: bool = True
-    """One generate call per mode (a call runs until its longest sequence ends; guided rollouts
-    often run longer); false: both in one call (README "Real models")."""
+    generate_by_mode: str = "auto"
+    """true: one generate call per mode (a call runs until its longest sequence ends; guided
+    rollouts often run longer); false: both modes in one call (a decode step reads the weights
+    once for all rows); auto: whichever reads less (engine.one_call_is_cheaper)."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -382,7 +383,7 @@ def per_token(rows, values):
 
 
 # ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
-def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=False):
+def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False):
     """Loss of one micro-batch: ONE student forward for all its rows, the teacher's, and each row
     kind's term; token weights are normalised over the global mini-batch, so summed over
     micro-batches and ranks this is the mini-batch's L. pi_old_now: the policy is still pi_old
@@ -417,7 +418,7 @@ def micro_batch_loss(policy, rows, cfg: Config, stats, ref=None, pi_old_now=Fals
         loss = loss + sft_term(policy, sft, own, cfg, stats)
     grpo = [r for r in rows if isinstance(r, GRPORow)]
     if grpo:
-        loss = loss + grpo_term(policy, grpo, own, cfg, stats, ref, pi_old_now)
+        loss = loss + grpo_term(policy, grpo, own, cfg, stats, pi_old_now)
     if kd:
         student = (hidden[kd_at], targets[kd_at], (t_hidden, teacher.head))
         loss = loss + kd_term(policy, kd, student, cfg, stats, pi_old_now)
@@ -433,9 +434,9 @@ def sft_term(policy, rows, student, cfg: Config, stats):
     return (-logp * weight).sum()
 
 
-def grpo_term(policy, rows, student, cfg: Config, stats, ref=None, pi_old_now=False):
+def grpo_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
     """[2] Autonomous GRPO: sum_t w_t * -min(rho_t A, clip(rho_t, 1-eps, 1+eps_high) A)
-    (+ beta * k3 KL to the reference), w_t = 1 / (GRPO tokens of the mini-batch). student: [M, H]
+    (+ beta * k3 KL to policy.reference), w_t = 1 / (GRPO tokens of the mini-batch). student: [M, H]
     hidden states, [M] tokens."""
     logp, _, entropy = head_outputs(policy.head, *student, cfg)
     if pi_old_now:
@@ -445,6 +446,7 @@ def grpo_term(policy, rows, student, cfg: Config, stats, ref=None, pi_old_now=Fa
     advantage = per_token(rows, [r.advantage for r in rows]).to(policy.device)
     weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
     tok_loss, clipped = grpo_token_loss(logp, old_logp, advantage, cfg.epsilon, cfg.epsilon_high)
+    ref = policy.reference
     if ref is not None:
         with torch.no_grad():
             ref_hidden, _ = ref.response_hidden([(r.prompt, r.response) for r in rows])
@@ -479,7 +481,7 @@ def kd_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
     return (tok_loss * weight).sum()
 
 
-def accumulate_gradients(policy, rows, cfg: Config, stats, ref=None, pi_old_now=False):
+def accumulate_gradients(policy, rows, cfg: Config, stats, pi_old_now=False):
     """Forward/backward over micro-batches of rows, sorted by length (less padding; the weights
     are global, so the gradient is the same), in lockstep with the other ranks (runtime.lockstep).
     Returns the number of micro-batches."""
@@ -489,7 +491,7 @@ def accumulate_gradients(policy, rows, cfg: Config, stats, ref=None, pi_old_now=
     n = 0
     for n, batch in enumerate(lockstep(micro_batches, policy.wrapped, policy.device), 1):
         with autocast(cfg.dtype, policy.device):
-            loss = micro_batch_loss(policy, batch, cfg, stats, ref, pi_old_now)
+            loss = micro_batch_loss(policy, batch, cfg, stats, pi_old_now)
         backward(loss)
     return n
 
@@ -510,12 +512,12 @@ class Batch:
 
 def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
     """[1] G1 autonomous and G2 guided responses per problem: one generate call (or
-    generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode false);
-    the guided ones by the teacher under --teacher_samples_guided."""
+    generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode: by
+    what the calls will cost); the guided ones by the teacher under --teacher_samples_guided."""
     auto = repeat_each(auto_prompts, cfg.num_generations)
     guided = repeat_each(guided_prompts, cfg.num_guided_generations)
     guide = guided_sampler(policy, cfg)
-    if not cfg.generate_by_mode and guide is policy:
+    if guide is policy and one_call_is_cheaper(policy.lm, auto + guided, cfg):
         both = sample(policy, auto + guided, cfg)
         return both[:len(auto)], both[len(auto):]
     return sample(policy, auto, cfg), sample(policy, guided, cfg, guide.lm)
@@ -640,7 +642,7 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
     return minibatches
 
 
-def update_policy(policy, opt, minibatches, cfg: Config, stats, ref=None):
+def update_policy(policy, opt, minibatches, cfg: Config, stats):
     """[5, 7] One optimizer step per mini-batch, num_iterations epochs. pi_old is the sampling
     policy for every mini-batch: the first one's first forward keeps it (nothing has moved yet),
     the others' a forward before the first optimizer step. Returns the statistics of the passes
@@ -658,7 +660,7 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats, ref=None):
     for epoch in range(cfg.num_iterations):
         for i, rows in enumerate(minibatches):
             first = epoch == i == 0
-            if accumulate_gradients(policy, rows, cfg, stats if first else late, ref, first):
+            if accumulate_gradients(policy, rows, cfg, stats if first else late, first):
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 if policy.teacher:
                     move_teacher(policy, cfg)
@@ -684,7 +686,7 @@ def move_teacher(policy, cfg: Config, rate=None):
             theta_t.lerp_(theta, rate)
 
 
-def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
+def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     """One RL step: the method sheet's steps [1]-[7] on a batch of problems (README "How one step
     runs"). alpha: the per-problem table, updated in place. Returns the step's metrics (over all
     ranks)."""
@@ -711,7 +713,7 @@ def rl_step(problems, policy, opt, alpha, cfg: Config, grade, ref=None):
     times["select"] = time.time()
     # [5, 7] the update: k mini-batches of whole problems, one optimizer step each
     minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
-    late, grad_norm = update_policy(policy, opt, minibatches, cfg, stats, ref)
+    late, grad_norm = update_policy(policy, opt, minibatches, cfg, stats)
     times["update"] = time.time()
     rollout_metrics(stats, batch, alpha, minibatches, cfg, p_guided - p_auto)
     return step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
@@ -760,23 +762,8 @@ def setup(argv):
         raise UsageError("--fsdp: needs a process group; launch with torchrun "
                          "(--nproc_per_node=1 for one GPU)")
     ddp, _, _, device = setup_distributed(cfg.ddp_timeout)
-    # fp32 master weights (compute in --dtype under autocast); FSDP moves each rank's shards to its
-    # GPU. check_data: every row tokenizes and fits the context, before the weights load.
-    lm, tokenizer = load_model(resume[0] if resume else cfg.model, torch.float32,
-                               "cpu" if cfg.fsdp else device, check_data, trainable=True)
-    if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(lm)
-    policy = Policy.of(lm, tokenizer, device, lambda backbone: wrap(backbone, cfg, ddp, device))
-    if cfg.teacher != "live":
-        # fp32 like the policy (base == live exactly until the first step; an EMA in bf16 would
-        # drop lr-1e-6 moves), loaded once the policy is sharded (FSDP: one full model on the
-        # host at a time): a resumed run's from its checkpoint, else the policy's start (copied
-        # from the policy again after the warm-up: train)
-        t_lm = load_weights(f"{resume[0]}/teacher" if resume else cfg.model,
-                            "cpu" if cfg.fsdp else device)
-        t_lm.generation_config = lm.generation_config  # (its end-of-turn ids)
-        policy.teacher = Policy.of(t_lm.eval().requires_grad_(False), tokenizer, device,
-                                   lambda backbone: wrap(backbone, cfg, False, device))
+    # check_data: every row tokenizes and fits the context, before the weights load
+    policy = load_policy(cfg, resume[0] if resume else None, ddp, device, check_data)
     return cfg, (problems, sft_problems, eval_problems), resume, policy
 
 
@@ -785,11 +772,6 @@ def train(cfg: Config, data, resume, policy):
     and checkpoints (rank 0)."""
     problems, sft_problems, eval_problems = data
     rank = get_rank()
-    ref = None
-    if cfg.beta > 0:
-        # frozen reference = the initial policy, never trained: compute dtype, replicated
-        ref_lm, _ = load_model(cfg.model, compute_dtype(cfg.dtype), policy.device)
-        ref = Policy.of(ref_lm.eval().requires_grad_(False), policy.tokenizer, policy.device)
     log = RunLog(cfg, resume[1]["step"] if resume else None, master=rank == 0)
     opt = make_optimizer(policy.lm, cfg.learning_rate, cfg)
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs,
@@ -825,7 +807,7 @@ def train(cfg: Config, data, resume, policy):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
                 batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             batch = [problems[i] for i in batches[state["position"]]]
-            metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade, ref)
+            metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade)
             state["position"] += 1
             state["step"] = step = state["step"] + 1
             if eval_problems and ((cfg.eval_steps and step % cfg.eval_steps == 0)

@@ -10,10 +10,10 @@ What stands in for what:
   checkpointing as the flags say; the compute dtype is bf16 (the GPU run's "auto");
 - generation: engine.generate's own stopping check reads data, which fake tensors refuse. The
   phase runs what its peak holds: the weights as full_weights gathers them, the prompts' prefill
-  into the engine's KV cache (engine._kv_cache: keys and values in the compute dtype),
-  generation_batch_size sequences; the cache grown to its final length (prompt +
-  max_completion_length) by appending keys and values, as the decode steps append them; then one
-  decode step: its [B, 1, V] logits, the sampler's log-softmax and the draw;
+  into the engine's KV cache (engine._kv_cache: keys and values in the compute dtype, in buffers
+  of the call's final length), generation_batch_size sequences; the cache filled to that length
+  (prompt + max_completion_length) by appending keys and values, as the decode steps append them;
+  then one decode step: its [B, 1, V] logits, the sampler's log-softmax and the draw;
 - target scoring: sgpo.response_logps on micro-batches of the longest pairs;
 - the update: sgpo.accumulate_gradients on micro_batch_size GRPO and KD rows of the longest length
   (prompt + max_completion_length; the teacher's forward included), then sgpo.optimizer_step
@@ -242,7 +242,7 @@ def longest_rows(cfg, prompt_tokens: int, token: int):
 
 def generation_phase(policy, cfg, prompt_tokens: int, tracker):
     """Generation's peak: gathered weights, the prompts' prefill into the engine's KV cache, the
-    cache grown to its final length, one decode step (logits, log-softmax, draw)."""
+    cache filled to its final length, one decode step (logits, log-softmax, draw)."""
     lm, dev = policy.lm, policy.device
     batch = cfg.generation_batch_size or cfg.batch_size * (cfg.num_generations
                                                            + cfg.num_guided_generations)
@@ -251,7 +251,7 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
     samplers = policy.wrapped, sgpo.guided_sampler(policy, cfg).wrapped
     with torch.no_grad(), runtime.full_weights(*samplers), runtime.autocast(cfg.dtype, dev):
         tracker.label = "prompts' prefill"
-        cache = engine._kv_cache(lm, dev, always=True)
+        cache = engine._kv_cache(lm, dev, prompt_tokens + cfg.max_completion_length)
         ids = torch.ones((batch, prompt_tokens), dtype=torch.long, device=dev)
         # left padding, as the engine pads prompts of different lengths (scoring_phase)
         mask = torch.ones_like(ids)
@@ -274,7 +274,9 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
                     **{engine.cache_kwarg(lm): cache}).logits
         log_p = (logits[:, -1].float() / cfg.temperature).log_softmax(-1)
         torch.multinomial(log_p.exp(), 1)
-        return tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
+        # the engine's layers write into buffers of the final length; sliding-window ones grow
+        return tensor_bytes([t for layer in cache.layers
+                             for t in getattr(layer, "buffers", (layer.keys, layer.values))])
 
 
 def simulate(config, cfg, prompt_tokens: int = 512, fake: bool = True) -> dict:
@@ -372,7 +374,7 @@ def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
              if tracker.mark_saved else nullcontext())
     with hooks:
         sgpo.accumulate_gradients(policy, longest_rows(cfg, prompt_tokens, 1), cfg,
-                                  runtime.Stats(), None, True)
+                                  runtime.Stats(), True)
     out["gradients"] = tensor_bytes(p.grad for p in policy.lm.parameters() if p.grad is not None)
     tracker.label = "optimizer step"
     sgpo.optimizer_step(policy.lm, opt, cfg)

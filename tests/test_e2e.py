@@ -112,11 +112,14 @@ def test_held_out_accuracy_equals_one_problem_at_a_time(warm_dir, eval_file):
 
 
 def test_torchrun_two_ranks(warm_dir, data_file, eval_file, tmp_path):
+    """DDP over 2 ranks, with a base teacher: the held-out evaluation counts both ranks' shares,
+    and the teacher stays the warm model (its guided accuracy and its saved weights) while the
+    policy moves."""
     out = tmp_path / "ddp"
     proc = run_sgpo(
         ["--model", warm_dir, "--data", data_file, "--output_dir", out, "--max_steps", 2]
         + COMMON
-        + ["--eval_data", eval_file, "--eval_steps", 1],
+        + ["--eval_data", eval_file, "--eval_steps", 1, "--teacher", "base"],
         nproc=2,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,8 +130,16 @@ def test_torchrun_two_ranks(warm_dir, data_file, eval_file, tmp_path):
     rows = inputs.load_problems(str(eval_file), ("problem", "answer"), skip_unkept=False)
     cfg = sgpo.parse_args(["--max_completion_length", "12"])
     expected = engine.greedy_accuracy(model, tok, rows, cfg, "cpu")
+    expected["eval/teacher_guided_acc"] = expected["eval/guided_acc"]
     # both ranks' shares counted
     assert {k: v for k, v in metrics[0].items() if k != "step"} == pytest.approx(expected)
+    assert metrics[2]["eval/teacher_guided_acc"] == pytest.approx(expected["eval/guided_acc"])
+    warm = dict(model.named_parameters())
+    teacher = engine.load_weights(str(out / "checkpoint-2" / "teacher"), "cpu")
+    trained = engine.load_weights(str(out / "checkpoint-2"), "cpu")
+    for name, w in teacher.named_parameters():
+        assert torch.equal(w, warm[name]), name
+    assert any(not torch.equal(w, warm[n]) for n, w in trained.named_parameters())
     assert all("eval/unguided_acc" in m and "eval/guided_acc" in m for m in metrics)
     assert (
         f"step 2, greedy accuracy on 7 problems of {eval_file}: unguided "

@@ -20,24 +20,56 @@ def _prompts(tok, cfg, n=3):
 def test_kv_cache_is_in_the_compute_dtype_under_autocast(arch, monkeypatch):
     """fp32 master weights under bf16 autocast: the residual stream is fp32, so rotary embeddings
     (and Qwen3's k_norm) give fp32 keys; the cache must hold bf16 keys and values (2 bytes per
-    element, as docs/memory_and_speed.md counts), with the same samples as before."""
-    seen, real = [], cache_utils.DynamicLayer.update
-
-    def record(self, key_states, value_states, *args, **kwargs):
-        seen.append((key_states.dtype, value_states.dtype))
-        return real(self, key_states, value_states, *args, **kwargs)
-
-    monkeypatch.setattr(cache_utils.DynamicLayer, "update", record)
+    element, as docs/memory_and_speed.md counts)."""
+    caches, real = [], engine._kv_cache
+    monkeypatch.setattr(engine, "_kv_cache", lambda *a: caches.append(real(*a)) or caches[-1])
     tok, model, cfg = tiny_setup(arch=arch)
     prompts = _prompts(tok, cfg)
+
+    def held():
+        return {t.dtype for c in caches for layer in c.layers
+                for t in (layer.keys, layer.values, *layer.buffers)}
+
     for distinct in (prompts, prompts[:3]):  # prefilled by us, and by HF's generate
-        seen.clear()
+        caches.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             engine.generate(model, distinct, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 6)
-        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
-    seen.clear()
+        assert held() == {torch.bfloat16}
+    caches.clear()
     engine.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id], "cpu", 1.0, 6)
-    assert set(seen) == {(torch.float32, torch.float32)}  # no autocast: nothing cast
+    assert held() == {torch.float32}  # no autocast: nothing cast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_written_in_place_samples_as_hfs_own(dtype, monkeypatch):
+    """The engine's cache (one buffer per layer of the call's final length, written in place)
+    samples what HF's DynamicCache (grown by concatenation; here casting to the compute dtype as
+    the engine's does) samples, bit for bit, with the same sampler log-probs; its buffers hold
+    exactly prompt width + new tokens positions, and keys and values stay views of them."""
+    tok, model, cfg = tiny_setup()
+    prompts = _prompts(tok, cfg)
+    width, new_tokens = max(map(len, prompts)), 12
+
+    class Grown(cache_utils.DynamicCache):
+        def update(self, keys, values, *args, **kwargs):
+            return super().update(keys.to(dtype), values.to(dtype), *args, **kwargs)
+
+    runs, caches, real = [], [], engine._kv_cache
+    for make in (lambda m, d, n: Grown(config=m.config), real):
+        monkeypatch.setattr(engine, "_kv_cache", lambda *a: caches.append(make(*a)) or caches[-1])
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            runs.append(engine.generate(model, prompts, tok.pad_token_id, [tok.eos_token_id],
+                                        "cpu", 1.0, new_tokens))
+    grown, in_place = runs
+    assert [r["ids"] for r in in_place] == [r["ids"] for r in grown]
+    assert max(len(r["ids"]) for r in grown) > 1
+    for a, b in zip(in_place, grown):
+        assert torch.equal(a["sampler_logps"], b["sampler_logps"])
+    for layer in caches[-1].layers:
+        assert [b.shape[2] for b in layer.buffers] == [width + new_tokens] * 2
+        assert layer.keys.data_ptr() == layer.buffers[0].data_ptr()
+        assert layer.values.data_ptr() == layer.buffers[1].data_ptr()
 
 
 def test_prefill_computes_logits_at_one_position_only():

@@ -100,6 +100,33 @@ def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
     assert moved > 1e-5
 
 
+def test_base_teacher_on_smollm2(smollm2, tmp_path):
+    """sgpo.py with --teacher base on the real model, no warm-up: one RL step whose two modes
+    share one generate call (--generate_by_mode auto: 8 short rows of a 135M model) and sample
+    what the trainer scores; the policy moves, the saved teacher is the model it started from,
+    exactly."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [{**q, "strategy": STRATEGY} for q in _problems(2)])
+    out = tmp_path / "out"
+    args = ["--model", smollm2, "--data", data, "--output_dir", out, "--eval_data", "",
+            "--learning_rate", 1e-5, "--batch_size", 2, "--num_generations", 2,
+            "--num_guided_generations", 2, "--max_completion_length", 8, "--max_steps", 1,
+            "--micro_batch_size", 8, "--reward_workers", 0, "--teacher", "base"]
+    calls = []
+    with mock.patch.object(sgpo, "sample", wraps=sgpo.sample) as sample:
+        assert sgpo.main([str(a) for a in args]) == 0
+        calls = [len(c.args[1]) for c in sample.call_args_list]
+    assert calls == [8]
+    [m] = read_metrics(out / "metrics.jsonl")
+    assert m["rollout_probs_diff_max"] < 1e-3
+    start = dict(engine.load_weights(smollm2, "cpu").named_parameters())
+    trained = dict(engine.load_weights(str(out / "checkpoint-1"), "cpu").named_parameters())
+    teacher = engine.load_weights(str(out / "checkpoint-1" / "teacher"), "cpu")
+    for name, w in teacher.named_parameters():
+        assert torch.equal(w, start[name]), name
+    assert max((trained[n] - start[n]).abs().max().item() for n in start) > 1e-6
+
+
 def test_plain_and_chunked_loss_agree_on_smollm2(smollm2):
     """The readable full-logit loss and ChunkedHead on a real model with a tied head (V = 49,152):
     the same losses and gradients, the tied embedding's included."""

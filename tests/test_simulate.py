@@ -2,6 +2,7 @@
 code allocates: at the toy's size, fake tensors give the peaks that real tensors give, phase by
 phase; the resident categories equal their closed forms; world sizes 1 and 2, FSDP and DDP."""
 
+import functools
 import json
 import math
 import sys
@@ -25,12 +26,20 @@ def _cfg(**kw):
                                  generation_batch_size=16, gradient_checkpointing=True), **kw})
 
 
+@functools.cache
+def _simulated(world: int, fake: bool = True, **flags) -> dict:
+    """The toy's step simulated (30-token prompts), once per setting for the tests below."""
+    config = AutoConfig.from_pretrained(CONFIG)
+    if world == 1:
+        return simulate(config, _cfg(**flags), prompt_tokens=30, fake=fake)
+    with fake_world(world):
+        return simulate(config, _cfg(**flags), prompt_tokens=30)
+
+
 def test_fake_tensors_give_the_real_peaks():
     """One process, the toy's model: each phase's peak on fake tensors within 2 % of the same
     measurement on real ones."""
-    config = AutoConfig.from_pretrained(CONFIG)
-    real = simulate(config, _cfg(), prompt_tokens=30, fake=False)
-    fake = simulate(config, _cfg(), prompt_tokens=30, fake=True)
+    real, fake = _simulated(1, fake=False), _simulated(1)
     for phase in ("generation", "scoring", "update"):
         assert fake[phase]["peak"] == pytest.approx(real[phase]["peak"], rel=0.02), phase
         assert fake[phase]["flops"] == real[phase]["flops"] > 0, phase
@@ -50,9 +59,7 @@ def test_resident_bytes_are_the_closed_forms(fsdp, teacher):
     n = sum(math.prod(s) for s in shapes)
     shard = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) for s in shapes)
     mine = shard if fsdp else n
-    with fake_world(2):
-        out = simulate(config, _cfg(fsdp=fsdp, teacher=teacher, teacher_samples_guided=True),
-                       prompt_tokens=30)
+    out = _simulated(2, fsdp=fsdp, teacher=teacher, teacher_samples_guided=True)
     assert out["resident"]["parameters"] == 4 * mine
     assert out["resident"]["teacher"] == (4 * mine if teacher == "ema" else 0)
     if fsdp:
@@ -96,8 +103,8 @@ def test_categories_add_up_to_the_peak():
     from tests.simulate import categories
 
     config = AutoConfig.from_pretrained(CONFIG)
-    with fake_world(2):
-        out = simulate(config, _cfg(fsdp=True), prompt_tokens=30)
+    # (the live teacher samples nothing of its own: the run of test_resident_bytes_are_the_...)
+    out = _simulated(2, fsdp=True, teacher="live", teacher_samples_guided=True)
     with torch.device("meta"):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     for phase in ("generation", "scoring", "update"):
@@ -115,9 +122,8 @@ def test_saved_activations_shrink_under_activation_checkpointing():
     keeps its own: several times the checkpointed layers' inputs, all that it keeps with it."""
     from tests.simulate import categories
 
-    config = AutoConfig.from_pretrained(CONFIG)
     saved = {}
     for checkpointing in (False, True):
-        out = simulate(config, _cfg(gradient_checkpointing=checkpointing), prompt_tokens=30)
+        out = _simulated(1) if checkpointing else _simulated(1, gradient_checkpointing=False)
         saved[checkpointing] = categories(out, "update")["saved activations"]
     assert saved[False] > 3 * saved[True] > 0, saved

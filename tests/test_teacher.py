@@ -98,7 +98,7 @@ def test_guided_rollouts_sampled_by_the_teacher_when_asked(from_teacher):
     """--teacher_samples_guided: the G2 generate call runs the teacher's model, the G1 call the
     policy's; without it both run the policy's (and with --generate_by_mode false, in one call)."""
     policy, cfg = _policy("ema")
-    cfg.teacher_samples_guided, cfg.generate_by_mode = from_teacher, False
+    cfg.teacher_samples_guided, cfg.generate_by_mode = from_teacher, "false"
     calls = []
 
     def record(lm, prompts, *args):
