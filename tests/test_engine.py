@@ -1,6 +1,7 @@
 """engine.py on the tiny models: what a generate call holds (the KV cache's dtype under autocast,
 the prefill's logits) and which transformers arguments it uses."""
 
+import functools
 import warnings
 
 import pytest
@@ -308,3 +309,29 @@ def test_warmup_teaches_the_templates_turn_end_and_generation_stops_there(
     assert all(tok.eos_token_id not in r.response for r in seen)
     model, _ = engine.load_model(str(tmp_path / "model"), torch.float32, "cpu")
     assert end in model.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_call_or_a_call_per_mode_by_what_a_decode_step_reads(tied):
+    """--generate_by_mode auto: both modes in one call while the weights a decode step reads (all
+    but an untied input embedding) are at least the KV cache of a call's rows at full length
+    (rows x (longest prompt + new tokens) x 2 x layers x kv heads x head dim elements), a call
+    per mode past that; generation_batch_size bounds a call's rows; true / false force."""
+    tok, model, cfg = tiny_setup(tied=tied)
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+    weights = sum(p.numel() for p in model.parameters())
+    if not tied:
+        weights -= c.vocab_size * c.hidden_size
+    cfg.max_completion_length, rows = 10, 4
+    fits = weights // (rows * per_token) - cfg.max_completion_length  # longest prompt that fits
+    assert fits > 1
+    decide = functools.partial(engine.one_call_is_cheaper, model, cfg=cfg)
+    assert decide([[5] * fits] * rows)
+    assert not decide([[5] * (fits + 1)] * rows)
+    assert not decide([[5]] * (rows - 1) + [[5] * (fits + 1)])  # the longest prompt counts
+    cfg.generation_batch_size = rows // 2
+    assert decide([[5] * (fits + 1)] * rows)
+    for forced, one in (("true", False), ("false", True)):
+        cfg.generate_by_mode = forced
+        assert decide([[5]]) == decide([[5] * 10 * fits] * rows) == one
