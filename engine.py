@@ -218,8 +218,8 @@ def load_policy(cfg, resume, ddp, device, check=None) -> Policy:
     """sgpo.py's Policy: fp32 master weights (the forwards compute in --dtype under autocast) of
     cfg.model, or of the checkpoint folder `resume`, wrapped by runtime.wrap (DDP, FSDP: each
     rank's shards moved to its GPU, or none); its teacher (--teacher base/ema) and reference
-    (--beta > 0). check: run
-    on the tokenizer before the weights load (inputs.load_train_data's data-fit check)."""
+    (--beta > 0). check: run on the tokenizer before the weights load (the data-fit check of
+    inputs.load_train_data)."""
     lm, tokenizer = load_model(resume or cfg.model, torch.float32,
                                "cpu" if cfg.fsdp else device, check, trainable=True)
     if cfg.gradient_checkpointing:
@@ -308,7 +308,7 @@ def one_call_is_cheaper(lm, prompts, cfg) -> bool:
     call per mode? A decode step reads the weights once per call and every row's KV cache: one
     call reads the weights half as often, but keeps every row until the longest sequence of
     either mode ends (guided rollouts often run longer). (R) One call where the weights outweigh
-    the KV cache of a call's rows at their full length (SmolLM2-135M, 24 rows of ~250 tokens),
+    the KV cache of a call's rows at their full length (SmolLM2-135M, 24 rows of ~170 tokens),
     one per mode where the cache outweighs them (the toy's 117K parameters; 64 rows of 8.7K
     tokens of a 7B model). Counted in elements, from the model's shape and the step's prompts,
     not timed: the same choice on every machine and rank, and on a resume."""
