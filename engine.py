@@ -378,13 +378,13 @@ def cache_kwarg(model) -> str:
 
 def _kv_cache(model, device, length: int):
     """The KV cache of a generate call, sized for it: each full-attention layer's keys and values
-    in one buffer of the call's final length (prompt width + new tokens), written in place. HF's
-    DynamicCache grows by concatenation: a copy of the layer's whole cache at every decode step,
-    and a second copy held while it is made. Keys and values are stored in the compute dtype:
-    under autocast over fp32 weights the residual stream stays fp32, and keys leave rotary
-    embeddings (and Qwen3's k_norm) in fp32 beside bf16 values, 1.5x the memory, cast back by
-    attention at every step. Sliding-window layers keep HF's own (they drop what leaves the
-    window)."""
+    in one buffer of the call's final length (prompt width + new tokens), written in place from
+    the first decode step on. HF's DynamicCache grows by concatenation: a copy of the layer's
+    whole cache at every decode step, and a second copy held while it is made. Keys and values
+    are stored in the compute dtype: under autocast over fp32 weights the residual stream stays
+    fp32, and keys leave rotary embeddings (and Qwen3's k_norm) in fp32 beside bf16 values, 1.5x
+    the memory, cast back by attention at every step. Sliding-window layers keep HF's own (they
+    drop what leaves the window)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
     device = torch.device(device).type
@@ -399,21 +399,29 @@ def _kv_cache(model, device, length: int):
 @functools.cache
 def _in_place_layer():
     """transformers' DynamicLayer (one attention layer's cache), written in place into a buffer
-    of the call's final length: `keys` and `values` are views of its first `length` positions.
-    (A class made on first use: transformers is imported only when a model is.)"""
+    of the call's final length from the first decode step on: `keys` and `values` are views of
+    its first `length` positions. Before, the prompt's keys and values are kept as they come: a
+    buffer made before the prefill would sit beside the prefill's activations. (A class made on
+    first use: transformers is imported only when a model is.)"""
     from transformers.cache_utils import DynamicLayer
 
     class InPlaceLayer(DynamicLayer):
         def __init__(self, capacity: int, dtype):
             super().__init__()
-            self.capacity, self.dtype, self.length = capacity, dtype, 0
+            self.capacity, self.dtype, self.length, self.buffers = capacity, dtype, 0, None
 
         def update(self, key_states, value_states, *args, **kwargs):
             new = [t.to(self.dtype or t.dtype) for t in (key_states, value_states)]
             if not self.is_initialized:
                 self.lazy_initialization(*new)
-                b, h, _, d = new[0].shape
+                self.keys, self.values = new
+                self.length = new[0].shape[-2]
+                return self.keys, self.values
+            if self.buffers is None:
+                b, h, _, d = self.keys.shape
                 self.buffers = [t.new_empty(b, h, self.capacity, d) for t in new]
+                for buffer, states in zip(self.buffers, (self.keys, self.values)):
+                    buffer[:, :, :self.length] = states
             start, self.length = self.length, self.length + new[0].shape[-2]
             for buffer, states in zip(self.buffers, new):
                 buffer[:, :, start:self.length] = states
@@ -421,9 +429,10 @@ def _in_place_layer():
             return self.keys, self.values
 
         def batch_select_indices(self, indices):
-            if self.length:
-                self.buffers = [t[indices] for t in self.buffers]
-                self.keys, self.values = (t[:, :, :self.length] for t in self.buffers)
+            if self.buffers is None:
+                return super().batch_select_indices(indices)
+            self.buffers = [t[indices] for t in self.buffers]
+            self.keys, self.values = (t[:, :, :self.length] for t in self.buffers)
 
     return InPlaceLayer
 

@@ -54,9 +54,9 @@ SAVED = "activations saved for backward"
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages made while it is active and still alive (DTensors counted by their
     local shards): `now`, `peak`, and at the peak the bytes per label (the label current when
-    each was made). An op's output that shares an input's storage (a view, an in-place op) is not
-    new; a storage resized while active (FSDP2 gathers a unit's weights into storage it resizes
-    from 0, and frees them by resizing back) counts by its size."""
+    each was made). A view op's output, and an op's output that shares an input's storage (an
+    in-place op), are not new; a storage resized while active (FSDP2 gathers a unit's weights
+    into storage it resizes from 0, and frees them by resizing back) counts by its size."""
 
     def __init__(self, mark_saved=False):
         super().__init__()
@@ -84,6 +84,10 @@ class LiveBytes(TorchDispatchMode):
         if any(t is DTensor for t in types):
             return NotImplemented  # let DTensor run its local ops, which this sees
         out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            # a view makes no storage (a fake tensor's view of FSDP2's gathered weight can carry
+            # a storage object of its own: the LM head's transpose counted 1.1 GB at 7B)
+            return out
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor) and not isinstance(t, DTensor)}
         for t in tree_flatten(out)[0]:
@@ -264,9 +268,13 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
         head_dim = getattr(lm.config, "head_dim", None) or head_dim
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
             else torch.float32
+        # the decode steps append a position at a time; here 256 at a time (what stands in for
+        # a step's keys and values stays small next to the cache)
         for layer in range(lm.config.num_hidden_layers):
-            new = torch.ones((batch, kv, cfg.max_completion_length - 1, head_dim), dtype=dtype)
-            cache.update(new, new.clone(), layer)
+            for start in range(0, cfg.max_completion_length - 1, 256):
+                n = min(256, cfg.max_completion_length - 1 - start)
+                new = torch.ones((batch, kv, n, head_dim), dtype=dtype)
+                cache.update(new, new.clone(), layer)
         tracker.label = "decode step"
         mask = torch.ones((batch, prompt_tokens + cfg.max_completion_length), dtype=torch.long)
         mask[0, 0] = 0
