@@ -73,6 +73,27 @@ def test_kv_cache_written_in_place_samples_as_hfs_own(dtype, monkeypatch):
         assert layer.values.data_ptr() == layer.buffers[1].data_ptr()
 
 
+def test_kv_cache_buffer_is_made_at_the_first_decode_step():
+    """A layer of the engine's cache keeps the prompt's keys and values as they come (a buffer
+    made before the prefill would sit beside its activations), makes its buffer of the final
+    length at the first decode step, and then holds what HF's concatenation would: the prompt's
+    and each step's keys, in order; batch_select_indices picks rows before and after."""
+    layer = engine._in_place_layer()(capacity=9, dtype=None)
+    prompt = [torch.randn(3, 2, 5, 4) for _ in range(2)]
+    keys, values = layer.update(*prompt)
+    assert layer.buffers is None and keys is prompt[0] and values is prompt[1]
+    layer.batch_select_indices(torch.tensor([2, 0, 0]))
+    grown = [t[[2, 0, 0]] for t in prompt]
+    for _ in range(3):
+        step = [torch.randn(3, 2, 1, 4) for _ in range(2)]
+        keys, values = layer.update(*step)
+        grown = [torch.cat([g, s], dim=2) for g, s in zip(grown, step)]
+        assert [b.shape for b in layer.buffers] == [torch.Size([3, 2, 9, 4])] * 2
+        assert torch.equal(keys, grown[0]) and torch.equal(values, grown[1])
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, grown[0][[1]]) and layer.get_seq_length() == 8
+
+
 def test_prefill_computes_logits_at_one_position_only():
     """The prefill of distinct prompts needs no logits (generate recomputes the last position):
     at Qwen's V = 151,936, logits at every prompt position would be a multi-GB transient."""

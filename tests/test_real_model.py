@@ -112,7 +112,6 @@ def test_base_teacher_on_smollm2(smollm2, tmp_path):
             "--learning_rate", 1e-5, "--batch_size", 2, "--num_generations", 2,
             "--num_guided_generations", 2, "--max_completion_length", 8, "--max_steps", 1,
             "--micro_batch_size", 8, "--reward_workers", 0, "--teacher", "base"]
-    calls = []
     with mock.patch.object(sgpo, "sample", wraps=sgpo.sample) as sample:
         assert sgpo.main([str(a) for a in args]) == 0
         calls = [len(c.args[1]) for c in sample.call_args_list]
