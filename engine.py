@@ -314,10 +314,8 @@ def one_call_is_cheaper(lm, prompts, cfg) -> bool:
     not timed: the same choice on every machine and rank, and on a resume."""
     if cfg.generate_by_mode != "auto":
         return cfg.generate_by_mode == "false"
-    c = lm.config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim  # K and V elements
+    kv_heads, head_dim = kv_heads_and_dim(lm.config)
+    per_token = 2 * lm.config.get_text_config().num_hidden_layers * kv_heads * head_dim  # K, V
     rows = min(len(prompts), cfg.generation_batch_size or len(prompts))
     length = max(map(len, prompts)) + cfg.max_completion_length
     # a decode step reads every weight but the input embedding (unless the head is tied to it)
@@ -326,6 +324,14 @@ def one_call_is_cheaper(lm, prompts, cfg) -> bool:
     if embedding is not lm.get_output_embeddings().weight:
         weights -= embedding.numel()
     return weights >= rows * length * per_token
+
+
+def kv_heads_and_dim(config) -> tuple:
+    """(key/value heads, head dimension) of a model's attention layers, from its (text) config:
+    what one position of the KV cache holds per layer, twice (keys and values)."""
+    c = config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
 
 
 def repeat_each(items, n):

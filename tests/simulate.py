@@ -263,9 +263,7 @@ def generation_phase(policy, cfg, prompt_tokens: int, tracker):
         lm(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
            **{engine.cache_kwarg(lm): cache})
         tracker.label = "KV cache"
-        kv, head_dim = lm.config.num_key_value_heads, lm.config.hidden_size // \
-            lm.config.num_attention_heads
-        head_dim = getattr(lm.config, "head_dim", None) or head_dim
+        kv, head_dim = engine.kv_heads_and_dim(lm.config)
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
             else torch.float32
         # the decode steps append a position at a time; here 256 at a time (what stands in for
