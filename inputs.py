@@ -238,6 +238,8 @@ def check_train_config(cfg):
         (0 < cfg.teacher_ema_rate <= 1, "teacher_ema_rate", "must be in (0, 1]"),
         (cfg.generate_by_mode in ("auto", "true", "false"), "generate_by_mode",
          "must be auto, true or false"),
+        (cfg.share_prompts in ("auto", "true", "false"), "share_prompts",
+         "must be auto, true or false"),
         (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")
     ]
     for name in ("batch_size", "num_generations", "max_completion_length", "micro_batch_size",

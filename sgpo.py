@@ -149,6 +149,10 @@ class Config:
     steps_per_generation: int = 1
     """k optimizer steps per rollout batch, each on 1/k of its problems (GRPO group and KD target
     together); pi_old: the sampling policy. k > 1 lets the clip and trust region act (README)."""
+    share_prompts: str = "auto"
+    """true: the loss's forwards put a prompt's rows in one sequence, the prompt once (a mask keeps
+    each response to it and itself); false: a row each; auto: whichever costs fewer
+    multiply-adds (engine.Backbone.shares_prompts)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (off while generating)."""
     chunked_head: bool = True

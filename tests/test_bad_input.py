@@ -55,6 +55,16 @@ def _no_chat_template(tmp, tiny_dir):
     return tmp / "nochat"
 
 
+def _sliding(tmp, tiny_dir):
+    """The tiny model with sliding-window attention layers."""
+    shutil.copytree(tiny_dir, tmp / "sliding")
+    cfg = json.loads((tmp / "sliding" / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    cfg.update(use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    (tmp / "sliding" / "config.json").write_text(json.dumps(cfg))
+    return tmp / "sliding"
+
+
 def _afile(tmp):
     (tmp / "afile").write_text("not a folder")
     return tmp / "afile"
@@ -143,6 +153,13 @@ CASES = [
         lambda c: _sgpo(c) + ["--model", _no_chat_template(c["tmp"], c["tiny_dir"])],
         "error: --model TMP/nochat: its tokenizer has no chat template (an instruct/chat model is "
         "needed)",
+    ),
+    (
+        "sgpo.py", "`--share_prompts true` with a model of sliding-window layers",
+        lambda c: _sgpo(c, "--share_prompts", "true")
+        + ["--model", _sliding(c["tmp"], c["tiny_dir"])],
+        "error: --share_prompts true: TMP/sliding needs SDPA attention and no sliding-window "
+        "layer (a custom mask replaces the model's)",
     ),
     (
         "sgpo.py", "--output_dir is an existing file",

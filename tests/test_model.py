@@ -2,6 +2,7 @@
 micro-batch invariance of the accumulated gradient."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -71,10 +72,10 @@ def test_sampler_logps_equal_trainer_logps_left_padded(arch):
     assert (logp - sampler).abs().max() < 1e-4
 
 
-def _grads(model, rows, cfg, tok):
+def _grads(model, rows, cfg, tok, share="auto"):
     model.zero_grad()
-    sgpo.accumulate_gradients(sgpo.Policy.of(model, tok, "cpu"), fresh(rows), cfg, runtime.Stats(),
-                             pi_old_now=True)
+    policy = sgpo.Policy.of(model, tok, "cpu", share=share)
+    sgpo.accumulate_gradients(policy, fresh(rows), cfg, runtime.Stats(), pi_old_now=True)
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -93,7 +94,8 @@ def test_micro_batching_invariance():
 def test_prompt_and_padding_positions_get_no_gradient():
     tok, model, cfg = tiny_setup()
     rows = training_rows(tok, model, cfg, n=4)
-    policy = sgpo.Policy.of(model, tok, "cpu")
+    # a row each ([B, L] below); the shared layout: test_shared_prompts_same_states_and_gradients
+    policy = sgpo.Policy.of(model, tok, "cpu", share="false")
     captured = {}
 
     def keep(_, __, out):
@@ -281,3 +283,86 @@ def test_plain_full_logit_loss_equals_the_chunked_head_on_the_toy(kd_loss):
         scale = chunked_grads[n].abs().max()
         assert scale > 0, n
         assert torch.allclose(plain_grads[n], chunked_grads[n], atol=1e-5 * scale, rtol=1e-4), n
+
+
+def _shared_pairs(tok, cfg):
+    """Rows as a micro-batch holds them: a problem's responses (of several lengths) under one
+    prompt, a problem with one row, a response of one token, a second prompt shared."""
+    g = torch.Generator().manual_seed(3)
+    qs = [engine.prompt_ids(tok, cfg, q, guided=False) for q in tiny_rows(3)]
+    pairs = []
+    for prompt, lengths in zip(qs, ([5, 1, 9, 4], [7], [3, 6])):
+        for n in lengths:
+            pairs.append((prompt, torch.randint(3, len(tok), (n,), generator=g).tolist()))
+    order = torch.randperm(len(pairs), generator=g).tolist()  # rows of a prompt not adjacent
+    return [pairs[i] for i in order]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_shared_prompts_same_states_and_gradients(arch):
+    """collate_shared (each prompt once, a response seeing its prompt and itself) gives the hidden
+    states, targets and parameter gradients of collate (a row each), row by row, padding
+    included; and the whole micro-batch loss (GRPO and KD terms) with them."""
+    tok, model, cfg = tiny_setup(arch=arch)
+    pairs = _shared_pairs(tok, cfg)
+    ids, mask, _, _, _ = engine.collate_shared(pairs, tok.pad_token_id)
+    assert ids.shape[0] == 3 and mask.shape == (3, 1, ids.shape[1], ids.shape[1])
+    out = {}
+    for share in ("false", "true"):
+        policy = sgpo.Policy.of(model, tok, "cpu", share=share)
+        assert policy.backbone.shares_prompts(pairs) == (share == "true")
+        model.zero_grad()
+        hidden, targets = policy.response_hidden(pairs)
+        weights = torch.linspace(-1, 1, hidden.numel()).view_as(hidden)
+        (hidden * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        out[share] = hidden.detach(), targets, grads
+    (h0, t0, g0), (h1, t1, g1) = out["false"], out["true"]
+    assert torch.equal(t0, t1) and t0.tolist() == [t for _, r in pairs for t in r]
+    assert torch.allclose(h0, h1, atol=1e-5) and h0.abs().max() > 0.1
+    assert len(g0) == len(g1) == len(list(model.parameters())) - 1  # all but the LM head
+    for a, b in zip(g0, g1):  # (float sums in another order: relative to the largest entry)
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    # the loss and gradient of a micro-batch of GRPO and KD rows (KD rows share the GRPO rows'
+    # prompts), each layout
+    rows = training_rows(tok, model, cfg)
+    a, b = _grads(model, rows, cfg, tok, "false"), _grads(model, rows, cfg, tok, "true")
+    for n in a:
+        assert (a[n] - b[n]).abs().max() <= 1e-5 * a[n].abs().max(), n
+
+
+def test_share_prompts_where_it_costs_fewer_multiply_adds():
+    """--share_prompts auto: the shared layout where tokens x weights + (query, key) pairs x
+    2 x layers x heads x head_dim is smaller for its padded batch than for a row each (weights:
+    all but the embeddings; SDPA computes masked pairs too); true / false force it; a model with
+    another attention or a sliding window never shares (its own masks)."""
+    tok, model, cfg = tiny_setup()
+    c = model.config
+    weights = sum(p.numel() for p in model.parameters()) - 2 * c.vocab_size * c.hidden_size
+    per_pair = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+    backbone = sgpo.Policy.of(model, tok, "cpu").backbone
+
+    def cost(rows, length):
+        return rows * length * (weights + length * per_pair)
+
+    seen = set()
+    for p, r, n in itertools.product((1, 20, 200), (1, 10, 60), (1, 2, 8)):
+        pairs = [([5] * p, [6] * r)] * n
+        shared = n > 1 and cost(1, p + n * r) < cost(n, p + r)
+        assert backbone.shares_prompts(pairs) == shared, (p, r, n)
+        seen.add(shared)
+    assert seen == {True, False}
+    assert not backbone.shares_prompts([([5] * 200, [6]), ([7] * 200, [6])])  # prompts differ
+    # the widest row sets a row each's padded width
+    wide = [([5] * 20, [6] * 10)] * 2 + [([7], [6] * 200)]
+    assert backbone.shares_prompts(wide)
+    for share in ("true", "false"):
+        backbone.share = share
+        assert backbone.shares_prompts([([5], [6] * 60)] * 8) == (share == "true")
+    for change in ({"_attn_implementation": "eager"}, {"sliding_window": 4}):
+        other = build_model(tok)
+        for name, value in change.items():
+            setattr(other.config, name, value)
+        backbone = engine.Backbone(other)
+        backbone.share = "true"
+        assert not backbone.can_share and not backbone.shares_prompts([([5] * 200, [6])] * 8)
