@@ -91,6 +91,8 @@ class Grader:
     its SIGALRM timeout works. close() ends them; so does the trainer's death."""
 
     def __init__(self, workers: int, timeout: int = 5, pool_after: float = 0.5):
+        # -1: this rank's share of the cores (default_workers)
+        workers = default_workers() if workers == -1 else workers
         self.workers, self.timeout, self.pool_after, self.pool = workers, timeout, pool_after, None
 
     def __call__(self, responses: list, answers: list) -> list:

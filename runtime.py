@@ -116,7 +116,7 @@ def shard_fsdp(backbone, param_dtype, device, materialize=None):
         materialize(backbone)
     # FSDP makes the first module to run forward the root: the Backbone, not a layer
     with torch.no_grad():
-        backbone(*torch.ones((2, 1, 1), dtype=torch.long, device=device))  # ids, mask [1, 1]
+        backbone(*torch.ones((3, 1, 1), dtype=torch.long, device=device))  # ids, mask, positions
     # the root keeps its weights gathered after a forward: the optimizer must get the shards
     backbone.reshard()
     return backbone
@@ -360,7 +360,7 @@ def _gathered_weights(model):
 def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict) -> dict:
     """Load a checkpoint's optimizer (FSDP: this rank's shards), scheduler and this rank's RNG
     states; return state updated from it. saved: the checkpoint's trainer_state.pt, loaded
-    (resolve_resume)."""
+    (resolve_resume); emptied once read (the CPU copy of the optimizer state is freed)."""
     if "optimizer" in saved:
         optimizer.load_state_dict(saved["optimizer"])
     elif os.path.isdir(os.path.join(path, "optimizer")):  # FSDP (none if saved before step 1)
@@ -382,7 +382,9 @@ def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict) ->
     elif rank == 0:
         print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, "
               f"this run {world}: sampling reseeded")
-    return {k: saved.get(k, v) for k, v in state.items()}
+    state = {k: saved.get(k, v) for k, v in state.items()}
+    saved.clear()
+    return state
 
 
 def checkpoints(output_dir: str) -> list:

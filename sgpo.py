@@ -15,25 +15,24 @@ unguided policy finds most likely. ../shared/SGPO_METHOD.md is the method; READM
 
 Design choices:
 1. One model plays every part: sampler, teacher (the same weights with the strategy in the prompt,
-   no gradient) and student; `Policy` bundles its views. (--teacher base/ema: the teacher's
-   weights of its own, the policy as RL starts or a moving average of it.)
+   no gradient) and student; `Policy` bundles its views (--teacher base/ema: weights of its own).
 2. The loss needs full-vocabulary log-probs at every response position but never holds [B, T, V]
-   logits: the LM head runs chunk by chunk with a hand-written gradient (chunked_head.py);
-   `--chunked_head false` runs the plain formulas below instead.
+   logits: the LM head runs chunk by chunk with a hand-written gradient (chunked_head.py).
 3. Every token's weight in the loss is global (over micro-batches and ranks of its mini-batch):
    the gradient does not depend on micro-batching or on the number of GPUs. The lockstep that
    keeps ranks' forwards matched lives in runtime.lockstep.
 4. pi_old is the trainer's own log-prob of each sampled token, taken before the first optimizer
-   step of the rollout batch and kept on its row; the sampler's log-probs are only checked
-   against it. --steps_per_generation k splits a batch into k optimizer steps (veRL's mini-batches).
+   step of the batch; the sampler's are only checked against it. --steps_per_generation k: k
+   optimizer steps per batch (veRL's mini-batches).
 5. fp32 master weights, forwards in --dtype under autocast: a bf16 weight would not move under an
    lr-1e-6 AdamW step.
+6. Where it costs fewer multiply-adds, a prompt's rows share one sequence in the loss's forwards,
+   the prompt computed once (engine.collate_shared; --share_prompts).
 
-Reading order: Config; the pure loss functions; `micro_batch_loss` and its three terms (the
-objective); one RL step's pieces, marked [n] with the method sheet's step n, and `rl_step`;
-`train`. Plumbing: engine.py (the model, Policy, generation), runtime.py (ranks, the optimizer,
-FSDP, checkpoints), metrics.py (what a run reports), inputs.py (flags, data), reward.py
-(math-verify), chunked_head.py.
+Reading order: Config; the pure loss functions; `micro_batch_loss` and its three terms; one RL
+step's pieces ([n]: the method sheet's step n) and `rl_step`; `train`. Plumbing: engine.py (model,
+generation), runtime.py (ranks, optimizer, checkpoints), metrics.py, inputs.py (flags, data),
+reward.py, chunked_head.py.
 """
 import itertools
 import math
@@ -51,7 +50,7 @@ from chunked_head import ChunkedHead, head_weight
 from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, one_call_is_cheaper,
                     prompt_ids, repeat_each, sample, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
-from reward import Grader, default_workers
+from reward import Grader
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
                      full_weights, get_rank, lockstep, make_optimizer, optimizer_step,
@@ -83,15 +82,13 @@ class Config:
     seed: int = 0
     """Seed of data order and sampling (offset by rank for sampling)."""
     dtype: str = "auto"
-    """Compute dtype (autocast): auto (bf16 on a GPU that supports it, else fp32), bf16, fp32.
-    Parameters, gradients and AdamW state are fp32 always: a bf16 weight does not move under an
-    lr-1e-6 update (docs/memory_and_speed.md)."""
+    """Compute dtype (autocast): auto (bf16 on a GPU that has it, else fp32), bf16, fp32. Weights,
+    gradients and AdamW state are fp32 always (design choice 5)."""
     fsdp: bool = False
     """Shard weights, gradients and AdamW state over ranks (FSDP2), not replicate them (DDP): 7B
     on 80 GB (docs/memory_and_speed.md)."""
     ddp_timeout: int = 1800
-    """Seconds a collective waits for the slowest rank (e.g. one still generating) before the run
-    aborts."""
+    """Seconds a collective waits for the slowest rank before the run aborts."""
     # ---- prompts ----
     system_prompt: str = ""
     """Optional system message for both prompts."""
@@ -112,9 +109,8 @@ class Config:
     """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache
     (docs/memory_and_speed.md); 0 = all in one."""
     generate_by_mode: str = "auto"
-    """true: one generate call per mode (a call runs until its longest sequence ends; guided
-    rollouts often run longer); false: both modes in one call (a decode step reads the weights
-    once for all rows); auto: whichever reads less (engine.one_call_is_cheaper)."""
+    """true: a generate call per mode; false: both modes in one call; auto: whichever reads less
+    (engine.one_call_is_cheaper)."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -125,11 +121,9 @@ class Config:
     """Exclude truncated autonomous rollouts from the loss (their reward still counts in the
     group)."""
     reward_timeout: int = 5
-    """Seconds math-verify may spend parsing and again verifying one answer (SIGALRM; main
-    thread)."""
+    """Seconds math-verify may spend parsing, and again verifying, one answer."""
     reward_workers: int = -1
-    """Processes grading rollouts (math-verify) in parallel; -1: this rank's share of the cores,
-    at most 8; 0: inline."""
+    """Processes grading rollouts; -1: this rank's share of the cores, at most 8; 0: inline."""
     # ---- optimisation ----
     max_steps: int = 80
     """RL steps (one rollout batch each)."""
@@ -150,14 +144,12 @@ class Config:
     """k optimizer steps per rollout batch, each on 1/k of its problems (GRPO group and KD target
     together); pi_old: the sampling policy. k > 1 lets the clip and trust region act (README)."""
     share_prompts: str = "auto"
-    """true: the loss's forwards put a prompt's rows in one sequence, the prompt once (a mask keeps
-    each response to it and itself); false: a row each; auto: whichever costs fewer
-    multiply-adds (engine.Backbone.shares_prompts)."""
+    """true: a prompt's rows in one sequence in the loss's forwards, the prompt once; false: a row
+    each; auto: whichever costs fewer multiply-adds (engine.Backbone.shares_prompts)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (off while generating)."""
     chunked_head: bool = True
-    """The loss's LM head in chunks, hand-written gradient (chunked_head.py); false: the plain
-    formulas on full [tokens, V] logits (same values)."""
+    """The loss's LM head in chunks (chunked_head.py); false: on full [tokens, V] logits."""
     kd_chunk_size: int = 256
     """Positions per chunk of the LM head in the loss: memory O(chunk x vocab), flat in length."""
     # ---- GRPO (sheet step 2) ----
@@ -176,17 +168,16 @@ class Config:
     """fkl (paper), rkl (reverse-KL ablation), sft (NLL of the selected target: 'direct SFT'
     ablation)."""
     kl_clip: float = math.inf
-    """delta: tokens with D_t > delta give no gradient (loss min(D_t, delta)); inf = no KL
-    clipping (paper: 1.0; the toy's strategy effect sits on tokens with D_t >> 1: toy/README.md)."""
+    """delta: tokens with D_t > delta give no gradient (min(D_t, delta)); inf = none (paper: 1.0;
+    the toy's strategy effect sits on tokens with D_t >> 1: toy/README.md)."""
     teacher: str = "live"
-    """Whose weights teach (with the strategy in the prompt): live (the policy itself, the
-    paper's), base (the policy as RL starts, frozen) or ema (a moving average of the policy's
-    weights, TRL SDPO's default): a teacher that keeps its guided skill (toy/README.md, sizes)."""
+    """Whose weights teach (the strategy in the prompt): live (the policy, the paper's), base (the
+    policy as RL starts) or ema (a moving average of the policy, TRL SDPO's default): a teacher
+    that keeps its guided skill (toy/README.md, sizes)."""
     teacher_ema_rate: float = 0.05
     """--teacher ema: theta_T += rate (theta - theta_T) after every optimizer step (TRL's 0.05)."""
     teacher_samples_guided: bool = False
-    """--teacher base/ema: the G2 guided rollouts (KD target candidates) sampled by the teacher,
-    not the policy (toy/README.md measures both)."""
+    """--teacher base/ema: the G2 guided rollouts sampled by the teacher, not the policy."""
     target_selection: bool = True
     """Pick the correct guided rollout most likely under the unguided prompt; false = a random
     correct one."""
@@ -211,7 +202,7 @@ class Config:
     # ---- checkpoints and live metrics ----
     report_to: str = "none"
     """Live metrics beside metrics.jsonl (rank 0): none, tensorboard (<output_dir>/runs), wandb or
-    trackio; the tracker's package is needed only when chosen."""
+    trackio (its package needed only then)."""
     save_steps: int = 50
     """Checkpoint every N RL steps (and always at the end)."""
 
@@ -342,7 +333,7 @@ class Row:
     weight: float
     """Each response token's weight in the loss, normalised over the GLOBAL batch (all ranks)."""
     old_logps: torch.Tensor = None
-    """[len(response)] log pi_old: stored by the first of the num_iterations passes."""
+    """[len(response)] log pi_old: kept before the first optimizer step (keep_pi_old)."""
 
 
 @dataclass
@@ -361,8 +352,7 @@ class KDRow(Row):
 
 
 def keep_pi_old(rows, logp):
-    """Stores [M] log-probs of rows' tokens (taken while the policy is still pi_old) on the rows,
-    for every later forward of the update."""
+    """[M] log-probs of rows' tokens, taken while the policy is pi_old, kept on the rows."""
     pieces = logp.detach().split([len(r.response) for r in rows])
     for r, piece in zip(rows, pieces):
         r.old_logps = piece
@@ -370,7 +360,7 @@ def keep_pi_old(rows, logp):
 
 def check_sampler(rows, stats):
     """rollout_probs_diff_max: the largest |sampler log-prob - pi_old| over the GRPO rows' tokens
-    (the same distribution, computed twice: they must agree)."""
+    (the same distribution twice: they must agree)."""
     rows = [r for r in rows if isinstance(r, GRPORow)]
     if rows:
         old = torch.cat([r.old_logps for r in rows])
@@ -388,11 +378,10 @@ def per_token(rows, values):
 
 # ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
 def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False):
-    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's, and each row
-    kind's term; token weights are normalised over the global mini-batch, so summed over
-    micro-batches and ranks this is the mini-batch's L. pi_old_now: the policy is still pi_old
-    (the update's first forward of these rows): keep its log-probs. rows == []: a rank out of rows
-    (runtime.lockstep): zero loss, same forwards."""
+    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's, each row
+    kind's term; weights are global, so summed over micro-batches and ranks this is the
+    mini-batch's L. pi_old_now: the update's first forward of these rows (keep their log-probs).
+    rows == []: a rank out of rows (runtime.lockstep): zero loss, same forwards."""
     pad = policy.tokenizer.pad_token_id
     pairs = [(r.prompt, r.response) for r in rows] or [([pad], [pad])]
     hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
@@ -405,9 +394,8 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False)
     kd_at, own_at = (torch.tensor(at, dtype=torch.long, device=policy.device)
                      for at in (kd_at, own_at))
     kd = [r for r in rows if isinstance(r, KDRow)]
-    # The teacher: the policy's weights (or --teacher's) on the guided prompt + target, no
-    # gradient. One forward per micro-batch, KD rows or not: under FSDP every forward is a
-    # collective.
+    # The teacher (the policy's weights or --teacher's) on guided prompt + target, no gradient:
+    # one forward per micro-batch, KD rows or not (under FSDP every forward is a collective)
     teacher = policy.teacher_view()
     with torch.no_grad():
         t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
@@ -515,9 +503,8 @@ class Batch:
 
 
 def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
-    """[1] G1 autonomous and G2 guided responses per problem: one generate call (or
-    generation_batch_size-sized calls) per mode, or both modes in one (--generate_by_mode: by
-    what the calls will cost); the guided ones by the teacher under --teacher_samples_guided."""
+    """[1] G1 autonomous and G2 guided responses per problem: generate calls per mode or both in
+    one (--generate_by_mode); the guided ones by the teacher under --teacher_samples_guided."""
     auto = repeat_each(auto_prompts, cfg.num_generations)
     guided = repeat_each(guided_prompts, cfg.num_guided_generations)
     guide = guided_sampler(policy, cfg)
@@ -567,10 +554,9 @@ def pass_rates(batch: Batch, cfg: Config):
 
 
 def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
-    """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps (every
-    rank applies all updates in the same order). (R) Before the KD weight reads it: this visit's
-    gap acts on this visit; read after, a problem seen once (the toy: 1,280 of 2,000 in 80 steps)
-    would always weigh alpha_0, and adaptive alpha would be the fixed-alpha row there."""
+    """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps (all ranks
+    alike). (R) Before the KD weight reads it: read after, a problem seen once (the toy: 1,280 of
+    2,000 in 80 steps) would weigh alpha_0, the fixed-alpha row."""
     mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
     for updates in all_gather_objects(mine):
         for qid, pg, pa in updates:
@@ -647,10 +633,9 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
 
 
 def update_policy(policy, opt, minibatches, cfg: Config, stats):
-    """[5, 7] One optimizer step per mini-batch, num_iterations epochs. pi_old is the sampling
-    policy for every mini-batch: the first one's first forward keeps it (nothing has moved yet),
-    the others' a forward before the first optimizer step. Returns the statistics of the passes
-    after the first optimizer step (where ratios leave 1) and the last gradient norm."""
+    """[5, 7] One optimizer step per mini-batch, num_iterations epochs. pi_old, the sampling
+    policy: kept by the first mini-batch's first forward, the others' by a forward before any
+    step. Returns the statistics after the first step (ratios leave 1), the last grad norm."""
     policy.wrapped.train()
     if len(minibatches) > 1:
         # (k > 1 on every rank alike: FSDP's gathering is a collective)
@@ -674,10 +659,8 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats):
 @torch.no_grad()
 def move_teacher(policy, cfg: Config, rate=None):
     """[7] After each optimizer step: theta_T += rate (theta - theta_T) in fp32, tensor by tensor
-    (FSDP: each rank its own shards; DDP: the same update of the same replicas on every rank);
-    rate: --teacher_ema_rate under --teacher ema, 0 (none) under base, unless given (1: a copy,
-    the start of RL). FSDP: the teacher's root, left gathered by its forwards, is resharded
-    first."""
+    (FSDP: each rank its shards); rate: --teacher_ema_rate under ema, 0 under base, unless given
+    (1: a copy, as RL starts). FSDP: the teacher's root, left gathered, is resharded first."""
     reshard(policy.teacher.wrapped)
     if rate is None:
         rate = cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0
@@ -724,9 +707,8 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
 
 
 def sft_warmup(problems, policy, cfg: Config, log):
-    """Warm-up: NLL of the reference `solution` + the end of turn under the autonomous prompt. The
-    end of turn is what the chat template closes an assistant turn with (engine.turn_end_ids; not
-    always the eos token: Gemma's is <end_of_turn>), and generation stops there."""
+    """Warm-up: NLL of the reference `solution` + the end of turn (what the chat template closes an
+    assistant turn with, engine.turn_end_ids) under the autonomous prompt."""
     tok = policy.tokenizer
     opt = make_optimizer(policy.lm, cfg.sft_learning_rate, cfg)
     turn_end = turn_end_ids(tok)
@@ -752,9 +734,8 @@ def sft_warmup(problems, policy, cfg: Config, log):
 
 
 def setup(argv):
-    """What is checked before the run starts, in this order: flags, data, output folder, the
-    checkpoint to resume, the process group, the model. Raises UsageError (one line, exit 2).
-    Returns the config, (problems, SFT problems, held-out problems), resume and the policy."""
+    """Checks, in this order: flags, data, output folder, the checkpoint to resume, the process
+    group, the model (UsageError: one line, exit 2). Returns cfg, the data, resume, the policy."""
     cfg = parse_args(argv)
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
@@ -783,13 +764,10 @@ def train(cfg: Config, data, resume, policy):
     if resume:
         # optimizer, scheduler, RNG of every rank; the loop's state (step, data position, alpha)
         state = restore_checkpoint(*resume, policy.wrapped, *opt, state)
-        # the optimizer state now lives in the optimizer: free the CPU copy
-        resume[1].clear()
     else:
         torch.manual_seed(cfg.seed + rank)  # different samples on each rank
         random.seed(cfg.seed + rank)
-    workers = default_workers() if cfg.reward_workers == -1 else cfg.reward_workers
-    grade = Grader(workers, cfg.reward_timeout)
+    grade = Grader(cfg.reward_workers, cfg.reward_timeout)
     warming_up = not state["sft_done"]
     if warming_up:
         sft_warmup(sft_problems, policy, cfg, log)

@@ -5,6 +5,7 @@ teacher of its own weights (--teacher base/ema), which then moves halfway to the
 sgpo.move_teacher); rank 0 saves it, and the teacher's weights."""
 
 import copy
+import functools
 import os
 import sys
 
@@ -13,14 +14,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
 import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from tests.conftest import tiny_setup, training_rows  # noqa: E402
 
 out_path = sys.argv[1]
 torch.manual_seed(0)
-# arguments after the output path: fsdp (else DDP), tied (the LM head shares the input embedding)
+# arguments after the output path: fsdp (else DDP), tied (the LM head shares the input embedding),
+# shared (--share_prompts true: a prompt's rows in one sequence; else a row each)
 tok, model, cfg = tiny_setup(tied="tied" in sys.argv[2:])
+share = "true" if "shared" in sys.argv[2:] else "false"
+shared_forwards = []
+engine.collate_shared = functools.partial(
+    lambda real, *a: shared_forwards.append(1) or real(*a), engine.collate_shared)
 cfg.micro_batch_size = 2
 rows = training_rows(tok, model, cfg, n=6)  # identical on every rank; loss weights are global
 teacher = None
@@ -45,13 +52,13 @@ if "RANK" in os.environ:
         if fsdp
         else DDP
     )
-    policy = sgpo.Policy.of(model, tok, "cpu", wrap)
+    policy = sgpo.Policy.of(model, tok, "cpu", wrap, share)
     if teacher is not None:
-        policy.teacher = sgpo.Policy.of(teacher, tok, "cpu", wrap if fsdp else lambda b: b)
+        policy.teacher = sgpo.Policy.of(teacher, tok, "cpu", wrap if fsdp else lambda b: b, share)
 else:
-    policy = sgpo.Policy.of(model, tok, "cpu")
+    policy = sgpo.Policy.of(model, tok, "cpu", share=share)
     if teacher is not None:
-        policy.teacher = sgpo.Policy.of(teacher, tok, "cpu")
+        policy.teacher = sgpo.Policy.of(teacher, tok, "cpu", share=share)
 stats = runtime.Stats()
 sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
 metrics = stats.reduce("cpu")
@@ -65,7 +72,8 @@ if teacher is not None:
     for n, p in teacher.named_parameters():
         teacher_weights[n] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
 if not dist.is_initialized() or dist.get_rank() == 0:
-    torch.save({"grads": grads, "metrics": metrics, "teacher": teacher_weights}, out_path)
+    torch.save({"grads": grads, "metrics": metrics, "teacher": teacher_weights,
+                "shared_forwards": len(shared_forwards)}, out_path)
 if dist.is_initialized():
     # DDP's reducer holds the process group: freed at interpreter exit, gloo's threads abort
     # ("terminate called without an active exception", 1 run in 5 here). Release it first.

@@ -113,24 +113,28 @@ def main(out_dir, flags):
     order). flags: train (else the rows are only captured), k2 (--steps_per_generation 2, a large
     learning rate: the second mini-batch's ratios leave the clip range), fsdp (else DDP). Saves
     OUT/rank<r>.json (rows, alpha, metrics) and, training, OUT/grads-rank<r>.pt: each optimizer
-    step's gradient before clipping."""
+    step's gradient before clipping. The loss's forwards take a row each (--share_prompts false):
+    one process and two ranks hold other rows in a micro-batch, and the shared layout's float sums
+    would differ by ~3e-8, which the second step's Adam (lr 0.05) turns into ~5e-6; the shared
+    layout over ranks: tests/test_ddp.py."""
     tok, model, cfg = tiny_setup()
     cfg.num_generations, cfg.num_guided_generations = 4, 2
     cfg.steps_per_generation = 2 if "k2" in flags else 1
+    share = "false"
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         problems, script = rank_script(tok, cfg, rank)
         fsdp = "fsdp" in flags
         policy = sgpo.Policy.of(model, tok, "cpu", lambda backbone: runtime.shard_fsdp(
-            backbone, torch.float32, torch.device("cpu")) if fsdp else DDP(backbone))
+            backbone, torch.float32, torch.device("cpu")) if fsdp else DDP(backbone), share)
     else:
         rank = 0
         (q0, q1), script = rank_script(tok, cfg, 0)
         (q2, q3), other = rank_script(tok, cfg, 1)
         script.queue.update(other.queue)
         problems = [q0, q2, q1, q3]
-        policy = sgpo.Policy.of(model, tok, "cpu")
+        policy = sgpo.Policy.of(model, tok, "cpu", share=share)
     opt = sgpo.make_optimizer(model, 0.05 if "k2" in flags else 1e-3, cfg)
     alpha, grads, real_step = {}, [], sgpo.optimizer_step
 

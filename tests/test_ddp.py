@@ -24,14 +24,17 @@ def _run(args, out, *extra):
 ONE_RANK = {}
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp tied", "ddp teacher", "fsdp teacher"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp tied", "ddp teacher", "fsdp teacher",
+                                      "fsdp shared"])
 def test_world_size_2_equals_1(tmp_path, parallel):
     """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and zero-loss
     forwards keep the collectives matched (a missing one hangs). Tied: the LM head is the input
     embedding, whose gradient comes from ChunkedHead and from the embedding lookup (FSDP with the
     live teacher; untied FSDP: with a teacher here, live in tests/test_minibatches.py). Teacher: a
     teacher of its own weights (--teacher base/ema; under FSDP sharded like the policy) gives the
-    same gradient, and moves halfway to the policy (the EMA step) to the same weights."""
+    same gradient, and moves halfway to the policy (the EMA step) to the same weights. Shared:
+    the loss's forwards with a prompt's rows in one sequence (a 4-D mask through FSDP) on both
+    sides; the others a row each."""
     flags = parallel.split()
     # one process: the same for DDP and FSDP, run once per model
     key = tuple(flags[1:])
@@ -43,6 +46,7 @@ def test_world_size_2_equals_1(tmp_path, parallel):
         *flags
     )
     assert one["grads"].keys() == two["grads"].keys()
+    assert (one["shared_forwards"] > 0) == (two["shared_forwards"] > 0) == ("shared" in flags)
     for name, g in one["grads"].items():
         assert g.abs().sum() > 0, name
         assert (g - two["grads"][name]).abs().max() < 1e-6, name
