@@ -24,8 +24,7 @@ def _run(args, out, *extra):
 ONE_RANK = {}
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp tied", "ddp teacher", "fsdp teacher",
-                                      "fsdp shared"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp tied shared", "ddp teacher", "fsdp teacher"])
 def test_world_size_2_equals_1(tmp_path, parallel):
     """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and zero-loss
     forwards keep the collectives matched (a missing one hangs). Tied: the LM head is the input

@@ -67,6 +67,10 @@ def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
         return real_save(cfg, policy, *args)
 
     monkeypatch.setattr(sgpo, "save_checkpoint", save_and_remember)
+    # the update's forwards with a prompt's rows in one sequence (--share_prompts auto: 2 rows of
+    # ~70 + 12 tokens), whose pi_old is checked against the sampler's log-probs below
+    shared, real_collate = [], engine.collate_shared
+    monkeypatch.setattr(engine, "collate_shared", lambda *a: shared.append(1) or real_collate(*a))
     out = tmp_path / "out"
     args = ["--model", smollm2, "--data", data, "--output_dir", out, "--eval_data", "",
             "--sft_epochs", 1, "--sft_learning_rate", 1e-5, "--learning_rate", 1e-5,
@@ -77,7 +81,7 @@ def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
     metrics = read_metrics(out / "metrics.jsonl")
     sft, rl = metrics[:1], metrics[1:]
     assert sft[0]["phase"] == "sft" and sft[0]["loss/sft"] > 0 and sft[0]["grad_norm"] > 0
-    assert [m["step"] for m in rl] == [1]
+    assert [m["step"] for m in rl] == [1] and shared
     for m in rl:
         assert m["rollout_probs_diff_max"] < 1e-3  # measured: ~2e-5
         assert m["perf/trained_tokens"] > 0
