@@ -175,7 +175,7 @@ class Backbone(torch.nn.Module):
         Counted from the shapes, not timed: the same choice on every rank, machine and resume."""
         prompts = {}
         for p, r in pairs:
-            prompts[tuple(p)] = prompts.get(tuple(p), len(p)) + len(r)
+            prompts[tuple(p)] = prompts.get(tuple(p), len(p) - 1) + len(r)
         if self.share != "auto" or not self.can_share or len(prompts) == len(pairs):
             return self.share == "true" and self.can_share
         width = max(len(p) + len(r) for p, r in pairs)
@@ -215,14 +215,18 @@ def collate(pairs: list, pad_id: int):
 
 
 def collate_shared(pairs: list, pad_id: int):
-    """(prompt, response) pairs -> one sequence per distinct prompt: the prompt once, then each of
-    its responses, at the positions it would have right after the prompt, under a [S, 1, L, L]
-    mask by which a response sees the prompt and itself only: collate's hidden states, each
-    prompt computed once. Returns what collate does, the mask 4-D (True: may attend)."""
+    """(prompt, response) pairs -> one sequence per distinct prompt: the prompt but its last token
+    once, then for each of its responses that token and the response but its last, at the
+    positions they would have in the row, under a [S, 1, L, L] mask by which a response sees the
+    shared part and itself only: collate's hidden states, each prompt computed once. (Each row's
+    own copy of the last prompt token: every predicting position is some row's alone, so the
+    gather's backward adds each gradient once; a position shared by rows would take parallel
+    atomic float adds on CPU, in an order that changes from run to run.) Returns what collate
+    does, the mask 4-D (True: may attend)."""
     groups = {}
     for i, (p, _) in enumerate(pairs):
         groups.setdefault(tuple(p), []).append(i)
-    width = max(len(p) + sum(len(pairs[i][1]) for i in rows) for p, rows in groups.items())
+    width = max(len(p) - 1 + sum(len(pairs[i][1]) for i in rows) for p, rows in groups.items())
     input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(groups), width), dtype=torch.long)
     # every position sees itself: a padding one has no empty row to softmax over
@@ -230,18 +234,18 @@ def collate_shared(pairs: list, pad_id: int):
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     pred_idx = [None] * len(pairs)
     for s, (p, rows) in enumerate(groups.items()):
-        start = n = len(p)
-        input_ids[s, :n], position_ids[s, :n] = torch.tensor(p), torch.arange(n)
+        start = n = len(p) - 1
+        input_ids[s, :n] = torch.tensor(p[:n], dtype=torch.long)
+        position_ids[s, :n] = torch.arange(n)
         mask[s, 0, :n, :n] = causal[:n, :n]
         for i in rows:
             r = pairs[i][1]
             end = start + len(r)
-            input_ids[s, start:end] = torch.tensor(r)
+            input_ids[s, start:end] = torch.tensor([p[-1], *r[:-1]])
             position_ids[s, start:end] = torch.arange(n, n + len(r))
             mask[s, 0, start:end, :n] = True
             mask[s, 0, start:end, start:end] = causal[:len(r), :len(r)]
-            # the response's first token is predicted by the prompt's last position
-            pred_idx[i] = [s * width + n - 1, *range(s * width + start, s * width + end - 1)]
+            pred_idx[i] = range(s * width + start, s * width + end)
             start = end
     targets = []
     for _, r in pairs:

@@ -740,7 +740,7 @@ def setup(argv):
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
         lambda tokenizer: len(turn_end_ids(tokenizer)))
-    # (folder, its trainer state): --resume alone passes over a damaged newest checkpoint
+    # (folder, its trainer state): --resume alone skips a damaged newest checkpoint
     resume = resolve_resume(cfg) if cfg.resume else None
     check_output_dir(cfg.output_dir, resume, cfg.overwrite_output_dir)
     if cfg.fsdp and "RANK" not in os.environ:

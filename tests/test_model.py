@@ -305,8 +305,10 @@ def test_shared_prompts_same_states_and_gradients(arch):
     included; and the whole micro-batch loss (GRPO and KD terms) with them."""
     tok, model, cfg = tiny_setup(arch=arch)
     pairs = _shared_pairs(tok, cfg)
-    ids, mask, _, _, _ = engine.collate_shared(pairs, tok.pad_token_id)
+    ids, mask, _, pred_idx, _ = engine.collate_shared(pairs, tok.pad_token_id)
     assert ids.shape[0] == 3 and mask.shape == (3, 1, ids.shape[1], ids.shape[1])
+    # every predicting position is one row's alone (a deterministic backward of the gather)
+    assert len(set(pred_idx.tolist())) == len(pred_idx)
     out = {}
     for share in ("false", "true"):
         policy = sgpo.Policy.of(model, tok, "cpu", share=share)
@@ -348,7 +350,8 @@ def test_share_prompts_where_it_costs_fewer_multiply_adds():
     seen = set()
     for p, r, n in itertools.product((1, 20, 200), (1, 10, 60), (1, 2, 8)):
         pairs = [([5] * p, [6] * r)] * n
-        shared = n > 1 and cost(1, p + n * r) < cost(n, p + r)
+        # shared: the prompt but its last token once, then each row's last prompt token + response
+        shared = n > 1 and cost(1, p - 1 + n * r) < cost(n, p + r)
         assert backbone.shares_prompts(pairs) == shared, (p, r, n)
         seen.add(shared)
     assert seen == {True, False}
@@ -359,6 +362,8 @@ def test_share_prompts_where_it_costs_fewer_multiply_adds():
     for share in ("true", "false"):
         backbone.share = share
         assert backbone.shares_prompts([([5], [6] * 60)] * 8) == (share == "true")
+    with pytest.raises(inputs.UsageError, match="^--share_prompts: must be auto, true or false$"):
+        inputs.check_train_config(sgpo.Config(share_prompts="yes"))
     for change in ({"_attn_implementation": "eager"}, {"sliding_window": 4}):
         other = build_model(tok)
         for name, value in change.items():
