@@ -145,9 +145,10 @@ class Backbone(torch.nn.Module):
     apply the head chunk by chunk. DDP wraps this (FSDP: its root); the head's parameters are
     inside, so DDP/FSDP sync them too."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, share="auto"):
         super().__init__()
-        self.lm = lm
+        # share: --share_prompts (auto, true or false)
+        self.lm, self.share = lm, share
         c = lm.config.get_text_config()
         # what a forward costs, in multiply-adds (shares_prompts): per position, every weight
         # but the embeddings (the head runs outside, on response positions only); per
@@ -157,8 +158,6 @@ class Backbone(torch.nn.Module):
         heads, head_dim = c.num_attention_heads, kv_heads_and_dim(c)[1]
         self.per_pair = 2 * c.num_hidden_layers * heads * head_dim
         self.can_share = can_share_prompts(c) and c._attn_implementation == "sdpa"
-        self.share = "auto"
-        """--share_prompts: auto, true or false."""
 
     def forward(self, input_ids, attention_mask, position_ids):
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -275,8 +274,7 @@ class Policy:
 
     @staticmethod
     def of(lm, tokenizer, device, wrap_backbone=lambda backbone: backbone, share="auto"):
-        backbone = Backbone(lm)
-        backbone.share = share
+        backbone = Backbone(lm, share)
         return Policy(lm, backbone, wrap_backbone(backbone), lm.get_output_embeddings(),
                       tokenizer, torch.device(device))
 
@@ -400,7 +398,7 @@ def sample(policy, prompts, cfg, lm=None):
                     cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
 
 
-def one_call_is_cheaper(lm, prompts, cfg) -> bool:
+def one_call_is_cheaper(policy, prompts, cfg) -> bool:
     """Sample both modes' rollouts (prompts: all of them) in one generate call rather than one
     call per mode? A decode step reads the weights once per call and every row's KV cache: one
     call reads the weights half as often, but keeps every row until the longest sequence of
@@ -411,15 +409,14 @@ def one_call_is_cheaper(lm, prompts, cfg) -> bool:
     not timed: the same choice on every machine and rank, and on a resume."""
     if cfg.generate_by_mode != "auto":
         return cfg.generate_by_mode == "false"
-    kv_heads, head_dim = kv_heads_and_dim(lm.config)
-    per_token = 2 * lm.config.get_text_config().num_hidden_layers * kv_heads * head_dim  # K, V
+    config = policy.lm.config
+    kv_heads, head_dim = kv_heads_and_dim(config)
+    per_token = 2 * config.get_text_config().num_hidden_layers * kv_heads * head_dim  # K, V
     rows = min(len(prompts), cfg.generation_batch_size or len(prompts))
     length = max(map(len, prompts)) + cfg.max_completion_length
-    # a decode step reads every weight but the input embedding (unless the head is tied to it)
-    weights = sum(p.numel() for p in lm.parameters())
-    embedding = lm.get_input_embeddings().weight
-    if embedding is not lm.get_output_embeddings().weight:
-        weights -= embedding.numel()
+    # a decode step reads every weight but the input embedding (unless the head is tied to it):
+    # the backbone's (all but the embeddings) and the head
+    weights = policy.backbone.weights + policy.head.weight.numel()
     return weights >= rows * length * per_token
 
 

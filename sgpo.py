@@ -508,7 +508,7 @@ def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
     auto = repeat_each(auto_prompts, cfg.num_generations)
     guided = repeat_each(guided_prompts, cfg.num_guided_generations)
     guide = guided_sampler(policy, cfg)
-    if guide is policy and one_call_is_cheaper(policy.lm, auto + guided, cfg):
+    if guide is policy and one_call_is_cheaper(policy, auto + guided, cfg):
         both = sample(policy, auto + guided, cfg)
         return both[:len(auto)], both[len(auto):]
     return sample(policy, auto, cfg), sample(policy, guided, cfg, guide.lm)

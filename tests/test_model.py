@@ -368,6 +368,5 @@ def test_share_prompts_where_it_costs_fewer_multiply_adds():
         other = build_model(tok)
         for name, value in change.items():
             setattr(other.config, name, value)
-        backbone = engine.Backbone(other)
-        backbone.share = "true"
+        backbone = engine.Backbone(other, share="true")
         assert not backbone.can_share and not backbone.shares_prompts([([5] * 200, [6])] * 8)
