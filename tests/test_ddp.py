@@ -9,23 +9,44 @@ import pytest
 import torch
 
 HELPER = Path(__file__).with_name("ddp_grads.py")
+CASES = ["ddp", "fsdp tied shared", "ddp teacher", "fsdp teacher"]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _run(args, out, *extra):
+def _run(launcher, out, model_dir, cases):
+    """Every case in one launch of the helper: (its stdout, {case: result})."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable] + args + [str(HELPER), str(out), *extra], capture_output=True, text=True,
-        env=env, timeout=300
+        [sys.executable, *launcher, str(HELPER), str(out), str(model_dir), *cases],
+        capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    return proc.stdout, torch.load(out)
 
 
-ONE_RANK = {}
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_dir):
+    """One process: the same for DDP and FSDP, run once per model."""
+    models = sorted({" ".join(case.split()[1:]) for case in CASES})
+    return _run([], tmp_path_factory.mktemp("one") / "grads.pt", tiny_dir, models)[1]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp tied shared", "ddp teacher", "fsdp teacher"])
-def test_world_size_2_equals_1(tmp_path, parallel):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_dir):
+    """Two launches: the DDP cases (their teardown must free the group's threads) and the FSDP
+    ones (fully_shard's device mesh stays in DTensor's caches, and with it the group, until the
+    interpreter exits). Returns (the DDP launch's stdout, {case: result})."""
+    stdout, results = "", {}
+    for kind in ("ddp", "fsdp"):
+        cases = [case for case in CASES if case.startswith(kind)]
+        out = tmp_path_factory.mktemp(kind) / "grads.pt"
+        printed, found = _run(TORCHRUN, out, tiny_dir, cases)
+        stdout, results = stdout or printed, {**results, **found}
+    return stdout, results
+
+
+@pytest.mark.parametrize("parallel", CASES)
+def test_world_size_2_equals_1(one_rank, two_ranks, parallel):
     """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and zero-loss
     forwards keep the collectives matched (a missing one hangs). Tied: the LM head is the input
     embedding, whose gradient comes from ChunkedHead and from the embedding lookup (FSDP with the
@@ -35,15 +56,7 @@ def test_world_size_2_equals_1(tmp_path, parallel):
     the loss's forwards with a prompt's rows in one sequence (a 4-D mask through FSDP) on both
     sides; the others a row each."""
     flags = parallel.split()
-    # one process: the same for DDP and FSDP, run once per model
-    key = tuple(flags[1:])
-    if key not in ONE_RANK:
-        ONE_RANK[key] = _run([], tmp_path / "one.pt", *flags[1:])
-    one = ONE_RANK[key]
-    two = _run(
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], tmp_path / "two.pt",
-        *flags
-    )
+    one, two = one_rank[" ".join(flags[1:])], two_ranks[1][parallel]
     assert one["grads"].keys() == two["grads"].keys()
     assert (one["shared_forwards"] > 0) == (two["shared_forwards"] > 0) == ("shared" in flags)
     for name, g in one["grads"].items():
@@ -58,26 +71,15 @@ def test_world_size_2_equals_1(tmp_path, parallel):
         assert torch.equal(w, two["teacher"][name]), name
 
 
-def test_process_group_freed_by_destroy(tiny_dir):
+def test_process_group_freed_by_destroy(two_ranks):
     """After destroy_process_group() no gloo thread may survive into interpreter exit, where it can
     abort the process ("terminate called without an active exception"; seen in ~1 of 10 torchrun
     runs when transformers' loading imported torch.distributed.checkpoint after init_process_group
-    and so kept the group alive)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(Path(__file__).with_name("ddp_teardown.py")), str(tiny_dir)
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert all(f"rank {r} gloo threads after destroy: []" in proc.stdout for r in (0, 1)), (
-        proc.stdout
-    )
+    and so kept the group alive). The launch of the DDP cases ran DDP wrappers and a model loaded by
+    transformers after the group existed, then the teardown sgpo.py makes (DDP: under FSDP the
+    group lives until the interpreter exits, see two_ranks)."""
+    stdout = two_ranks[0]
+    assert all(f"rank {r} gloo threads after destroy: []" in stdout for r in (0, 1)), stdout
 
 
 def test_ddp_timeout_reaches_the_process_group(monkeypatch):
