@@ -128,3 +128,20 @@ def warm_dir(tiny_dir, data_file, tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "checkpoint-0"
+
+
+def run_scripted_step(out, settings, nproc=0):
+    """tests/scripted_step.py over `settings` in one launch (python, or torchrun with nproc
+    ranks); returns out, where each setting's files are (scripted_step.setting_dir)."""
+    proc = run_sgpo([out, *settings], nproc, script="tests/scripted_step.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def scripted_two_ranks(tmp_path_factory):
+    """The scripted step on 2 ranks, every setting test_assembly.py and test_minibatches.py
+    compare: the rows only (""), and k = 2 trained under DDP and under FSDP."""
+    return run_scripted_step(
+        tmp_path_factory.mktemp("scripted"), ["", "train k2", "train k2 fsdp"], nproc=2
+    )

@@ -1,8 +1,13 @@
 """rl_step on scripted rollouts and rewards, and the rows it trains on, captured: the harness of
-test_assembly.py and test_minibatches.py; run as a script (`python tests/scripted_step.py OUT
-[flags]`, or under `torchrun --nproc_per_node=2`), one RL step of 4 scripted problems over 1 or 2
-ranks (main)."""
+test_assembly.py and test_minibatches.py; run as a script, one RL step of 4 scripted problems over
+1 or 2 ranks (main), once per setting, in one launch (each launch costs seconds of imports):
 
+    python tests/scripted_step.py OUT "train k2"
+    torchrun --nproc_per_node=2 tests/scripted_step.py OUT "" "train k2" "train k2 fsdp"
+
+Each setting's files go to OUT/<its flags joined by "-", or "plain"> (setting_dir)."""
+
+import gc
 import json
 import os
 import random
@@ -107,6 +112,10 @@ def rank_script(tok, cfg, rank):
     return problems, script
 
 
+def setting_dir(out, flags: str) -> str:
+    return os.path.join(out, "-".join(flags.split()) or "plain")
+
+
 def main(out_dir, flags):
     """Under torchrun: rank r trains on rank_script(r); in one process: both ranks' problems, in
     the order that makes its mini-batches those of the two ranks (q0 q2 | q1 q3, the split in
@@ -121,8 +130,7 @@ def main(out_dir, flags):
     cfg.num_generations, cfg.num_guided_generations = 4, 2
     cfg.steps_per_generation = 2 if "k2" in flags else 1
     share = "false"
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+    if dist.is_initialized():
         rank = dist.get_rank()
         problems, script = rank_script(tok, cfg, rank)
         fsdp = "fsdp" in flags
@@ -151,9 +159,6 @@ def main(out_dir, flags):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(rows=rows, alpha=alpha, metrics=metrics), f)
     torch.save(grads, os.path.join(out_dir, f"grads-rank{rank}.pt"))
-    if dist.is_initialized():
-        del policy
-        dist.destroy_process_group()
 
 
 def full(t):
@@ -162,4 +167,12 @@ def full(t):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    for setting in sys.argv[2:]:
+        os.makedirs(setting_dir(sys.argv[1], setting), exist_ok=True)
+        main(setting_dir(sys.argv[1], setting), setting.split())
+    if dist.is_initialized():
+        # the wrappers hold the process group: freed first (no gloo thread left at exit)
+        gc.collect()
+        dist.destroy_process_group()

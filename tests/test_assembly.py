@@ -8,11 +8,8 @@ code and checks that these tests catch each one."""
 
 import itertools
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import torch
 import engine
 import sgpo
 from tests.conftest import tiny_rows, tiny_setup
-from tests.scripted_step import Script, script_problem, scripted
+from tests.scripted_step import Script, script_problem, scripted, setting_dir
 
 
 @torch.no_grad()
@@ -261,16 +258,11 @@ def test_switched_off_terms_make_no_rows(flag):
     assert kinds == ({"KDRow"} if flag == "use_grpo" else {"GRPORow"})
 
 
-def test_weights_are_global_over_two_ranks(tmp_path):
+def test_weights_are_global_over_two_ranks(scripted_two_ranks):
     """torchrun, 2 ranks, 2 problems each, rank 1's responses 5 tokens longer: every GRPO token
     weighs 1 / (autonomous tokens of BOTH ranks), every KD row alpha(q) / (|target| x 4)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    helper = Path(__file__).with_name("scripted_step.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(helper), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    out = Path(setting_dir(scripted_two_ranks, ""))
+    ranks = [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
     for rank in ranks:
         (rank["rows"],) = rank["rows"]  # one accumulate_gradients call
     rows = ranks[0]["rows"] + ranks[1]["rows"]

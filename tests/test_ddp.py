@@ -1,25 +1,16 @@
 """World size 2 (torchrun, gloo) equals world size 1 on the same rollouts."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-HELPER = Path(__file__).with_name("ddp_grads.py")
+from tests.conftest import run_sgpo
+
 CASES = ["ddp", "fsdp tied shared", "ddp teacher", "fsdp teacher"]
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _run(launcher, out, model_dir, cases):
-    """Every case in one launch of the helper: (its stdout, {case: result})."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, *launcher, str(HELPER), str(out), str(model_dir), *cases],
-        capture_output=True, text=True, env=env, timeout=300
-    )
+def _run(nproc, out, model_dir, cases):
+    """Every case in one launch of tests/ddp_grads.py: (its stdout, {case: result})."""
+    proc = run_sgpo([out, model_dir, *cases], nproc, script="tests/ddp_grads.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, torch.load(out)
 
@@ -28,7 +19,7 @@ def _run(launcher, out, model_dir, cases):
 def one_rank(tmp_path_factory, tiny_dir):
     """One process: the same for DDP and FSDP, run once per model."""
     models = sorted({" ".join(case.split()[1:]) for case in CASES})
-    return _run([], tmp_path_factory.mktemp("one") / "grads.pt", tiny_dir, models)[1]
+    return _run(0, tmp_path_factory.mktemp("one") / "grads.pt", tiny_dir, models)[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def two_ranks(tmp_path_factory, tiny_dir):
     for kind in ("ddp", "fsdp"):
         cases = [case for case in CASES if case.startswith(kind)]
         out = tmp_path_factory.mktemp(kind) / "grads.pt"
-        printed, found = _run(TORCHRUN, out, tiny_dir, cases)
+        printed, found = _run(2, out, tiny_dir, cases)
         stdout, results = stdout or printed, {**results, **found}
     return stdout, results
 

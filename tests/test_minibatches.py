@@ -5,10 +5,7 @@ size 2 == 1 (DDP, FSDP), exact resume, and k = 1 as before."""
 
 import copy
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -18,13 +15,10 @@ from safetensors.torch import load_file
 
 import engine
 import sgpo
-from tests.conftest import read_metrics, run_sgpo
-from tests.scripted_step import Script, script_problem, scripted
+from tests.conftest import read_metrics, run_scripted_step, run_sgpo
+from tests.scripted_step import Script, script_problem, scripted, setting_dir
 from tests.test_assembly import setup
 from tests.test_e2e import COMMON, _comparable
-
-HELPER = Path(__file__).with_name("scripted_step.py")
-
 
 def log_probs(model, prompt, response, temperature):
     """[len(response), V] log-softmax(logits / T) at the positions that predict the response."""
@@ -117,31 +111,22 @@ def test_each_minibatch_gradient_is_the_hand_computed_one():
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    _helper([], out, "train", "k2")
-    return out
-
-
-def _helper(launcher, out, *flags):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *launcher, str(HELPER), str(out), *flags],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(setting_dir(run_scripted_step(tmp_path_factory.mktemp("one"), ["train k2"]),
+                            "train k2"))
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_world_size_2_equals_1_with_two_minibatches(parallel, one_rank, tmp_path):
+def test_world_size_2_equals_1_with_two_minibatches(parallel, one_rank, scripted_two_ranks):
     """The same 4 scripted problems on 1 process and on 2 ranks (2 each, unequal lengths), k = 2:
     both optimizer steps' gradients, and the step's metrics, agree."""
-    _helper(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], tmp_path,
-            "train", "k2", *(["fsdp"] if parallel == "fsdp" else []))
-    one, two = (torch.load(path / "grads-rank0.pt") for path in (one_rank, tmp_path))
+    two_ranks = Path(setting_dir(scripted_two_ranks, "train k2" + " fsdp" * (parallel == "fsdp")))
+    one, two = (torch.load(path / "grads-rank0.pt") for path in (one_rank, two_ranks))
     assert len(one) == len(two) == 2
     for step_one, step_two in zip(one, two):
         for name, g in step_one.items():
             assert g.abs().sum() > 0, name
             assert (g - step_two[name]).abs().max() < 1e-6, name
-    metrics = [json.load(open(path / "rank0.json"))["metrics"] for path in (one_rank, tmp_path)]
+    metrics = [json.load(open(path / "rank0.json"))["metrics"] for path in (one_rank, two_ranks)]
     assert metrics[0]["late/clip_ratio"] > 0
     for key in ("loss/grpo", "loss/kd", "kd/kl_mean", "late/clip_ratio", "late/kd/ratio_out_frac"):
         assert metrics[0][key] == pytest.approx(metrics[1][key], abs=1e-6), key
