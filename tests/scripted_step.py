@@ -173,6 +173,6 @@ if __name__ == "__main__":
         os.makedirs(setting_dir(sys.argv[1], setting), exist_ok=True)
         main(setting_dir(sys.argv[1], setting), setting.split())
     if dist.is_initialized():
-        # the wrappers hold the process group: freed first (no gloo thread left at exit)
+        # DDP's wrappers hold the process group: collected before it is destroyed
         gc.collect()
         dist.destroy_process_group()

@@ -4,7 +4,7 @@ packages), but a GGUF-loaded model refuses save_pretrained, so the model is rebu
 and the loaded weights, then saved with the tokenizer. A test-only tool (tests/requirements.txt);
 the project's runtime does not depend on it.
 
-    python tests/smollm2.py out/smollm2        # writes the HF folder (~540 MB fp32, ~10 s)
+    python tests/smollm2.py out/smollm2        # writes the HF folder (~540 MB fp32, ~18 s)
 """
 
 import contextlib

@@ -20,6 +20,7 @@ from tests.scripted_step import Script, script_problem, scripted, setting_dir
 from tests.test_assembly import setup
 from tests.test_e2e import COMMON, _comparable
 
+
 def log_probs(model, prompt, response, temperature):
     """[len(response), V] log-softmax(logits / T) at the positions that predict the response."""
     logits = model(torch.tensor([prompt + response])).logits[0].float() / temperature
