@@ -29,14 +29,11 @@ import engine  # noqa: E402
 import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from tests.conftest import tiny_setup, training_rows  # noqa: E402
+from tests.scripted_step import full  # noqa: E402
 
 shared_forwards = []
 engine.collate_shared = functools.partial(
     lambda real, *a: shared_forwards.append(1) or real(*a), engine.collate_shared)
-
-
-def full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
 def run_case(flags):
@@ -53,7 +50,7 @@ def run_case(flags):
         with torch.no_grad():
             for p in teacher.parameters():
                 p.add_(0.05 * torch.randn(p.shape))
-    wrap = teacher_wrap = lambda b: b  # noqa: E731
+    wrap = teacher_wrap = lambda b: b  # noqa: E731 (Policy.of's default: no wrapper)
     if dist.is_initialized():
         # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous
         # rows (one pass, then zero-loss passes) and so no KD metrics at all
@@ -61,8 +58,9 @@ def run_case(flags):
         rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
         wrap = DDP
         if "fsdp" in flags:
-            dtype = runtime.compute_dtype(cfg.dtype)
-            wrap = teacher_wrap = lambda b: runtime.shard_fsdp(b, dtype, torch.device("cpu"))  # noqa: E731
+            wrap = teacher_wrap = functools.partial(
+                runtime.shard_fsdp, param_dtype=runtime.compute_dtype(cfg.dtype),
+                device=torch.device("cpu"))
     policy = sgpo.Policy.of(model, tok, "cpu", wrap, share)
     if teacher is not None:
         policy.teacher = sgpo.Policy.of(teacher, tok, "cpu", teacher_wrap, share)
@@ -76,7 +74,7 @@ def run_case(flags):
     }
     if teacher is not None:
         sgpo.move_teacher(policy, cfg, rate=0.5)
-        result["teacher"] = {n: full(p) for n, p in teacher.named_parameters()}
+        result["teacher"] = {n: full(p).detach().clone() for n, p in teacher.named_parameters()}
     return result
 
 

@@ -27,13 +27,11 @@ def two_ranks(tmp_path_factory, tiny_dir):
     """Two launches: the DDP cases (their teardown must free the group's threads) and the FSDP
     ones (fully_shard's device mesh stays in DTensor's caches, and with it the group, until the
     interpreter exits). Returns (the DDP launch's stdout, {case: result})."""
-    stdout, results = "", {}
+    launches = {}
     for kind in ("ddp", "fsdp"):
         cases = [case for case in CASES if case.startswith(kind)]
-        out = tmp_path_factory.mktemp(kind) / "grads.pt"
-        printed, found = _run(2, out, tiny_dir, cases)
-        stdout, results = stdout or printed, {**results, **found}
-    return stdout, results
+        launches[kind] = _run(2, tmp_path_factory.mktemp(kind) / "grads.pt", tiny_dir, cases)
+    return launches["ddp"][0], {**launches["ddp"][1], **launches["fsdp"][1]}
 
 
 @pytest.mark.parametrize("parallel", CASES)
