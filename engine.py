@@ -398,22 +398,31 @@ def sample(policy, prompts, cfg, lm=None):
                     cfg.max_completion_length, cfg.top_p, cfg.top_k, cfg.generation_batch_size)
 
 
-def one_call_is_cheaper(policy, prompts, cfg) -> bool:
+def sample_in_one_call(policy, prompts, cfg) -> bool:
     """Sample both modes' rollouts (prompts: all of them) in one generate call rather than one
-    call per mode? A decode step reads the weights once per call and every row's KV cache: one
-    call reads the weights half as often, but keeps every row until the longest sequence of
-    either mode ends (guided rollouts often run longer). (R) One call where the weights outweigh
-    the KV cache of a call's rows at their full length (SmolLM2-135M, 24 rows of ~170 tokens),
-    one per mode where the cache outweighs them (the toy's 117K parameters; 64 rows of 8.7K
-    tokens of a 7B model). Counted in elements, from the model's shape and the step's prompts,
-    not timed: the same choice on every machine and rank, and on a resume."""
+    call per mode? --generate_by_mode false: one; true: a call per mode; auto: whichever reads
+    less (one_call_is_cheaper), at the longest prompt of any rank, so that every rank chooses
+    alike (len(prompts) is batch_size x (G1 + G2) on each)."""
     if cfg.generate_by_mode != "auto":
         return cfg.generate_by_mode == "false"
+    longest = torch.tensor(max(map(len, prompts)), device=policy.device)
+    longest = int(all_reduce(longest, torch.distributed.ReduceOp.MAX))
+    rows = min(len(prompts), cfg.generation_batch_size or len(prompts))
+    return one_call_is_cheaper(policy, rows, longest + cfg.max_completion_length)
+
+
+def one_call_is_cheaper(policy, rows: int, length: int) -> bool:
+    """Is one generate call of `rows` sequences of up to `length` tokens cheaper than a call per
+    mode? A decode step reads the weights once per call and every row's KV cache: one call reads
+    the weights half as often, but keeps every row until the longest sequence of either mode ends
+    (guided rollouts often run longer). (R) One call where the weights outweigh the KV cache of a
+    call's rows at their full length (SmolLM2-135M, 24 rows of ~170 tokens), one per mode where
+    the cache outweighs them (the toy's 117K parameters; 64 rows of 8.7K tokens of a 7B model).
+    Counted in elements, from the model's shape, not timed: the same on every machine and on a
+    resume."""
     config = policy.lm.config
     kv_heads, head_dim = kv_heads_and_dim(config)
     per_token = 2 * config.get_text_config().num_hidden_layers * kv_heads * head_dim  # K, V
-    rows = min(len(prompts), cfg.generation_batch_size or len(prompts))
-    length = max(map(len, prompts)) + cfg.max_completion_length
     # a decode step reads every weight but the input embedding (unless the head is tied to it):
     # the backbone's (all but the embeddings) and the head
     weights = policy.backbone.weights + policy.head.weight.numel()
@@ -462,9 +471,14 @@ def _generate_call(model, batch, pad_id, gen_cfg, recorder, device):
             model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
                   position_ids=position_ids, **{cache_arg: cache}, **keep)
             cache.batch_select_indices(rows)
+        # synced_gpus=False: transformers turns it on by itself for a model under FSDP (every
+        # decode step an all_reduce, until the slowest rank ends); sgpo.py generates inside
+        # runtime.full_weights, where a forward is local and ranks may make different numbers
+        # of calls and steps
         out = model.generate(input_ids=input_ids[rows], attention_mask=mask[rows],
                              generation_config=gen_cfg, **{cache_arg: cache},
-                             logits_processor=LogitsProcessorList([recorder]))
+                             logits_processor=LogitsProcessorList([recorder]),
+                             synced_gpus=False)
     finally:
         model.train(was_training)
     return out[:, width:]

@@ -3,6 +3,25 @@ What sgpo.py's loop runs on, apart from the method: the process group (one file 
 and `torchrun`), mixed precision, the optimizer, DDP or FSDP2 around the model, collectives that
 are no-ops in one process, metrics reduced over ranks, the output folder, and checkpoints (written
 whole or not at all, checked for damage, resumed exactly).
+
+Ranks get uneven work (held-out problems that do not divide by the world size, prompts and
+responses of other lengths, a rank without KD targets or GRPO rows) and must still make the same
+collectives in the same order: under FSDP every forward outside full_weights is one, and a rank
+that makes one more waits forever (or pairs with another rank's next collective). Every choice
+that sets how many collectives a rank makes is one of two kinds (tests/test_uneven_work.py):
+- the same on every rank by construction:
+  - optimizer steps, mini-batches and warm-up batches: from flags (rank_batches drops the last
+    partial batch, so every rank has batch_size problems);
+  - forward/backward passes of a step: lockstep, the most any rank has (a rank out of rows makes
+    zero-loss passes, its teacher's forward included);
+  - --generate_by_mode auto: decided at the longest prompt over ranks (engine.sample_in_one_call);
+  - metrics: Stats.reduce gathers the union of the ranks' names;
+- free to differ, because no collective runs inside: generate calls, target scoring, pi_old
+  forwards of later mini-batches and the held-out evaluation all run inside full_weights (FSDP:
+  every unit gathered once before, so a forward is local), and generate is called with
+  synced_gpus=False (transformers turns it on by itself for an FSDP-managed module: a collective
+  per decode step, until the slowest rank ends); DDP's forward without gradient and the frozen
+  reference (--beta) are local anyway.
 """
 import datetime
 import glob
@@ -126,8 +145,8 @@ def shard_fsdp(backbone, param_dtype, device, materialize=None):
 def full_weights(*models):
     """FSDP: all-gather every unit of the models once and keep the full (compute-dtype) weights
     until the block ends, so that the forwards of generate, scoring and evaluation are local: ranks
-    may run different numbers of them (no collective, no synced_gpus). Costs one full copy of the
-    weights per GPU while it lasts. DDP and one process: nothing."""
+    may run different numbers of them (no collective; engine passes synced_gpus=False to generate).
+    Costs one full copy of the weights per GPU while it lasts. DDP and one process: nothing."""
     roots, units = list(dict.fromkeys(models)), []
     for model in roots:
         units += [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
-from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, one_call_is_cheaper,
+from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, sample_in_one_call,
                     prompt_ids, repeat_each, sample, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader
@@ -110,7 +110,7 @@ class Config:
     (docs/memory_and_speed.md); 0 = all in one."""
     generate_by_mode: str = "auto"
     """true: a generate call per mode; false: both modes in one call; auto: whichever reads less
-    (engine.one_call_is_cheaper)."""
+    (engine.sample_in_one_call)."""
     temperature: float = 1.0
     """Sampling temperature; the trainer divides logits by it too (> 0)."""
     top_p: float = 1.0
@@ -508,7 +508,7 @@ def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
     auto = repeat_each(auto_prompts, cfg.num_generations)
     guided = repeat_each(guided_prompts, cfg.num_guided_generations)
     guide = guided_sampler(policy, cfg)
-    if guide is policy and one_call_is_cheaper(policy, auto + guided, cfg):
+    if guide is policy and sample_in_one_call(policy, auto + guided, cfg):
         both = sample(policy, auto + guided, cfg)
         return both[:len(auto)], both[len(auto):]
     return sample(policy, auto, cfg), sample(policy, guided, cfg, guide.lm)

@@ -348,7 +348,7 @@ def test_one_call_or_a_call_per_mode_by_what_a_decode_step_reads(tied):
     fits = weights // (rows * per_token) - cfg.max_completion_length  # longest prompt that fits
     assert fits > 1
     policy = engine.Policy.of(model, tok, "cpu")
-    decide = functools.partial(engine.one_call_is_cheaper, policy, cfg=cfg)
+    decide = functools.partial(engine.sample_in_one_call, policy, cfg=cfg)
     assert decide([[5] * fits] * rows)
     assert not decide([[5] * (fits + 1)] * rows)
     assert not decide([[5]] * (rows - 1) + [[5] * (fits + 1)])  # the longest prompt counts
