@@ -59,7 +59,7 @@ def _run(args, nproc=0):
 def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
     args = [
         "--model", warm_dir, "--bench", f"tiny={bench_file}:1", "--temperature", 0,
-        "--max_new_tokens", 12, "--guided", "--batch_size", 4
+        "--max_new_tokens", 12, "--guided", "--batch_size", 3
     ]
     one = _run(args + ["--output_dir", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-3000:]
@@ -71,12 +71,15 @@ def test_end_to_end_greedy_and_torchrun_agree(warm_dir, bench_file, tmp_path):
     summary = json.load(open(tmp_path / "one" / "summary.json"))["results"]
     assert summary == json.loads(json.dumps(evaluate.aggregate(samples)))
     assert "| tiny | 1 | unguided | 6 |" in (tmp_path / "one" / "summary.md").read_text()
-    two = _run(args + ["--output_dir", tmp_path / "two"], nproc=2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "two")) == [
-        "samples-rank0.jsonl", "samples-rank1.jsonl", "summary.json", "summary.md"
+    # 10 samples over 3 ranks: 4, 3 and 3, in 2, 1 and 1 generate calls
+    three = _run(args + ["--output_dir", tmp_path / "three", "--ddp_timeout", 30], nproc=3)
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "three")) == [
+        "samples-rank0.jsonl", "samples-rank1.jsonl", "samples-rank2.jsonl", "summary.json",
+        "summary.md"
     ]
-    assert json.load(open(tmp_path / "two" / "summary.json"))["results"] == summary
+    assert [len(evaluate.read_samples(tmp_path / "three", r)) for r in range(3)] == [4, 3, 3]
+    assert json.load(open(tmp_path / "three" / "summary.json"))["results"] == summary
 
 
 def test_resume_skips_finished_samples(warm_dir, bench_file, tmp_path):
