@@ -302,11 +302,14 @@ def prepare_output_dir(output_dir: str, resumed_step):
 
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir
 # then renamed; a kill or a power cut can leave the newest one damaged, so resume checks them.
-def save_checkpoint(cfg, policy, optimizer, scheduler, state: dict):
+def save_checkpoint(cfg, policy, opt, state: dict, keep=None):
     """state: step, epoch, position, alpha, sft_done. RNG states of every rank are gathered into it.
     The weights are the fp32 master weights (an exact resume needs them); under FSDP they are
     gathered to rank 0's CPU, and every rank writes its shard of the optimizer state
-    (torch.distributed.checkpoint: loadable on another world size)."""
+    (torch.distributed.checkpoint: loadable on another world size). opt: (optimizer, scheduler).
+    Once it is whole, --save_total_limit removes older ones (remove_old_checkpoints), never keep
+    (the checkpoint this run resumed from)."""
+    optimizer, scheduler = opt
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     rng = all_gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                               "cuda": cuda_rng})
@@ -346,12 +349,29 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, state: dict):
             # atomic: a crash above leaves the previous checkpoint intact
             os.replace(tmp, final)
             sync_to_disk(cfg.output_dir, recursive=False)  # the rename itself
+            remove_old_checkpoints(cfg.output_dir, state["step"], cfg.save_total_limit, keep)
     except BaseException:
         # a crash or Ctrl-C while writing: remove the partial folder (the earlier ones are whole)
         if master:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier()
+
+
+def remove_old_checkpoints(output_dir: str, step: int, limit: int, keep=None):
+    """--save_total_limit (HF's meaning): of the checkpoints up to checkpoint-<step>, the one just
+    written, keep the newest `limit` (0: all) and `keep`, remove the others. Each is renamed to
+    checkpoint-N.tmp first, which no resume takes and the next one clears: a crash while removing
+    leaves no half-removed checkpoint for a resume to pick. Checkpoints of later steps (left by
+    a run resumed from an earlier one) stay: this run rewrites them when it gets there."""
+    if limit <= 0:
+        return
+    older = [p for p in checkpoints(output_dir) if int(p.rsplit("-", 1)[1]) <= step]
+    kept = {os.path.realpath(keep)} if keep else set()
+    for path in older[limit:]:
+        if os.path.realpath(path) not in kept:
+            os.replace(path, path + ".tmp")
+            shutil.rmtree(path + ".tmp")
 
 
 def _save_fsdp_shards(model, optimizer, folder):

@@ -205,6 +205,9 @@ class Config:
     trackio (its package needed only then)."""
     save_steps: int = 50
     """Checkpoint every N RL steps (and always at the end)."""
+    save_total_limit: int = 0
+    """Keep the newest N checkpoints (and the one the run resumed from), removing older ones once
+    a new one is whole; 0 = keep all."""
 
 
 def parse_args(argv=None) -> Config:
@@ -780,7 +783,7 @@ def train(cfg: Config, data, resume, policy):
         log({"step": 0, **held_out_accuracy(policy, eval_problems, cfg, state, grade)})
     # checkpoint-0: the warm model, and its evaluation (not repeated on a resume from it)
     if warming_up:
-        save_checkpoint(cfg, policy, *opt, state)
+        save_checkpoint(cfg, policy, opt, state, keep=resume and resume[0])
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, desc="sgpo")
     with bar:  # (closed on Ctrl-C)
         batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
@@ -801,7 +804,8 @@ def train(cfg: Config, data, resume, policy):
                             r_guided=f"{metrics['reward/guided_mean']:.2f}",
                             kd=f"{metrics['kd/target_frac']:.2f}")
             if step % cfg.save_steps == 0 or step == cfg.max_steps:
-                save_checkpoint(cfg, policy, *opt, state)
+                # (--save_total_limit never removes the checkpoint this run resumed from)
+                save_checkpoint(cfg, policy, opt, state, keep=resume and resume[0])
     grade.close()
     log.close()
 

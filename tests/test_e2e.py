@@ -265,6 +265,7 @@ def test_bad_data_one_line_exit_2(content, message, tmp_path, capsys):
 def test_bad_arguments_exit_2(tmp_path, capsys, data_file, warm_dir):
     cases = [
         (["--kd_loss", "jsd"], "--kd_loss: must be fkl, rkl or sft"),
+        (["--save_total_limit", "-1"], "--save_total_limit: must be >= 0"),
         (["--max_steps", "ten"], "--max_steps: invalid int value: 'ten'"),
         (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
         (["--resume", str(tmp_path / "nope")], "--resume"),
@@ -330,6 +331,8 @@ def test_paper_args_file():
     assert (cfg.fsdp, cfg.generation_batch_size, cfg.dtype) == (True, 64, "auto")
     # veRL's mini-batches: 4 optimizer steps per rollout batch of 16 problems a rank
     assert (cfg.steps_per_generation, cfg.batch_size % cfg.steps_per_generation) == (4, 0)
+    # ~92 GB a 7B checkpoint: the newest 2 kept
+    assert (cfg.save_steps, cfg.save_total_limit) == (50, 2)
     # paper.args never falls back on the toy's data
     with pytest.raises(inputs.UsageError, match="--data: required"):
         sgpo.parse_args(["@" + str(ROOT / "paper.args"), "--model", "m"])

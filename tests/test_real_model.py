@@ -60,11 +60,11 @@ def test_sgpo_warmup_and_rl_steps_on_smollm2(smollm2, tmp_path, monkeypatch):
     greedy = {}
     real_save = sgpo.save_checkpoint
 
-    def save_and_remember(cfg, policy, *args):
+    def save_and_remember(cfg, policy, opt, state, **kw):
         outs = engine.generate(policy.lm, [probe], policy.tokenizer.pad_token_id,
                                policy.lm.generation_config.eos_token_id, "cpu", 0.0, 12)
-        greedy[args[-1]["step"]] = outs[0]["ids"]
-        return real_save(cfg, policy, *args)
+        greedy[state["step"]] = outs[0]["ids"]
+        return real_save(cfg, policy, opt, state, **kw)
 
     monkeypatch.setattr(sgpo, "save_checkpoint", save_and_remember)
     # the update's forwards with a prompt's rows in one sequence (--share_prompts auto: 2 rows of

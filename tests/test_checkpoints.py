@@ -1,0 +1,92 @@
+"""--save_total_limit: the newest N checkpoints and the one a run resumed from are kept, the others
+removed only once a new one is whole; a crash while writing or removing leaves every kept
+checkpoint whole."""
+
+import os
+import shutil
+
+import pytest
+
+import runtime
+import sgpo
+from tests.test_e2e import COMMON
+
+
+def _listing(out):
+    return sorted(os.listdir(out))
+
+
+def _args(tiny_dir, data_file, out, *more):
+    args = ["--model", tiny_dir, "--data", data_file, "--output_dir", out, "--save_steps", 1,
+            "--save_total_limit", 2, *COMMON, *more]
+    return [str(a) for a in args]
+
+
+def test_keeps_the_newest_and_the_one_resumed_from(tiny_dir, data_file, tmp_path):
+    """2 steps, then a run resumed from checkpoint-1 that writes 5 checkpoints (2 to 6): left are
+    5 and 6, and 1, which it resumed from; each whole."""
+    out = tmp_path / "run"
+    assert sgpo.main(_args(tiny_dir, data_file, out, "--max_steps", 2)) == 0
+    assert _listing(out) == ["checkpoint-1", "checkpoint-2", "metrics.jsonl"]
+    resumed = _args(tiny_dir, data_file, out, "--max_steps", 6, "--resume", out / "checkpoint-1")
+    assert sgpo.main(resumed) == 0
+    assert _listing(out) == ["checkpoint-1", "checkpoint-5", "checkpoint-6", "metrics.jsonl"]
+    for name in ("checkpoint-1", "checkpoint-5", "checkpoint-6"):
+        assert runtime.checkpoint_damage(str(out / name)) is None
+
+
+def test_a_crash_while_writing_removes_nothing(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Ctrl-C while checkpoint-3 is written: checkpoints 1 and 2 are whole and nothing was
+    removed; the run resumed from 2 goes on and keeps the newest two, and 2."""
+    out = tmp_path / "run"
+    real_sync = runtime.sync_to_disk
+
+    def interrupted(path, recursive=True):
+        if str(path).endswith("checkpoint-3.tmp"):
+            raise KeyboardInterrupt
+        return real_sync(path, recursive)
+
+    monkeypatch.setattr(runtime, "sync_to_disk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sgpo.main(_args(tiny_dir, data_file, out, "--max_steps", 4))
+    assert _listing(out) == ["checkpoint-1", "checkpoint-2", "metrics.jsonl"]
+    assert all(runtime.checkpoint_damage(str(out / f"checkpoint-{s}")) is None for s in (1, 2))
+    monkeypatch.setattr(runtime, "sync_to_disk", real_sync)
+    assert sgpo.main(_args(tiny_dir, data_file, out, "--max_steps", 4, "--resume")) == 0
+    assert _listing(out) == ["checkpoint-2", "checkpoint-3", "checkpoint-4", "metrics.jsonl"]
+
+
+def test_a_crash_while_removing_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint is renamed to checkpoint-N.tmp before it is removed: cut off in between, it is
+    no longer a checkpoint (none to resume from half-removed), and a resume clears it."""
+    for step in (1, 2, 3):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "weights").write_text("x")
+    real_rmtree = shutil.rmtree
+
+    def cut(path, *a, **k):
+        os.remove(os.path.join(path, "weights"))
+        raise OSError("power cut")
+
+    monkeypatch.setattr(shutil, "rmtree", cut)
+    with pytest.raises(OSError):
+        runtime.remove_old_checkpoints(str(tmp_path), 3, limit=1)
+    assert runtime.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-3"),
+                                                 str(tmp_path / "checkpoint-1")]
+    assert "checkpoint-2.tmp" in os.listdir(tmp_path)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    runtime.prepare_output_dir(str(tmp_path), resumed_step=3)
+    assert _listing(tmp_path) == ["checkpoint-1", "checkpoint-3", "metrics.jsonl"]
+
+
+def test_limit_zero_keeps_all_and_later_steps_stay(tmp_path):
+    """0: every checkpoint stays; checkpoints of steps after the one just written (a run resumed
+    from an earlier one) are neither counted nor removed."""
+    for step in (1, 2, 3, 7):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+    runtime.remove_old_checkpoints(str(tmp_path), 3, limit=0)
+    assert len(runtime.checkpoints(str(tmp_path))) == 4
+    runtime.remove_old_checkpoints(str(tmp_path), 3, limit=2, keep=str(tmp_path / "checkpoint-1"))
+    assert _listing(tmp_path) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-7"]
+    runtime.remove_old_checkpoints(str(tmp_path), 3, limit=1)
+    assert _listing(tmp_path) == ["checkpoint-3", "checkpoint-7"]
