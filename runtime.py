@@ -396,10 +396,21 @@ def _gathered_weights(model):
     return {k.removeprefix("lm."): v for k, v in full.items()}
 
 
-def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict) -> dict:
+def seed_sampling(seed: int, rank: int, step: int):
+    """Seed a rank's torch and Python RNGs (sampling, the mini-batch split) from (seed, rank,
+    step): seed + rank as a run starts (step 0), other seeds on a resume at a later step."""
+    value = seed + rank + 1_000_003 * step
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+def restore_checkpoint(path, saved, model, opt, state: dict, seed: int) -> dict:
     """Load a checkpoint's optimizer (FSDP: this rank's shards), scheduler and this rank's RNG
     states; return state updated from it. saved: the checkpoint's trainer_state.pt, loaded
-    (resolve_resume); emptied once read (the CPU copy of the optimizer state is freed)."""
+    (resolve_resume); emptied once read (the CPU copy of the optimizer state is freed). opt:
+    (optimizer, scheduler). On another world size the saved RNG states do not map to ranks: each
+    rank is reseeded from (seed, rank, step)."""
+    optimizer, scheduler = opt
     if "optimizer" in saved:
         optimizer.load_state_dict(saved["optimizer"])
     elif os.path.isdir(os.path.join(path, "optimizer")):  # FSDP (none if saved before step 1)
@@ -418,9 +429,11 @@ def restore_checkpoint(path, saved, model, optimizer, scheduler, state: dict) ->
         random.setstate(rng["python"])
         if torch.cuda.is_available() and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
-    elif rank == 0:
-        print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, "
-              f"this run {world}: sampling reseeded")
+    else:
+        seed_sampling(seed, rank, saved["step"])
+        if rank == 0:
+            print(f"warning: checkpoint has {len(saved['rng'])} ranks' RNG states, this run "
+                  f"{world}: sampling reseeded from (seed {seed}, rank, step {saved['step']})")
     state = {k: saved.get(k, v) for k, v in state.items()}
     saved.clear()
     return state

@@ -37,7 +37,6 @@ reward.py, chunked_head.py.
 import itertools
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
                      full_weights, get_rank, lockstep, make_optimizer, optimizer_step,
                      rank_batches, reshard, resolve_resume, restore_checkpoint, save_checkpoint,
-                     setup_distributed, world_size)
+                     seed_sampling, setup_distributed, world_size)
 
 
 @dataclass
@@ -766,10 +765,10 @@ def train(cfg: Config, data, resume, policy):
                  eval_start={})
     if resume:
         # optimizer, scheduler, RNG of every rank; the loop's state (step, data position, alpha)
-        state = restore_checkpoint(*resume, policy.wrapped, *opt, state)
+        state = restore_checkpoint(*resume, policy.wrapped, opt, state, cfg.seed)
     else:
-        torch.manual_seed(cfg.seed + rank)  # different samples on each rank
-        random.seed(cfg.seed + rank)
+        # different samples on each rank
+        seed_sampling(cfg.seed, rank, step=0)
     grade = Grader(cfg.reward_workers, cfg.reward_timeout)
     warming_up = not state["sft_done"]
     if warming_up:

@@ -90,3 +90,37 @@ def test_limit_zero_keeps_all_and_later_steps_stay(tmp_path):
     assert _listing(tmp_path) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-7"]
     runtime.remove_old_checkpoints(str(tmp_path), 3, limit=1)
     assert _listing(tmp_path) == ["checkpoint-3", "checkpoint-7"]
+
+
+def test_resume_on_another_world_size_reseeds_each_rank(capsys):
+    """Saved by 2 ranks, resumed by 1: the saved RNG states do not map to ranks, so each rank is
+    seeded from (seed, rank, step), a stream of its own that neither the start of a run nor
+    another step or rank draws; on the same world size the rank's saved states come back."""
+    import random
+
+    import torch
+
+    def draws(seed, rank, step):
+        runtime.seed_sampling(seed, rank, step)
+        return torch.rand(3).tolist(), random.random()
+
+    optimizer, scheduler = runtime.make_optimizer(torch.nn.Linear(2, 2), 1e-3, sgpo.Config())
+    torch.manual_seed(123)
+    random.seed(123)
+    saved_rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": None}
+    expected = draws(3, 0, 7)
+    others = [draws(3, 1, 7), draws(3, 0, 0), draws(3, 0, 8), draws(4, 0, 7)]
+    assert all(other != expected for other in others)
+    for rng, want in (([saved_rng, saved_rng], expected), ([saved_rng], None)):
+        saved = {"scheduler": scheduler.state_dict(), "rng": rng, "step": 7, "alpha": {}}
+        torch.manual_seed(0)  # what a fresh process would hold
+        state = runtime.restore_checkpoint("unused", saved, None, (optimizer, scheduler),
+                                           {"step": 0, "alpha": None}, seed=3)
+        assert state == {"step": 7, "alpha": {}}
+        got = torch.rand(3).tolist(), random.random()
+        if want is None:  # the same world size: the saved stream
+            torch.set_rng_state(saved_rng["torch"])
+            random.setstate(saved_rng["python"])
+            want = torch.rand(3).tolist(), random.random()
+        assert got == want
+    assert "sampling reseeded from (seed 3, rank, step 7)" in capsys.readouterr().out
