@@ -15,7 +15,7 @@ import torch
 
 from inputs import UsageError, has_usable_strategy
 from reward import Grader
-from runtime import all_reduce, autocast, compute_dtype, wrap
+from runtime import all_reduce, autocast, compute_dtype, get_rank, wrap
 
 AUTO_TEMPLATE = (
     "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -40,9 +40,11 @@ def prompt_ids(tokenizer, cfg, problem: dict, guided: bool) -> list:
     return list(ids)
 
 
-def load_model(path: str, dtype, device, check=None, trainable=False):
+def load_model(path: str, dtype, device, check=None, trainable=False, meta=False):
     """Tokenizer and model; check(tokenizer, model config) validates data before the weights load
-    (minutes for 7B). trainable: also refuse what sgpo.py cannot train (check_trainable)."""
+    (minutes for 7B). trainable: also refuse what sgpo.py cannot train (check_trainable). meta:
+    the model built on the meta device, no weights read (FSDP's ranks but 0: runtime.shard_fsdp
+    gives them their shards of rank 0's)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -55,7 +57,8 @@ def load_model(path: str, dtype, device, check=None, trainable=False):
             check_trainable(path, config)
         if check:
             check(tokenizer, config)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        model = (_meta_model(path, config, dtype) if meta
+                 else AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device))
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0][:200]
         raise UsageError(f"--model {path}: cannot load ({reason})") from None
@@ -76,10 +79,25 @@ def load_model(path: str, dtype, device, check=None, trainable=False):
     return model, tokenizer
 
 
-def load_weights(path: str, device):
-    """A causal LM alone, fp32, no tokenizer (a checkpoint's teacher/)."""
-    from transformers import AutoModelForCausalLM
+def _meta_model(path: str, config, dtype):
+    """The model of a folder built on the meta device, as from_pretrained would build it (eval
+    mode, the folder's generation config), without its weights."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the one from_config made
+        pass
+    return model.eval()
+
+
+def load_weights(path: str, device, meta=False):
+    """A causal LM alone, fp32, no tokenizer (a checkpoint's teacher/); meta: as load_model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        if meta:
+            return _meta_model(path, AutoConfig.from_pretrained(path), torch.float32)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0][:200]
@@ -297,9 +315,9 @@ class Policy:
 def load_policy(cfg, resume, ddp, device, check=None) -> Policy:
     """sgpo.py's Policy: fp32 master weights (the forwards compute in --dtype under autocast) of
     cfg.model, or of the checkpoint folder `resume`, wrapped by runtime.wrap (DDP, FSDP: each
-    rank's shards moved to its GPU, or none); its teacher (--teacher base/ema) and reference
-    (--beta > 0). check: run on the tokenizer before the weights load (the data-fit check of
-    inputs.load_train_data)."""
+    rank's shards of rank 0's weights moved to its GPU, or none); its teacher (--teacher
+    base/ema) and reference (--beta > 0). check: run on the tokenizer before the weights load
+    (the data-fit check of inputs.load_train_data)."""
     def check_share(config):
         if cfg.share_prompts == "true" and not can_share_prompts(config):
             raise UsageError(f"--share_prompts true: {cfg.model} needs SDPA attention and no "
@@ -310,8 +328,12 @@ def load_policy(cfg, resume, ddp, device, check=None) -> Policy:
         if check:
             check(tokenizer, config)
 
+    # FSDP: rank 0 reads the weights, the other ranks build the model on the meta device and get
+    # their shards from rank 0's (runtime.shard_fsdp): one full fp32 copy on the host, not one a
+    # rank
+    meta = cfg.fsdp and get_rank() > 0
     lm, tokenizer = load_model(resume or cfg.model, torch.float32,
-                               "cpu" if cfg.fsdp else device, check_all, trainable=True)
+                               "cpu" if cfg.fsdp else device, check_all, trainable=True, meta=meta)
     # (a model without SDPA has loaded with another attention)
     check_share(lm.config)
     if cfg.gradient_checkpointing:
@@ -320,11 +342,11 @@ def load_policy(cfg, resume, ddp, device, check=None) -> Policy:
                        cfg.share_prompts)
     if cfg.teacher != "live":
         # fp32 like the policy (base == live exactly until the first step; an EMA in bf16 would
-        # drop lr-1e-6 moves), loaded once the policy is sharded (FSDP: one full model on the
-        # host at a time): a resumed run's from its checkpoint, else the policy's start (copied
-        # from the policy again after the warm-up: sgpo.train)
+        # drop lr-1e-6 moves), loaded once the policy is sharded (FSDP: rank 0 holds one full
+        # model on the host at a time, the others none): a resumed run's from its checkpoint,
+        # else the policy's start (copied from the policy again after the warm-up: sgpo.train)
         t_lm = load_weights(f"{resume}/teacher" if resume else cfg.model,
-                            "cpu" if cfg.fsdp else device)
+                            "cpu" if cfg.fsdp else device, meta)
         t_lm.generation_config = lm.generation_config  # (its end-of-turn ids)
         policy.teacher = Policy.of(t_lm.eval().requires_grad_(False), tokenizer, device,
                                    lambda backbone: wrap(backbone, cfg, False, device),

@@ -25,6 +25,7 @@ that sets how many collectives a rank makes is one of two kinds (tests/test_unev
 """
 import datetime
 import glob
+import itertools
 import json
 import math
 import os
@@ -122,23 +123,45 @@ def shard_fsdp(backbone, param_dtype, device, materialize=None):
     """FSDP2: every decoder layer is one unit, the Backbone (embeddings, final norm, LM head) the
     root. (fully_shard on the HF model itself fails: Backbone calls get_decoder(), bypassing that
     root's hooks.) Shards stay fp32; forwards all-gather them in the compute dtype and gradients are
-    reduce-scattered in fp32. materialize(backbone): gives a model built on the meta device its
-    storage once sharded (tests/memory_plan.py --simulate: fake tensors)."""
+    reduce-scattered in fp32. The weights are rank 0's: the other ranks' models may be on the meta
+    device (engine.load_policy), and get their shards from rank 0's (load_from_rank0).
+    materialize(backbone), instead: gives a model built on the meta device its storage once
+    sharded (tests/memory_plan.py --simulate: fake tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw = dict(mesh=init_device_mesh(device.type, (dist.get_world_size(),)), mp_policy=mp_policy)
+    # rank 0's full weights, held until every rank has its shards
+    full = backbone.state_dict() if materialize is None and get_rank() == 0 else {}
     for layer in backbone.lm.get_decoder().layers:
         fully_shard(layer, **kw)
     fully_shard(backbone, **kw)
     if materialize:
         materialize(backbone)
+    else:
+        load_from_rank0(backbone, full, device)
+        del full
     # FSDP makes the first module to run forward the root: the Backbone, not a layer
     with torch.no_grad():
         backbone(*torch.ones((3, 1, 1), dtype=torch.long, device=device))  # ids, mask, positions
     # the root keeps its weights gathered after a forward: the optimizer must get the shards
     backbone.reshard()
     return backbone
+
+
+def load_from_rank0(backbone, full: dict, device):
+    """A sharded backbone's weights from rank 0 (full: its state dict taken before sharding; {} on
+    the other ranks, whose models may be on the meta device): torch broadcasts one tensor at a
+    time and each rank keeps its shard, so that a rank other than 0 never holds the full model.
+    Buffers outside a state dict (rotary frequencies) are broadcast too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if any(t.device.type == "meta" for t in itertools.chain(backbone.parameters(),
+                                                           backbone.buffers())):
+        backbone.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(backbone, full, options=options)
+    for buffer in backbone.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 @contextmanager

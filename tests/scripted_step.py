@@ -144,6 +144,13 @@ def main(out_dir, flags):
         problems = [q0, q2, q1, q3]
         policy = sgpo.Policy.of(model, tok, "cpu", share=share)
     opt = sgpo.make_optimizer(model, 0.05 if "k2" in flags else 1e-3, cfg)
+    # AdamW's first step moves a weight by ~lr g / (|g| + eps): at eps 1e-8 a gradient entry at
+    # float-noise level (its sign set by the order of a sum, which differs between one process
+    # and two ranks' micro-batches) moves its weight by a random +-lr, and the second step's
+    # gradient with it (measured on one CPU: one process and two ranks 1.1e-5 apart; at eps 1e-3,
+    # 2.8e-7)
+    for group in opt[0].param_groups:
+        group["eps"] = 1e-3
     alpha, grads, real_step = {}, [], sgpo.optimizer_step
 
     def recorded_step(lm, opt, cfg):
