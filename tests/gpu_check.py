@@ -1,76 +1,434 @@
-"""GPU check (no network needed): one SGPO step in bf16 on a tiny Qwen-shaped model with Qwen's
-vocabulary size, with DDP and with FSDP (torchrun, world size 1), generation, scoring, teacher pass
-and checkpoint included; prints peak GPU memory and the step's time split. Run by
-tests/gpu_check.sh; on a CPU a scaled-down smoke run (no warm-up, fp32, no memory figures).
+"""The GPU check: what only a GPU can tell about sgpo.py (CUDA bf16 numerics, NCCL, memory, speed),
+in parts that each pass or fail. Run by tests/gpu_check.sh, which runs every part under `timeout`,
+keeps the log, exits non-zero at the first failure with its reason on the last line and ends with
+one JSON summary line. Needs requirements.txt only (no pytest). On a CPU: the same parts at toy
+sizes (fp32 where a GPU would use bf16 only where stated), the GPU-only ones reported as skipped.
 
-    bash tests/gpu_check.sh
-    # or: python tests/gpu_check.py build DIR; torchrun ... gpu_check.py run DIR fsdp
+    bash tests/gpu_check.sh [DIR]
+    GPU_CHECK_FAULT=nan bash tests/gpu_check.sh     # a NaN in the first RL step's GRPO loss: fails
+    python tests/gpu_check.py PART DIR [ddp|fsdp]   # one part (train, resume: under torchrun)
+
+Parts (each writes DIR/result-PART.json, read by `summary`):
+- deps: the runtime packages import; the device, and whether it computes in bf16.
+- build: the check's model (GPU: Qwen2.5 proportions at 4 layers with Qwen's 151,936-token
+  vocabulary, so the LM head, the sampler's [N, V] log-softmax and the KD chunks have their real
+  size; CPU: the tests' tiny model) and data.
+- train: (torchrun, world 1, DDP then FSDP) the warm-up and RL steps in --dtype auto (bf16 on a
+  GPU): every loss and gradient norm finite, KD targets found (kd/target_frac > 0), and the
+  sampler's log-probs within DIFF_BOUND of the trainer's (rollout_probs_diff_max).
+- kernels: under the run's autocast (bf16 on a GPU), the chunked LM head against the plain one
+  (values, gradients); the engine's in-place KV cache against HF's DynamicCache (the same greedy
+  tokens); the shared prompt layout against a row each (hidden states).
+- resume: (torchrun, FSDP) 4 steps straight against 2 steps and 2 resumed: the first resumed
+  step samples and scores exactly as the straight run (weights and RNG restored); the last step's
+  metrics and the final weights are compared and the difference reported (CUDA's backward
+  kernels add in an order that can change: bitwise equality is reported, not required).
+- memory: (GPU only) a random-init Qwen2.5-1.5B-shaped model, one RL step at
+  --max_completion_length 4096 (random weights never stop early: every rollout at full length),
+  torch.cuda.max_memory_allocated and max_memory_reserved per phase, beside
+  `tests/memory_plan.py --simulate --world 1` at the same flags.
+- speed: generation tokens/s by the policy and by a base teacher (--teacher base), the teacher's
+  forward with its fp32 weights under autocast and with a working copy in the compute dtype.
+- summary: one JSON line of every part's result.
 """
 
 import json
+import math
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-import sgpo  # noqa: E402
-from tests.conftest import tiny_rows  # noqa: E402
-from toy.tiny import build_tokenizer, write_jsonl  # noqa: E402
+# (R) the largest |sampler log-prob - trainer log-prob| allowed over a step's autonomous tokens: the
+# same distribution computed twice, by generate's KV-cached decode steps and by the trainer's
+# forward over the whole sequence; in fp32 they agree to ~1e-5, in bf16 to what bf16 matmuls
+# differ by in another order (CPU bf16, the tiny model: 0.05-0.2 over a step's tokens)
+DIFF_BOUND = 1.0
+GPU = None  # set in main: torch.cuda.is_available()
+
+
+def fail(message: str):
+    print(f"gpu_check: FAIL: {message}", flush=True)
+    sys.exit(1)
+
+
+def write_result(folder: str, part: str, result: dict):
+    with open(os.path.join(folder, f"result-{part}.json"), "w") as f:
+        json.dump(result, f)
+    print(f"gpu_check: {part}: {json.dumps(result)}", flush=True)
+
+
+def deps(folder):
+    missing = []
+    for name in ("torch", "transformers", "math_verify", "tqdm"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        fail(f"missing package(s) {', '.join(missing)}: pip install -r requirements.txt")
+    import torch
+    import transformers
+    import runtime
+    device = torch.cuda.get_device_name() if GPU else "cpu"
+    write_result(folder, "deps", {"torch": torch.__version__,
+                                  "transformers": transformers.__version__, "device": device,
+                                  "bf16": runtime.compute_dtype("auto") == torch.bfloat16})
+
+
+def train_rows(n):
+    """The tests' problems (tests/conftest.tiny_rows, without pytest): 'pick a0' -> 3, 'pick b1'
+    -> 7; the strategy says the answer."""
+    return [{"id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2],
+             "strategy": f"say {'37'[i % 2]}", "solution": f"\\boxed{{{'37'[i % 2]}}}"}
+            for i in range(n)]
 
 
 def build(folder):
-    """Qwen2.5-style proportions (GQA 4:1, head_dim 128) at 4 layers; vocab 151,936 so that the LM
-    head, the sampler's [N, V] log-softmax and the KD chunks have their real size. The char
-    tokenizer uses its first 100 ids."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from toy.tiny import build_model, build_tokenizer, write_jsonl
     tok = build_tokenizer()
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(
-        Qwen3Config(
+    if GPU:
+        model = Qwen3ForCausalLM(Qwen3Config(
             vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-            max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False
-        )
-    )
+            max_position_embeddings=8192, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False))
+    else:
+        model = build_model(tok, hidden=32, layers=2)
     model.save_pretrained(os.path.join(folder, "model"))
     tok.save_pretrained(os.path.join(folder, "model"))
-    write_jsonl(os.path.join(folder, "train.jsonl"), tiny_rows(64))
+    write_jsonl(os.path.join(folder, "train.jsonl"), train_rows(64))
+    write_result(folder, "build", {"parameters": sum(p.numel() for p in model.parameters())})
 
 
-def run(folder, fsdp):
-    out = os.path.join(folder, f"run-fsdp-{fsdp}")
-    gpu = torch.cuda.is_available()  # on a CPU: a smoke run of the script itself, scaled down
-    args = [
+def run_args(folder, out, *more):
+    """sgpo.py's flags of the train and resume parts: a warm-up that teaches the answer format,
+    then RL steps that find KD targets."""
+    return [
         "--model", os.path.join(folder, "model"), "--data", os.path.join(folder, "train.jsonl"),
-        "--output_dir", out, "--overwrite_output_dir", "--fsdp", fsdp, "--dtype",
-        "bf16" if gpu else "fp32", "--sft_learning_rate", "3e-3", "--sft_epochs",
-        "10" if gpu else "0", "--learning_rate", "1e-6", "--max_steps", "2" if gpu else "1",
-        "--batch_size", "16" if gpu else "2", "--num_generations", "8", "--num_guided_generations",
-        "4", "--max_completion_length", "64" if gpu else "8", "--generation_batch_size",
-        "96" if gpu else "12", "--micro_batch_size", "16", "--gradient_checkpointing", "true",
-        "--kl_clip", "1.0", "--eval_data", ""
-    ]
-    assert sgpo.main(args) == 0
-    if int(os.environ.get("RANK", 0)) == 0:
-        last = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]
-        peak = (
-            f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-            if torch.cuda.is_available()
-            else "n/a (CPU)"
-        )
-        keys = (
-            "time/generate", "time/grade", "time/select", "time/update", "perf/gen_tokens_per_s",
-            "kd/target_frac", "loss/kd", "rollout_probs_diff_max", "grad_norm"
-        )
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        print(
-            f"gpu_check fsdp={fsdp} device={device} peak_allocated={peak} "
-            + " ".join(f"{k}={last[k]:.4g}" for k in keys),
-            flush=True,
-        )
+        "--output_dir", out, "--overwrite_output_dir", "--sft_epochs", "10" if GPU else "8",
+        "--sft_learning_rate", "3e-3" if GPU else "1e-2", "--learning_rate", "1e-6",
+        "--batch_size", "16" if GPU else "4", "--num_generations", "8",
+        "--num_guided_generations", "4", "--max_completion_length", "64" if GPU else "12",
+        "--generation_batch_size", "96" if GPU else "24", "--micro_batch_size", "16",
+        "--gradient_checkpointing", "true", "--kl_clip", "1.0", "--eval_data", "",
+        "--ddp_timeout", "300", *more]
+
+
+def inject_fault():
+    """GPU_CHECK_FAULT=nan: the first RL step's GRPO loss is NaN (the check must fail)."""
+    if os.environ.get("GPU_CHECK_FAULT") != "nan":
+        return
+    import sgpo
+    real = sgpo.grpo_token_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, clipped = real(*args, **kwargs)
+        return loss * math.nan, clipped
+
+    sgpo.grpo_token_loss = nan_loss
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_finite(records, what):
+    for r in records:
+        for key in ("loss/sft", "loss/grpo", "loss/kd", "grad_norm"):
+            if key in r and not math.isfinite(r[key]):
+                fail(f"{what}: {key} is {r[key]} at {r.get('phase', 'rl')} step "
+                     f"{r.get('sft_step', r.get('step'))}")
+
+
+def train(folder, mode):
+    import sgpo
+    inject_fault()
+    out = os.path.join(folder, f"train-{mode}")
+    steps = "3" if GPU else "2"
+    what = f"train {mode}"
+    try:
+        code = sgpo.main(run_args(folder, out, "--fsdp", str(mode == "fsdp").lower(),
+                                  "--max_steps", steps))
+    except Exception as e:
+        # a NaN loss ends in a sampling error a step later: name the first bad value first
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            check_finite(read_metrics(out), what)
+        fail(f"{what}: sgpo.py raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if code != 0:
+        fail(f"{what}: sgpo.py exited with {code}")
+    if int(os.environ.get("RANK", 0)):
+        return
+    records = read_metrics(out)
+    rl = [r for r in records if r.get("phase") != "sft"]
+    check_finite(records, what)
+    if not any(r["kd/target_frac"] > 0 for r in rl):
+        fail(f"{what}: no KD target in {len(rl)} RL steps (kd/target_frac 0)")
+    gap = max(r["rollout_probs_diff_max"] for r in rl)
+    if not gap < DIFF_BOUND:
+        fail(f"{what}: sampler vs trainer log-prob gap {gap:.3g} >= {DIFF_BOUND}")
+    last = rl[-1]
+    keys = ("kd/target_frac", "reward/autonomous_mean", "reward/guided_mean", "loss/grpo",
+            "loss/kd", "grad_norm", "rollout_probs_diff_max", "time/generate", "time/update",
+            "perf/gen_tokens_per_s")
+    result = {k: last[k] for k in keys}
+    result["rollout_probs_diff_max"] = gap
+    if GPU:
+        import torch
+        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    write_result(folder, f"train-{mode}", result)
+
+
+def kernels(folder):
+    import torch
+    from transformers import cache_utils
+    import engine
+    import runtime
+    import sgpo
+    device = torch.device("cuda" if GPU else "cpu")
+    dtype = runtime.compute_dtype("auto" if GPU else "bf16")
+    model, tok = engine.load_model(os.path.join(folder, "model"), torch.float32, device)
+    cfg = sgpo.Config(kd_chunk_size=64)
+    result = {"dtype": str(dtype)}
+    # the chunked head against the plain one, under the run's autocast
+    torch.manual_seed(0)
+    head = model.get_output_embeddings()
+    h = model.config.hidden_size
+    hidden = torch.randn(200, h, device=device, requires_grad=True)
+    t_hidden = torch.randn(200, h, device=device)
+    targets = torch.randint(0, 100, (200,), device=device)
+    outs = {}
+    for chunked in (True, False):
+        cfg.chunked_head = chunked
+        hidden.grad = head.weight.grad = None
+        with torch.autocast(device.type, dtype=dtype):
+            logp, div, _ = sgpo.head_outputs(head, hidden, targets, cfg, (t_hidden, head))
+        (logp.sum() + div.sum()).backward()
+        outs[chunked] = (logp.detach(), div.detach(), hidden.grad.clone(), head.weight.grad.clone())
+    diffs = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+             for a, b in zip(outs[True], outs[False])]
+    result["chunked_head_rel_diff"] = dict(zip(("logp", "kd", "grad_hidden", "grad_head"), diffs))
+    if not max(diffs) < 3e-2:
+        fail(f"kernels: chunked head vs plain differ by {max(diffs):.3g} (relative) under {dtype}")
+    # the engine's in-place KV cache against HF's DynamicCache (cast to the compute dtype, as the
+    # engine's is): the same greedy tokens
+    prompts = [engine.prompt_ids(tok, cfg, q, g) for q in train_rows(4) for g in (False, True)]
+
+    class Grown(cache_utils.DynamicCache):
+        def update(self, keys, values, *args, **kwargs):
+            return super().update(keys.to(dtype), values.to(dtype), *args, **kwargs)
+
+    runs, real = [], engine._kv_cache
+    for make in (lambda m, d, n: Grown(config=m.config), real):
+        engine._kv_cache = make
+        with torch.autocast(device.type, dtype=dtype):
+            runs.append([r["ids"] for r in engine.generate(
+                model, prompts, tok.pad_token_id, model.generation_config.eos_token_id, device,
+                0.0, 32)])
+    engine._kv_cache = real
+    result["kv_cache_greedy_equal"] = runs[0] == runs[1]
+    if runs[0] != runs[1]:
+        fail(f"kernels: the engine's KV cache and HF's give other greedy tokens under {dtype}")
+    # the shared prompt layout against a row each: hidden states
+    pairs = [(p, list(range(3, 3 + n))) for p in prompts[:2] for n in (5, 9, 13)]
+    states = []
+    for share in ("true", "false"):
+        policy = sgpo.Policy.of(model, tok, device, share=share)
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            states.append(policy.response_hidden(pairs, sync_grads=False)[0].float())
+    rel = ((states[0] - states[1]).abs().max() / states[1].abs().max()).item()
+    result["shared_layout_rel_diff"] = rel
+    if not rel < 3e-2:
+        fail(f"kernels: shared prompt layout vs a row each differ by {rel:.3g} under {dtype}")
+    write_result(folder, "kernels", result)
+
+
+def resume(folder):
+    import torch
+    from safetensors.torch import load_file
+    import sgpo
+    straight, resumed = (os.path.join(folder, f"resume-{n}") for n in ("straight", "resumed"))
+    common = ["--fsdp", "true", "--max_steps", "4", "--save_steps", "2", "--sft_epochs", "0",
+              "--learning_rate", "1e-4"]
+    # the warm model of the train part: KD targets and a non-trivial update
+    warm = os.path.join(folder, "train-fsdp", "checkpoint-0")
+    args = run_args(folder, straight, *common, "--model", warm)
+    if sgpo.main(args) != 0:
+        fail("resume: the straight run exited non-zero")
+    resumed_args = run_args(folder, resumed, *common, "--model", warm, "--resume",
+                            os.path.join(straight, "checkpoint-2"))
+    if sgpo.main(resumed_args) != 0:
+        fail("resume: the resumed run exited non-zero")
+    if int(os.environ.get("RANK", 0)):
+        return
+    a = {r["step"]: r for r in read_metrics(straight)}
+    b = {r["step"]: r for r in read_metrics(resumed)}
+    exact = ("reward/autonomous_mean", "reward/guided_mean", "kd/target_frac",
+             "completions/mean_length", "perf/generated_tokens")
+    for key in exact:
+        if a[3][key] != b[3][key]:
+            fail(f"resume: step 3's {key} {b[3][key]} after the resume, {a[3][key]} straight")
+    for key in ("loss/grpo", "loss/kd"):
+        if not abs(a[3][key] - b[3][key]) <= 1e-3 * max(abs(a[3][key]), 1e-3):
+            fail(f"resume: step 3's {key} {b[3][key]} after the resume, {a[3][key]} straight")
+    weights = [load_file(os.path.join(run, "checkpoint-4", "model.safetensors"))
+               for run in (straight, resumed)]
+    diff = max((weights[0][k].float() - weights[1][k].float()).abs().max().item()
+               for k in weights[0])
+    result = {"step3_equal": True, "final_weights_max_abs_diff": diff,
+              "final_weights_bitwise": diff == 0,
+              "step4_loss_diff": abs(a[4]["loss/grpo"] - b[4]["loss/grpo"])}
+    # fp32 on a CPU: deterministic, the same bits
+    if not GPU and diff != 0:
+        fail(f"resume: final weights differ by {diff:.3g} on the CPU (must be bitwise)")
+    del torch
+    write_result(folder, "resume", result)
+
+
+def memory(folder):
+    """GPU only (main skips it on a CPU)."""
+    import subprocess
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.memory_plan import CONFIGS
+    import sgpo
+    flags = ["--batch_size", "1", "--num_generations", "4", "--num_guided_generations", "2",
+             "--max_completion_length", "4096", "--generation_batch_size", "6",
+             "--micro_batch_size", "2", "--steps_per_generation", "1", "--fsdp", "true"]
+    name = "Qwen2.5-1.5B-Instruct"
+    path = os.path.join(folder, "qwen1.5b")
+    if not os.path.isdir(path):
+        from toy.tiny import build_tokenizer
+        tok = build_tokenizer()
+        config = AutoConfig.for_model(**{**CONFIGS[name], "eos_token_id": tok.eos_token_id,
+                                         "pad_token_id": tok.pad_token_id})
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        tok.save_pretrained(path)
+    peaks, real = {}, {}
+
+    def measured(phase, fn):
+        def run(*args, **kwargs):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            peaks[phase] = {"allocated": torch.cuda.max_memory_allocated() / 1e9,
+                            "reserved": torch.cuda.max_memory_reserved() / 1e9}
+            return out
+        return run
+
+    for phase, fn in (("generation", "sample_rollouts"), ("scoring", "make_kd_rows"),
+                      ("update", "update_policy")):
+        real[fn] = getattr(sgpo, fn)
+        setattr(sgpo, fn, measured(phase, real[fn]))
+    # half the rollouts graded correct: KD targets exist, so scoring and the KD term run
+    sgpo.Grader.__call__ = lambda self, texts, answers: [float(i % 2) for i in range(len(texts))]
+    out = os.path.join(folder, "memory-run")
+    args = ["@paper.args", "--model", path, "--data", os.path.join(folder, "train.jsonl"),
+            "--output_dir", out, "--overwrite_output_dir", "--max_steps", "1", "--eval_data", "",
+            *flags]
+    if sgpo.main(args) != 0:
+        fail("memory: sgpo.py exited non-zero")
+    if int(os.environ.get("RANK", 0)):
+        return
+    prompt = max(len(q["problem"]) for q in train_rows(64)) + 200  # (R) chat template + strategy
+    sim = subprocess.run(
+        [sys.executable, "tests/memory_plan.py", "--simulate", "--config", name, "--world", "1",
+         "--prompt_tokens", str(prompt), "--", *flags],
+        capture_output=True, text=True)
+    if sim.returncode != 0:
+        fail(f"memory: memory_plan.py --simulate failed: {sim.stderr.strip().splitlines()[-1:]}")
+    simulated = json.loads(sim.stdout.strip().splitlines()[-1])
+    write_result(folder, "memory", {"measured_gb": peaks, "simulated": simulated})
+
+
+def speed(folder):
+    import torch
+    import engine
+    import runtime
+    import sgpo
+    device = torch.device("cuda" if GPU else "cpu")
+    # bf16 on a CPU too: the teacher's recast under autocast is what is measured
+    cfg = sgpo.Config(model=os.path.join(folder, "model"), teacher="base", dtype="bf16",
+                      max_completion_length=128 if GPU else 16, temperature=1.0)
+    policy = engine.load_policy(cfg, None, False, device)
+    prompts = [engine.prompt_ids(policy.tokenizer, cfg, q, True) for q in train_rows(32 if GPU
+                                                                                    else 8)]
+    result = {}
+    # generation: the policy (fp32 master weights, requires grad) and the base teacher (fp32,
+    # frozen) under the run's autocast
+    for name, lm in (("policy", policy.lm), ("teacher", policy.teacher.lm)):
+        with runtime.autocast(cfg.dtype, device):
+            engine.sample(policy, prompts[:2], cfg, lm)  # warm-up
+            if GPU:
+                torch.cuda.synchronize()
+            start = time.time()
+            outs = engine.sample(policy, prompts, cfg, lm)
+            if GPU:
+                torch.cuda.synchronize()
+        result[f"{name}_gen_tokens_per_s"] = sum(len(o["ids"]) for o in outs) / (
+            time.time() - start)
+    # a teacher forward (the KD term's): its fp32 weights cast under autocast at every op, and a
+    # working copy in the compute dtype
+    pairs = [(p, list(range(3, 3 + 60))) for p in prompts]
+    dtype = runtime.compute_dtype(cfg.dtype)
+    copy = engine.Policy.of(
+        engine.load_weights(cfg.model, device).to(dtype).requires_grad_(False), policy.tokenizer,
+        device)
+    for name, view in (("teacher_forward_fp32_weights_s", policy.teacher),
+                       ("teacher_forward_working_copy_s", copy)):
+        with torch.no_grad(), runtime.autocast(cfg.dtype, device):
+            view.response_hidden(pairs, sync_grads=False)
+            if GPU:
+                torch.cuda.synchronize()
+            start = time.time()
+            for _ in range(5):
+                view.response_hidden(pairs, sync_grads=False)
+            if GPU:
+                torch.cuda.synchronize()
+        result[name] = (time.time() - start) / 5
+    write_result(folder, "speed", result)
+
+
+def summary(folder, skipped):
+    results = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("result-"):
+            with open(os.path.join(folder, name)) as f:
+                results[name[7:-5]] = json.load(f)
+    print(json.dumps({"gpu_check": "passed", "skipped": skipped, **results}))
+
+
+def main():
+    global GPU
+    part, folder = sys.argv[1], sys.argv[2]
+    import torch
+    GPU = torch.cuda.is_available()
+    if part == "deps":
+        deps(folder)
+    elif part == "build":
+        build(folder)
+    elif part == "train":
+        train(folder, sys.argv[3])
+    elif part == "kernels":
+        kernels(folder)
+    elif part == "resume":
+        resume(folder)
+    elif part == "memory":
+        memory(folder) if GPU else print("gpu_check: memory: skipped (no GPU)")
+    elif part == "speed":
+        speed(folder)
+    elif part == "summary":
+        summary(folder, [] if GPU else ["memory"])
+    else:
+        fail(f"unknown part {part!r}")
 
 
 if __name__ == "__main__":
-    build(sys.argv[2]) if sys.argv[1] == "build" else run(sys.argv[2], sys.argv[3])
+    main()

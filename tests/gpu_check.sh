@@ -1,10 +1,53 @@
 #!/usr/bin/env bash
-# One bf16 SGPO step (after a short warm-up) with DDP and with FSDP on one GPU, no network; prints peak memory and
-# step times (tests/gpu_check.py). Usage: bash tests/gpu_check.sh [work dir]
-set -euo pipefail
+# The GPU check (tests/gpu_check.py says what each part proves): on a fresh 1-GPU box, after
+# `pip install -r requirements.txt` (no pytest, no network), run this first:
+#     bash tests/gpu_check.sh [DIR]
+# Every part runs under `timeout`; the first that fails ends the check with a non-zero exit and
+# its reason on the last line; the whole output is kept in DIR/gpu_check.log; the last line of a
+# check that passed is one JSON summary. Under 10 minutes on one H100 (the parts' limits add up
+# to 9.5); on a CPU a scaled-down run of the same parts (a few minutes), listing what it skipped.
+#     GPU_CHECK_FAULT=nan bash tests/gpu_check.sh   # a NaN in the first RL step's loss: must fail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-$(mktemp -d)}
-python tests/gpu_check.py build "$DIR"
-for fsdp in false true; do
-    torchrun --standalone --nproc_per_node=1 tests/gpu_check.py run "$DIR" "$fsdp" 2>&1 | grep -E "^gpu_check|Error|error" || true
-done
+mkdir -p "$DIR"
+LOG="$DIR/gpu_check.log"
+: > "$LOG"
+TORCHRUN=(python -m torch.distributed.run --standalone --nproc_per_node=1)
+
+part() {  # name, time limit in seconds, command...
+    local name=$1 limit=$2 rc
+    shift 2
+    echo "== $name ($*)" >> "$LOG"
+    local start=$SECONDS
+    timeout --kill-after=20 "$limit" "$@" >> "$LOG" 2>&1
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        local reason
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            reason="timed out after $limit s"
+        else
+            # the part's own verdict, else the last error line of its traceback
+            local out
+            out=$(sed -n "/^== $name /,\$p" "$LOG")
+            reason=$(grep "gpu_check: FAIL" <<< "$out" | tail -n 1)
+            [ -n "$reason" ] || reason=$(grep -E "^(\[rank[0-9]+\]: )?[A-Za-z_.]*(Error|Exception)\b" \
+                <<< "$out" | grep -v ChildFailedError | tail -n 1)
+        fi
+        tail -n 40 "$LOG"
+        echo "gpu_check: FAILED: $name (exit $rc): ${reason:-see $LOG}"
+        exit 1
+    fi
+    grep "^gpu_check: $name" "$LOG" | tail -n 1
+    echo "   ($name: $((SECONDS - start)) s)"
+}
+
+part deps 60 python tests/gpu_check.py deps "$DIR"
+part build 60 python tests/gpu_check.py build "$DIR"
+part train-ddp 120 "${TORCHRUN[@]}" tests/gpu_check.py train "$DIR" ddp
+part train-fsdp 120 "${TORCHRUN[@]}" tests/gpu_check.py train "$DIR" fsdp
+part kernels 60 python tests/gpu_check.py kernels "$DIR"
+part resume 90 "${TORCHRUN[@]}" tests/gpu_check.py resume "$DIR"
+part memory 150 "${TORCHRUN[@]}" tests/gpu_check.py memory "$DIR"
+part speed 60 python tests/gpu_check.py speed "$DIR"
+python tests/gpu_check.py summary "$DIR" | tee -a "$LOG"
