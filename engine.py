@@ -517,10 +517,10 @@ def _kv_cache(model, device, length: int):
     in one buffer of the call's final length (prompt width + new tokens), written in place from
     the first decode step on. HF's DynamicCache grows by concatenation: a copy of the layer's
     whole cache at every decode step, and a second copy held while it is made. Keys and values
-    are stored in the compute dtype: under autocast over fp32 weights the residual stream stays
-    fp32, and keys leave rotary embeddings (and Qwen3's k_norm) in fp32 beside bf16 values, 1.5x
-    the memory, cast back by attention at every step. Sliding-window layers keep HF's own (they
-    drop what leaves the window)."""
+    are stored in the compute dtype: under autocast the residual stream is fp32 (DDP: fp32
+    weights; FSDP: runtime.shard_fsdp), and keys leave rotary embeddings (and Qwen3's k_norm) in
+    fp32 beside bf16 values, 1.5x the memory, cast back by attention at every step.
+    Sliding-window layers keep HF's own (they drop what leaves the window)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
     device = torch.device(device).type

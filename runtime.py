@@ -129,7 +129,13 @@ def shard_fsdp(backbone, param_dtype, device, materialize=None):
     sharded (tests/memory_plan.py --simulate: fake tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # the residual stream in fp32, as under DDP (autocast over fp32 weights): no cast of a layer's
+    # inputs, and the embedding's output (a lookup in the gathered compute-dtype weights) cast
+    # back to fp32; matmuls compute in param_dtype alike (docs/memory_and_speed.md)
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False)
+    backbone.lm.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out.float())
     kw = dict(mesh=init_device_mesh(device.type, (dist.get_world_size(),)), mp_policy=mp_policy)
     # rank 0's full weights, held until every rank has its shards
     full = backbone.state_dict() if materialize is None and get_rank() == 0 else {}
@@ -142,7 +148,9 @@ def shard_fsdp(backbone, param_dtype, device, materialize=None):
         load_from_rank0(backbone, full, device)
         del full
     # FSDP makes the first module to run forward the root: the Backbone, not a layer
-    with torch.no_grad():
+    # (under autocast, as every forward: a layer's fp32 inputs meet its gathered weights)
+    low = param_dtype != torch.float32
+    with torch.no_grad(), torch.autocast(device.type, dtype=param_dtype, enabled=low):
         backbone(*torch.ones((3, 1, 1), dtype=torch.long, device=device))  # ids, mask, positions
     # the root keeps its weights gathered after a forward: the optimizer must get the shards
     backbone.reshard()

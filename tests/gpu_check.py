@@ -110,9 +110,10 @@ def run_args(folder, out, *more):
     then RL steps that find KD targets."""
     return [
         "--model", os.path.join(folder, "model"), "--data", os.path.join(folder, "train.jsonl"),
-        "--output_dir", out, "--overwrite_output_dir", "--sft_epochs", "10" if GPU else "8",
+        "--output_dir", out, "--overwrite_output_dir", "--sft_epochs", "10" if GPU else "5",
         "--sft_learning_rate", "3e-3" if GPU else "1e-2", "--learning_rate", "1e-6",
-        "--batch_size", "16" if GPU else "4", "--num_generations", "8",
+        "--batch_size", "16" if GPU else "8", "--reward_workers", "-1" if GPU else "0",
+        "--num_generations", "8",
         "--num_guided_generations", "4", "--max_completion_length", "64" if GPU else "12",
         "--generation_batch_size", "96" if GPU else "24", "--micro_batch_size", "16",
         "--gradient_checkpointing", "true", "--kl_clip", "1.0", "--eval_data", "",
@@ -291,7 +292,7 @@ def resume(folder):
 
 
 def memory(folder):
-    """GPU only (main skips it on a CPU)."""
+    """GPU only (gpu_check.sh skips it on a CPU)."""
     import subprocess
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -396,18 +397,21 @@ def speed(folder):
     write_result(folder, "speed", result)
 
 
-def summary(folder, skipped):
+def summary(folder):
     results = {}
     for name in sorted(os.listdir(folder)):
         if name.startswith("result-"):
             with open(os.path.join(folder, name)) as f:
                 results[name[7:-5]] = json.load(f)
+    skipped = ["memory"] if results["deps"]["device"] == "cpu" else []
     print(json.dumps({"gpu_check": "passed", "skipped": skipped, **results}))
 
 
 def main():
     global GPU
     part, folder = sys.argv[1], sys.argv[2]
+    if part == "summary":  # (no torch to import)
+        return summary(folder)
     import torch
     GPU = torch.cuda.is_available()
     if part == "deps":
@@ -421,11 +425,9 @@ def main():
     elif part == "resume":
         resume(folder)
     elif part == "memory":
-        memory(folder) if GPU else print("gpu_check: memory: skipped (no GPU)")
+        memory(folder)
     elif part == "speed":
         speed(folder)
-    elif part == "summary":
-        summary(folder, [] if GPU else ["memory"])
     else:
         fail(f"unknown part {part!r}")
 

@@ -48,6 +48,10 @@ part train-ddp 120 "${TORCHRUN[@]}" tests/gpu_check.py train "$DIR" ddp
 part train-fsdp 120 "${TORCHRUN[@]}" tests/gpu_check.py train "$DIR" fsdp
 part kernels 60 python tests/gpu_check.py kernels "$DIR"
 part resume 90 "${TORCHRUN[@]}" tests/gpu_check.py resume "$DIR"
-part memory 150 "${TORCHRUN[@]}" tests/gpu_check.py memory "$DIR"
+if grep -q '"device": "cpu"' "$DIR/result-deps.json"; then
+    echo "gpu_check: memory: skipped (no GPU)" | tee -a "$LOG"
+else
+    part memory 150 "${TORCHRUN[@]}" tests/gpu_check.py memory "$DIR"
+fi
 part speed 60 python tests/gpu_check.py speed "$DIR"
 python tests/gpu_check.py summary "$DIR" | tee -a "$LOG"

@@ -18,7 +18,7 @@ def _listing(out):
 
 def _args(tiny_dir, data_file, out, *more):
     args = ["--model", tiny_dir, "--data", data_file, "--output_dir", out, "--save_steps", 1,
-            "--save_total_limit", 2, *COMMON, *more]
+            "--save_total_limit", 2, "--reward_workers", 0, *COMMON, *more]
     return [str(a) for a in args]
 
 
