@@ -2,9 +2,10 @@
 calls it (a base teacher too); each rank prints its resident memory before loading and its peak
 (VmHWM, reset first) up to the moment the policy's weights are sharded and in place (the first
 forward, FSDP's root initialisation: on a CPU its gathered units are host memory too, on a GPU
-not); rank 0 saves the policy's, the teacher's weights (gathered) and the buffers to OUT.
+not); rank 0 then compares the policy's and the teacher's weights (gathered) and the buffers with
+from_pretrained's, bit for bit, and prints the verdict.
 
-    torchrun --nproc_per_node=2 tests/fsdp_load.py OUT MODEL_DIR
+    torchrun --nproc_per_node=2 tests/fsdp_load.py MODEL_DIR [live|base]
 """
 
 import os
@@ -26,9 +27,9 @@ def memory_kb(field):
             return int(line.split()[1])
 
 
-out, model_dir = sys.argv[1], sys.argv[2]
+model_dir = sys.argv[1]
 ddp, rank, world, device = runtime.setup_distributed(60)
-cfg = sgpo.Config(model=model_dir, fsdp=True, teacher=sys.argv[3] if len(sys.argv) > 3 else "base")
+cfg = sgpo.Config(model=model_dir, fsdp=True, teacher=sys.argv[2] if len(sys.argv) > 2 else "base")
 # the tokenizer and config parsed, transformers' model classes imported: what loading adds is
 # the weights
 AutoTokenizer.from_pretrained(model_dir)
@@ -52,9 +53,15 @@ engine.Backbone.forward = real_forward
 peak = peaks[0]
 print(f"rank {rank}: rss_before_mb={before / 1024:.0f} load_peak_mb={peak / 1024:.0f} "
       f"added_mb={(peak - before) / 1024:.0f}", flush=True)
-weights = {n: full(p).detach().clone() for n, p in policy.lm.named_parameters()}
-teacher = {n: full(p).detach().clone() for n, p in policy.teacher.lm.named_parameters()}
-buffers = {n: b.clone() for n, b in policy.lm.named_buffers()}
+views = {"weights": policy.lm.named_parameters(), "buffers": policy.lm.named_buffers()}
+if policy.teacher:
+    views["teacher"] = policy.teacher.lm.named_parameters()
+gathered = {kind: {n: full(t).detach() for n, t in view} for kind, view in views.items()}
 if rank == 0:
-    torch.save({"weights": weights, "teacher": teacher, "buffers": buffers}, out)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for kind, tensors in gathered.items():
+        want = dict(ref.named_buffers() if kind == "buffers" else ref.named_parameters())
+        same = tensors.keys() == want.keys() and all(
+            torch.equal(tensors[n], want[n]) for n in want)
+        print(f"rank 0: {kind} equal to from_pretrained's: {same}", flush=True)
 runtime.barrier()

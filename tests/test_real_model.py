@@ -207,30 +207,26 @@ def test_extract_strategies_hf_backend_on_smollm2(smollm2, tmp_path):
 
 
 def test_fsdp_reads_the_weights_on_rank_0_only(smollm2, tmp_path):
-    """--fsdp under torchrun (2 ranks, engine.load_policy with a base teacher): rank 0 reads the
-    weights, rank 1 builds the model on the meta device and gets its shards from rank 0's. Stored
+    """--fsdp under torchrun (2 ranks, engine.load_policy): rank 0 reads the weights, rank 1 builds
+    the model on the meta device and gets its shards from rank 0's. Stored
     in bf16, as hub checkpoints are (every rank converting them to fp32 held the whole fp32
     model), rank 1's peak host memory until the weights are in place stays under the fp32 model's
     (measured: 469 MB added, its own shard 270 of them, against 862 MB when every rank read the
-    weights; SmolLM2's fp32 model: 513 MiB); the policy's and the teacher's weights and the
-    rotary buffers are from_pretrained's, bit for bit."""
+    weights; SmolLM2's fp32 model: 513 MiB); the weights and the rotary buffers are
+    from_pretrained's, bit for bit (tests/fsdp_load.py; a --teacher ema loaded the same way:
+    tests/test_fsdp.py, equal to DDP's run)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
-    proc = run_sgpo([tmp_path / "loaded.pt", folder], nproc=2, script="tests/fsdp_load.py")
+    proc = run_sgpo([folder, "live"], nproc=2, script="tests/fsdp_load.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    fp32_mb = sum(p.numel() for p in ref.parameters()) * 4 / 2**20
+    fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     added = {}
     for line in proc.stdout.splitlines():
-        if line.startswith("rank "):
+        if "added_mb=" in line:
             added[int(line.split()[1][:-1])] = float(line.split("added_mb=")[1])
     assert added[1] < fp32_mb < added[0], (added, fp32_mb)
-    loaded = torch.load(tmp_path / "loaded.pt")
-    for kind, want in (("weights", ref.named_parameters()), ("teacher", ref.named_parameters()),
-                       ("buffers", ref.named_buffers())):
-        want = dict(want)
-        assert loaded[kind].keys() == want.keys()
-        for name, tensor in want.items():
-            assert torch.equal(loaded[kind][name], tensor), (kind, name)
+    for kind in ("weights", "buffers"):
+        assert f"rank 0: {kind} equal to from_pretrained's: True" in proc.stdout
