@@ -3,7 +3,7 @@ autocast caches its casts only of weights that require grad, so every op of a te
 casts its fp32 weight to bf16 again; the policy's casts are cached for the whole autocast block
 (a generate call). Times a teacher forward (the KD term's, one micro-batch) and a generate call
 of the teacher, with its fp32 weights and with a working copy whose Linear weights are bf16 (what
-autocast casts them to; embeddings and norms stay fp32: the same numerics).
+autocast casts them to; embeddings, a head tied to them and norms stay fp32: the same numerics).
 
     python tests/bench_teacher_cast.py [MODEL_DIR]   # default: the toy's model
 """
@@ -35,8 +35,10 @@ if __name__ == "__main__":
     cfg = sgpo.Config(max_completion_length=32, temperature=1.0)
     frozen = lm.eval().requires_grad_(False)
     working = copy.deepcopy(frozen)
+    # (a head tied to the input embedding stays fp32: the embedding's output must)
+    embedding = working.get_input_embeddings().weight
     for module in working.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
             module.weight.data = module.weight.data.bfloat16()
     prompts = [engine.prompt_ids(tok, cfg, q, True) for q in train_rows(8)]
     pairs = [(p, list(range(3, 3 + 64))) for p in prompts]

@@ -24,9 +24,9 @@ Parts (each writes DIR/result-PART.json, read by `summary`):
   metrics and the final weights are compared and the difference reported (CUDA's backward
   kernels add in an order that can change: bitwise equality is reported, not required).
 - memory: (GPU only) a random-init Qwen2.5-1.5B-shaped model, one RL step at
-  --max_completion_length 4096 (random weights never stop early: every rollout at full length),
-  torch.cuda.max_memory_allocated and max_memory_reserved per phase, beside
-  `tests/memory_plan.py --simulate --world 1` at the same flags.
+  --max_completion_length 2048 (random weights never stop early: every rollout at full length),
+  torch.cuda.max_memory_allocated and max_memory_reserved per phase; memory-sim: the same step
+  simulated (`tests/memory_plan.py --simulate --world 1`, on the CPU) and the gap per phase.
 - speed: generation tokens/s by the policy and by a base teacher (--teacher base), the teacher's
   forward with its fp32 weights under autocast and with a working copy in the compute dtype.
 - summary: one JSON line of every part's result.
@@ -291,27 +291,30 @@ def resume(folder):
     write_result(folder, "resume", result)
 
 
+# the memory part's step: a random-init Qwen2.5-1.5B-shaped model (random weights never stop early:
+# every rollout at full length) at paper.args with these flags
+MEMORY_MODEL = "Qwen2.5-1.5B-Instruct"
+MEMORY_FLAGS = ["--batch_size", "1", "--num_generations", "4", "--num_guided_generations", "2",
+                "--max_completion_length", "2048", "--generation_batch_size", "6",
+                "--micro_batch_size", "2", "--steps_per_generation", "1", "--fsdp", "true"]
+
+
 def memory(folder):
-    """GPU only (gpu_check.sh skips it on a CPU)."""
-    import subprocess
+    """GPU only (gpu_check.sh skips it on a CPU): one RL step, peak memory per phase."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from tests.memory_plan import CONFIGS
     import sgpo
-    flags = ["--batch_size", "1", "--num_generations", "4", "--num_guided_generations", "2",
-             "--max_completion_length", "4096", "--generation_batch_size", "6",
-             "--micro_batch_size", "2", "--steps_per_generation", "1", "--fsdp", "true"]
-    name = "Qwen2.5-1.5B-Instruct"
     path = os.path.join(folder, "qwen1.5b")
     if not os.path.isdir(path):
         from toy.tiny import build_tokenizer
         tok = build_tokenizer()
-        config = AutoConfig.for_model(**{**CONFIGS[name], "eos_token_id": tok.eos_token_id,
+        config = AutoConfig.for_model(**{**CONFIGS[MEMORY_MODEL], "eos_token_id": tok.eos_token_id,
                                          "pad_token_id": tok.pad_token_id})
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(path)
         tok.save_pretrained(path)
-    peaks, real = {}, {}
+    peaks = {}
 
     def measured(phase, fn):
         def run(*args, **kwargs):
@@ -319,34 +322,49 @@ def memory(folder):
             torch.cuda.reset_peak_memory_stats()
             out = fn(*args, **kwargs)
             torch.cuda.synchronize()
-            peaks[phase] = {"allocated": torch.cuda.max_memory_allocated() / 1e9,
-                            "reserved": torch.cuda.max_memory_reserved() / 1e9}
+            peaks[phase] = {"allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+                            "reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
             return out
         return run
 
     for phase, fn in (("generation", "sample_rollouts"), ("scoring", "make_kd_rows"),
                       ("update", "update_policy")):
-        real[fn] = getattr(sgpo, fn)
-        setattr(sgpo, fn, measured(phase, real[fn]))
+        setattr(sgpo, fn, measured(phase, getattr(sgpo, fn)))
     # half the rollouts graded correct: KD targets exist, so scoring and the KD term run
     sgpo.Grader.__call__ = lambda self, texts, answers: [float(i % 2) for i in range(len(texts))]
-    out = os.path.join(folder, "memory-run")
+    # the step's memory, not a 1.5B checkpoint's minute of writing
+    sgpo.save_checkpoint = lambda *args, **kwargs: None
     args = ["@paper.args", "--model", path, "--data", os.path.join(folder, "train.jsonl"),
-            "--output_dir", out, "--overwrite_output_dir", "--max_steps", "1", "--eval_data", "",
-            *flags]
+            "--output_dir", os.path.join(folder, "memory-run"), "--overwrite_output_dir",
+            "--max_steps", "1", "--eval_data", "", *MEMORY_FLAGS]
     if sgpo.main(args) != 0:
         fail("memory: sgpo.py exited non-zero")
-    if int(os.environ.get("RANK", 0)):
-        return
-    prompt = max(len(q["problem"]) for q in train_rows(64)) + 200  # (R) chat template + strategy
+    if int(os.environ.get("RANK", 0)) == 0:
+        if set(peaks) != {"generation", "scoring", "update"}:
+            fail(f"memory: phases measured: {sorted(peaks)} (no KD target: no scoring?)")
+        write_result(folder, "memory", peaks)
+
+
+def memory_sim(folder):
+    """The memory part's step simulated on this machine's CPU (tests/memory_plan.py --simulate,
+    world 1, the prompts' length) to set beside what the GPU measured."""
+    import subprocess
+    prompt = 160  # (R) the check's longest guided prompt in the tiny tokenizer's characters
     sim = subprocess.run(
-        [sys.executable, "tests/memory_plan.py", "--simulate", "--config", name, "--world", "1",
-         "--prompt_tokens", str(prompt), "--", *flags],
+        [sys.executable, "tests/memory_plan.py", "--simulate", "--config", MEMORY_MODEL,
+         "--world", "1", "--prompt_tokens", str(prompt), "--", *MEMORY_FLAGS],
         capture_output=True, text=True)
     if sim.returncode != 0:
-        fail(f"memory: memory_plan.py --simulate failed: {sim.stderr.strip().splitlines()[-1:]}")
+        fail(f"memory-sim: memory_plan.py --simulate failed: {sim.stderr.strip()[-300:]}")
     simulated = json.loads(sim.stdout.strip().splitlines()[-1])
-    write_result(folder, "memory", {"measured_gb": peaks, "simulated": simulated})
+    measured = {}
+    path = os.path.join(folder, "result-memory.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            measured = json.load(f)
+    # measured (allocated) minus simulated, per phase
+    gap = {p: round(measured[p]["allocated_gb"] - simulated[f"{p}_gb"], 2) for p in measured}
+    write_result(folder, "memory-sim", {"simulated": simulated, "measured_minus_simulated_gb": gap})
 
 
 def speed(folder):
@@ -403,7 +421,7 @@ def summary(folder):
         if name.startswith("result-"):
             with open(os.path.join(folder, name)) as f:
                 results[name[7:-5]] = json.load(f)
-    skipped = ["memory"] if results["deps"]["device"] == "cpu" else []
+    skipped = ["memory", "memory-sim"] if results["deps"]["device"] == "cpu" else []
     print(json.dumps({"gpu_check": "passed", "skipped": skipped, **results}))
 
 
@@ -426,6 +444,8 @@ def main():
         resume(folder)
     elif part == "memory":
         memory(folder)
+    elif part == "memory-sim":
+        memory_sim(folder)
     elif part == "speed":
         speed(folder)
     else:

@@ -31,7 +31,7 @@ def test_cpu_run_passes_without_pytest_and_lists_what_it_skipped(tmp_path):
     proc = _check(tmp_path, "run", shim=NO_PYTEST)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["gpu_check"] == "passed" and summary["skipped"] == ["memory"]
+    assert summary["gpu_check"] == "passed" and summary["skipped"] == ["memory", "memory-sim"]
     for part in ("deps", "build", "train-ddp", "train-fsdp", "kernels", "resume", "speed"):
         assert part in summary, part
     for mode in ("ddp", "fsdp"):
