@@ -358,8 +358,8 @@ def save_checkpoint(cfg, policy, opt, state: dict, keep=None):
             # --teacher base/ema: its own fp32 weights, in teacher/ (gathered like the policy's)
             t_weights = _gathered_weights(policy.teacher.wrapped) if cfg.fsdp else None
             if master:
-                policy.teacher.lm.save_pretrained(os.path.join(tmp, "teacher"),
-                                                  state_dict=t_weights)
+                policy.teacher.master_weights().save_pretrained(os.path.join(tmp, "teacher"),
+                                                                state_dict=t_weights)
         if master:
             policy.lm.save_pretrained(tmp, state_dict=weights)
             policy.lm.original_generation_config.save_pretrained(tmp)

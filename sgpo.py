@@ -46,8 +46,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
-from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, sample_in_one_call,
-                    prompt_ids, repeat_each, sample, turn_end_ids)
+from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, prompt_ids,
+                    refresh_working_copy, repeat_each, sample, sample_in_one_call, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
@@ -661,18 +661,23 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats):
 @torch.no_grad()
 def move_teacher(policy, cfg: Config, rate=None):
     """[7] After each optimizer step: theta_T += rate (theta - theta_T) in fp32, tensor by tensor
-    (FSDP: each rank its shards); rate: --teacher_ema_rate under ema, 0 under base, unless given
-    (1: a copy, as RL starts). FSDP: the teacher's root, left gathered, is resharded first."""
+    (FSDP: each rank its shards), then its working copy (engine.with_working_copy) refreshed;
+    rate: --teacher_ema_rate under ema, 0 under base, unless given (1: a copy, as RL starts).
+    FSDP: the teacher's root, left gathered, is resharded first."""
     reshard(policy.teacher.wrapped)
     if rate is None:
         rate = cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0
     if rate == 0:
         return
-    for theta_t, theta in zip(policy.teacher.lm.parameters(), policy.lm.parameters(), strict=True):
+    teacher = policy.teacher
+    for theta_t, theta in zip(teacher.master_weights().parameters(), policy.lm.parameters(),
+                              strict=True):
         if rate == 1:
             theta_t.copy_(theta)
         else:
             theta_t.lerp_(theta, rate)
+    if teacher.master is not None:
+        refresh_working_copy(teacher)
 
 
 def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):

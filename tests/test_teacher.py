@@ -113,3 +113,86 @@ def test_guided_rollouts_sampled_by_the_teacher_when_asked(from_teacher):
         assert calls == [(policy.lm, g1), (policy.teacher.lm, g2)]
     else:
         assert calls == [(policy.lm, g1 + g2)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_working_copy_computes_what_autocast_computes(tied, tmp_path):
+    """--dtype bf16 with a teacher of its own (one process or DDP): the teacher computes from a
+    working copy whose Linear weights are bf16 (autocast would cast its frozen fp32 weights again
+    at every op), embeddings and a head tied to them fp32: its hidden states and KD divergences
+    are those of the fp32 teacher under autocast, bit for bit; the fp32 weights are kept."""
+    tok, model, cfg = tiny_setup(tied=tied)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg.model, cfg.teacher, cfg.dtype = str(tmp_path / "m"), "ema", "bf16"
+    policy = engine.load_policy(cfg, None, False, "cpu")
+    teacher = policy.teacher
+    assert teacher.master is not None and teacher.master_weights() is teacher.master
+    linear = [m.weight for m in teacher.lm.modules() if isinstance(m, torch.nn.Linear)]
+    embedding = teacher.lm.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32
+    assert {w.dtype for w in linear if w is not embedding} == {torch.bfloat16}
+    assert {p.dtype for p in teacher.master.parameters()} == {torch.float32}
+    frozen = sgpo.Policy.of(teacher.master, tok, "cpu")
+    rows = [r for r in training_rows(tok, model, cfg) if isinstance(r, sgpo.KDRow)]
+    pairs = [(r.teacher_prompt, r.response) for r in rows]
+    out = []
+    for view in (teacher, frozen):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden, targets = view.response_hidden(pairs, sync_grads=False)
+            student, _ = policy.response_hidden([(r.prompt, r.response) for r in rows])
+            _, div, _ = sgpo.head_outputs(policy.head, student, targets, cfg,
+                                          (hidden, view.head))
+        out.append((hidden, div))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_ema_moves_the_fp32_master_refreshes_the_copy_and_checkpoints_the_master(tmp_path):
+    """An EMA step under bf16 moves the fp32 weights (an lr-1e-6-sized move survives), then the
+    working copy is refreshed from them; a checkpoint's teacher/ holds the fp32 weights."""
+    from safetensors.torch import load_file
+    tok, model, cfg = tiny_setup()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg.model, cfg.teacher, cfg.dtype = str(tmp_path / "m"), "ema", "bf16"
+    cfg.teacher_ema_rate, cfg.output_dir = 0.5, str(tmp_path / "out")
+    policy = engine.load_policy(cfg, None, False, "cpu")
+    teacher = policy.teacher
+    with torch.no_grad():
+        for p in policy.lm.parameters():
+            p.add_(2e-6)
+    before = {n: p.clone() for n, p in teacher.master.named_parameters()}
+    sgpo.move_teacher(policy, cfg)
+    for (name, master), working in zip(teacher.master.named_parameters(),
+                                       teacher.lm.parameters()):
+        assert torch.allclose(master - before[name], torch.full_like(master, 1e-6), atol=1e-7)
+        assert torch.equal(working, master.to(working.dtype)), name
+    opt = sgpo.make_optimizer(policy.lm, 1e-3, cfg)
+    runtime.save_checkpoint(cfg, policy, opt, {"step": 1})
+    saved = load_file(str(tmp_path / "out" / "checkpoint-1" / "teacher" / "model.safetensors"))
+    for name, master in teacher.master.named_parameters():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], master), name
+
+
+def test_bf16_ema_teacher_run_resumes_exactly(warm_dir, data_file, tmp_path):
+    """--dtype bf16 --teacher ema sampling the guided rollouts (the working copy generates and
+    teaches, the fp32 master is checkpointed): 3 steps straight, and steps 2-3 resumed from
+    checkpoint-1, give the same metrics and final teacher weights."""
+    from safetensors.torch import load_file
+    from tests.conftest import read_metrics
+    from tests.test_e2e import COMMON
+    args = ["--model", warm_dir, "--data", data_file, "--max_steps", 3, "--save_steps", 1,
+            "--dtype", "bf16", "--teacher", "ema", "--teacher_ema_rate", 0.5,
+            "--teacher_samples_guided", "true", "--reward_workers", 0, *COMMON]
+    runs = {"straight": [], "resumed": ["--resume", tmp_path / "straight" / "checkpoint-1"]}
+    for name, extra in runs.items():
+        argv = args + ["--output_dir", tmp_path / name] + extra
+        assert sgpo.main([str(a) for a in argv]) == 0
+    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in runs)
+    assert [m["step"] for m in b] == [2, 3] and a[0]["kd/target_frac"] > 0
+    for x, y in zip(a[1:], b):
+        assert {k: v for k, v in x.items() if not k.startswith(("time/", "perf/"))} == {
+            k: v for k, v in y.items() if not k.startswith(("time/", "perf/"))}
+    final = [load_file(str(tmp_path / name / "checkpoint-3" / "teacher" / "model.safetensors"))
+             for name in runs]
+    assert all(torch.equal(final[0][n], final[1][n]) for n in final[0])
