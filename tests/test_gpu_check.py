@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -42,17 +44,21 @@ def test_cpu_run_passes_without_pytest_and_lists_what_it_skipped(tmp_path):
     assert "== speed" in (tmp_path / "run" / "gpu_check.log").read_text()  # the log is kept
 
 
-def test_a_nan_loss_fails_with_the_reason_on_the_last_line(tmp_path):
-    proc = _check(tmp_path, "nan", env={"GPU_CHECK_FAULT": "nan"})
-    assert proc.returncode == 1
-    assert proc.stdout.strip().splitlines()[-1] == (
-        "gpu_check: FAILED: train-ddp (exit 1): gpu_check: FAIL: train ddp: loss/grpo is nan at "
-        "rl step 1")
+FAULTS = {
+    "nan": ({"env": {"GPU_CHECK_FAULT": "nan"}},
+            "gpu_check: FAILED: train-ddp (exit 1): gpu_check: FAIL: train ddp: loss/grpo is nan "
+            "at rl step 1"),
+    "missing package": ({"shim": {"math_verify": "raise ImportError('no')"}},
+                        "gpu_check: FAILED: deps (exit 1): gpu_check: FAIL: missing package(s) "
+                        "math_verify: pip install -r requirements.txt"),
+}
 
 
-def test_a_missing_package_fails_with_the_reason_on_the_last_line(tmp_path):
-    proc = _check(tmp_path, "missing", shim={"math_verify": "raise ImportError('no')"})
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fault_fails_with_the_reason_on_the_last_line(fault, tmp_path):
+    """GPU_CHECK_FAULT=nan (a NaN in the first RL step's GRPO loss), or a runtime package that
+    does not import."""
+    how, last_line = FAULTS[fault]
+    proc = _check(tmp_path, "fault", **how)
     assert proc.returncode == 1
-    assert proc.stdout.strip().splitlines()[-1] == (
-        "gpu_check: FAILED: deps (exit 1): gpu_check: FAIL: missing package(s) math_verify: pip "
-        "install -r requirements.txt")
+    assert proc.stdout.strip().splitlines()[-1] == last_line

@@ -69,7 +69,7 @@ def make_policy(tok, model, cfg, teacher=False):
     return policy
 
 
-def share(items, rank, world):
+def share(items, rank):
     """Rank 0: items[:3]; the others 2 each, in rank order (one process: all of them)."""
     if not dist.is_initialized():
         return items
@@ -85,7 +85,7 @@ def gathered(mine: dict) -> dict:
 
 
 def case_generate(tok, model, cfg, rank, world):
-    problems = share(tiny_rows(1 + 2 * world), rank, world)
+    problems = share(tiny_rows(1 + 2 * world), rank)
     policy = make_policy(tok, model, cfg)
     prompts = [engine.prompt_ids(tok, cfg, q, False) for q in problems]
     with runtime.full_weights(policy.wrapped):
