@@ -250,7 +250,6 @@ def kernels(folder):
 
 
 def resume(folder):
-    import torch
     from safetensors.torch import load_file
     import sgpo
     straight, resumed = (os.path.join(folder, f"resume-{n}") for n in ("straight", "resumed"))
@@ -287,7 +286,6 @@ def resume(folder):
     # fp32 on a CPU: deterministic, the same bits
     if not GPU and diff != 0:
         fail(f"resume: final weights differ by {diff:.3g} on the CPU (must be bitwise)")
-    del torch
     write_result(folder, "resume", result)
 
 
