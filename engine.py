@@ -9,6 +9,7 @@ import copy
 import functools
 import inspect
 import itertools
+import os
 import re
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ def load_model(path: str, dtype, device, check=None, trainable=False, meta=False
     the model built on the meta device, no weights read (FSDP's ranks but 0: runtime.shard_fsdp
     gives them their shards of rank 0's)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    check_local(path, "--model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # prompts are chat-templated: fail here, not at the first prompt of the run
@@ -78,6 +80,20 @@ def load_model(path: str, dtype, device, check=None, trainable=False, meta=False
     model.generation_config = GenerationConfig(eos_token_id=eos_ids,
                                                pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
+
+
+def check_local(path: str, flag: str):
+    """UsageError at once for a path that can only be a local folder and is not one (absolute,
+    ./ ../ ~, more than one /, or under a folder that exists here): a hub id is `org/name`, and
+    transformers would spend a minute retrying the hub before an error that never says 'no such
+    folder'."""
+    if os.path.isdir(path):
+        return
+    first = path.split("/")[0]
+    local = (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+             or ("/" in path and os.path.isdir(first)))
+    if local:
+        raise UsageError(f"{flag} {path}: no such folder")
 
 
 def _meta_model(path: str, config, dtype):

@@ -11,6 +11,7 @@ import ast
 import inspect
 import json
 import os
+import re
 import shlex
 import tempfile
 import textwrap
@@ -40,7 +41,8 @@ def _bool(text: str) -> bool:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2 (main), instead of argparse's usage block
-        raise UsageError(message)
+        # a flag named by its first spelling ("argument --max_steps/--max-steps:" -> "--max_steps:")
+        raise UsageError(re.sub(r"^argument (--[\w-]+)/--[\w-]+:", r"argument \1:", message))
 
     # @file arguments: shell words per line, '#' starts a comment
     def convert_arg_line_to_args(self, line):
@@ -74,7 +76,9 @@ def config_from_args(cls, argv=None, description=""):
             kw.update(type=str, nargs="?", const="latest")
         else:
             kw.update(type=f.type)
-        parser.add_argument(f"--{f.name}", **kw)
+        # both spellings, as HF's parser takes them: --max_steps and --max-steps
+        spellings = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
+        parser.add_argument(*spellings, dest=f.name, **kw)
     args = vars(parser.parse_args(argv))
     return cls(
         **{f.name: (args[f.name] or []) if f.type is list else args[f.name] for f in fields(cls)}

@@ -371,6 +371,8 @@ def save_checkpoint(cfg, policy, opt, state: dict, keep=None):
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
             with open(os.path.join(tmp, "sgpo_config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=1)
+            # safetensors writes its files readable by their owner only: the mode of the others
+            readable_like(os.path.join(tmp, "sgpo_config.json"), tmp)
             sync_to_disk(tmp)  # (DCP syncs its own files)
         barrier()  # every rank's optimizer shard is written
         if master:
@@ -387,6 +389,14 @@ def save_checkpoint(cfg, policy, opt, state: dict, keep=None):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier()
+
+
+def readable_like(reference: str, folder: str):
+    """Every file under folder given reference's permission bits (the umask's: 0644 as a rule)."""
+    mode = os.stat(reference).st_mode & 0o777
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 def remove_old_checkpoints(output_dir: str, step: int, limit: int, keep=None):

@@ -155,6 +155,11 @@ CASES = [
         "needed)",
     ),
     (
+        "sgpo.py", "a --model path that is not a folder (a hub id is org/name)",
+        lambda c: _sgpo(c) + ["--model", c["tmp"] / "out" / "nomodel"],
+        "error: --model TMP/out/nomodel: no such folder",
+    ),
+    (
         "sgpo.py", "`--share_prompts true` with a model of sliding-window layers",
         lambda c: _sgpo(c, "--share_prompts", "true")
         + ["--model", _sliding(c["tmp"], c["tiny_dir"])],

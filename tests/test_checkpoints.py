@@ -33,6 +33,10 @@ def test_keeps_the_newest_and_the_one_resumed_from(tiny_dir, data_file, tmp_path
     assert _listing(out) == ["checkpoint-1", "checkpoint-5", "checkpoint-6", "metrics.jsonl"]
     for name in ("checkpoint-1", "checkpoint-5", "checkpoint-6"):
         assert runtime.checkpoint_damage(str(out / name)) is None
+    # every file readable as the others (safetensors writes its own 0600)
+    modes = {f: os.stat(out / "checkpoint-6" / f).st_mode & 0o777
+             for f in os.listdir(out / "checkpoint-6")}
+    assert set(modes.values()) == {os.stat(out / "checkpoint-6" / "config.json").st_mode & 0o777}
 
 
 def test_a_crash_while_writing_removes_nothing(tiny_dir, data_file, tmp_path, monkeypatch):

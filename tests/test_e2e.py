@@ -435,3 +435,10 @@ def test_generation_batch_size_bounds_each_call(warm_dir, eval_file):
         == expected
     )
     assert calls == [7, 4] + [2, 2, 2, 1] + [2, 2]  # default (0): all in one call; then 2 at a time
+
+
+def test_flags_take_both_spellings():
+    """--max_steps and --max-steps, as HF's parser takes them (and @files' lines)."""
+    for spelling in ("--max_steps", "--max-steps"):
+        cfg = sgpo.parse_args([spelling, "7", "--learning-rate", "3e-6"])
+        assert (cfg.max_steps, cfg.learning_rate) == (7, 3e-6)
