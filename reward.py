@@ -5,6 +5,7 @@ MATH-500-length responses takes ~5 s in one process, docs/memory_and_speed.md "S
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -68,7 +69,10 @@ def default_workers() -> int:
 
 def _exit_with(trainer_pid: int):
     """A worker's initializer: end the worker when the trainer is gone (killed: it never called
-    close()), which a pool's worker, blocked on its task queue, would otherwise outlive."""
+    close()), which a pool's worker, blocked on its task queue, would otherwise outlive. Ctrl-C
+    reaches every process of the terminal's group: a worker ignores it (the trainer, which gets it
+    too, closes the pool) rather than print a KeyboardInterrupt traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
         while True:

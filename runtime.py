@@ -480,6 +480,16 @@ def restore_checkpoint(path, saved, model, opt, state: dict, seed: int) -> dict:
     return state
 
 
+def interrupted_advice(output_dir: str) -> str:
+    """Ctrl-C's one line: what is on disk and how to go on from it."""
+    if latest_checkpoint(output_dir):
+        return "the checkpoints in --output_dir are whole; continue with --resume"
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        return f"no checkpoint in {output_dir} yet: start over with --overwrite_output_dir"
+    return f"no checkpoint in {output_dir} yet: run the same command again"
+
+
 def checkpoints(output_dir: str) -> list:
     """The checkpoint-N folders of output_dir, newest (largest N) first; not the checkpoint-N.tmp
     being written."""

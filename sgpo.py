@@ -52,9 +52,9 @@ from inputs import UsageError, check_train_config, config_from_args, load_train_
 from reward import Grader
 from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
-                     full_weights, get_rank, lockstep, make_optimizer, optimizer_step,
-                     rank_batches, reshard, resolve_resume, restore_checkpoint, save_checkpoint,
-                     seed_sampling, setup_distributed, world_size)
+                     full_weights, get_rank, interrupted_advice, lockstep, make_optimizer,
+                     optimizer_step, rank_batches, reshard, resolve_resume, restore_checkpoint,
+                     save_checkpoint, seed_sampling, setup_distributed, world_size)
 
 
 @dataclass
@@ -833,7 +833,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        # Ctrl-C: one line, not a traceback (a checkpoint being written was removed)
-        print("\ninterrupted: the checkpoints in --output_dir are whole; continue with --resume",
-              file=sys.stderr)
+        # Ctrl-C: one line, not a traceback, on what is on disk (a checkpoint being written was
+        # removed)
+        print(f"\ninterrupted: {interrupted_advice(parse_args().output_dir)}", file=sys.stderr)
         sys.exit(130)

@@ -128,3 +128,18 @@ def test_resume_on_another_world_size_reseeds_each_rank(capsys):
             want = torch.rand(3).tolist(), random.random()
         assert got == want
     assert "sampling reseeded from (seed 3, rank, step 7)" in capsys.readouterr().out
+
+
+def test_ctrl_c_advice_says_what_is_on_disk(tmp_path):
+    """Ctrl-C's line: continue with --resume where a checkpoint is whole; before the first one,
+    start over (with --overwrite_output_dir where metrics.jsonl already holds lines)."""
+    out = tmp_path / "out"
+    assert runtime.interrupted_advice(str(out)).endswith("yet: run the same command again")
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"phase": "sft", "sft_step": 1}\n')
+    assert runtime.interrupted_advice(str(out)).endswith("start over with --overwrite_output_dir")
+    (out / "checkpoint-3.tmp").mkdir()  # being written when interrupted: not a checkpoint
+    assert "start over" in runtime.interrupted_advice(str(out))
+    (out / "checkpoint-2").mkdir()
+    assert runtime.interrupted_advice(str(out)) == (
+        "the checkpoints in --output_dir are whole; continue with --resume")

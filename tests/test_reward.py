@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import reward
+from tests.conftest import ROOT
 
 CASES = [
     ("so the answer is \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
@@ -170,3 +171,29 @@ def test_grader_workers_end_when_the_trainer_is_killed(tmp_path):
         for w in workers
         if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"
     ]
+
+
+def test_grader_workers_ignore_ctrl_c(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the pool's workers ignore it (no
+    KeyboardInterrupt traceback of theirs; the trainer closes the pool) and still grade."""
+    import subprocess
+    import sys
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from reward import Grader\n"
+        "if __name__ == '__main__':\n"
+        "    g = Grader(2)\n"
+        "    g.start_pool()\n"
+        "    print(g(['\\\\boxed{1}'] * 4, ['1'] * 4), flush=True)\n"
+        "    for p in list(g.pool._processes.values()):\n"
+        "        os.kill(p.pid, signal.SIGINT)\n"
+        "    time.sleep(1)\n"
+        "    print(g(['\\\\boxed{2}'] * 4, ['1'] * 4), flush=True)\n"
+        "    g.close()\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["[1.0, 1.0, 1.0, 1.0]", "[0.0, 0.0, 0.0, 0.0]"]
+    assert "KeyboardInterrupt" not in proc.stderr
