@@ -720,24 +720,30 @@ def sft_warmup(problems, policy, cfg: Config, log):
     opt = make_optimizer(policy.lm, cfg.sft_learning_rate, cfg)
     turn_end = turn_end_ids(tok)
     if turn_end == [None]:
-        turn_end = policy.lm.generation_config.eos_token_id[:1]
+        # the model's first eos id (HF allows an id or a list of ids)
+        eos = policy.lm.generation_config.eos_token_id
+        turn_end = (eos if isinstance(eos, list) else [eos])[:1]
     examples = []
     for q in problems:
         solution = tok(q["solution"], add_special_tokens=False)["input_ids"]
         examples.append((prompt_ids(tok, cfg, q, guided=False), solution + turn_end))
-    step = 0
-    for epoch in range(cfg.sft_epochs):
-        for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
-            stats = Stats()
-            local = sum(len(examples[i][1]) for i in batch)
-            n_tokens = all_reduce(torch.tensor(float(local), device=policy.device))
-            rows = [Row(*examples[i], weight=1.0 / float(n_tokens)) for i in batch]
-            policy.wrapped.train()
-            accumulate_gradients(policy, rows, cfg, stats)
-            grad_norm = optimizer_step(policy.lm, opt, cfg)
-            step += 1
-            log({"phase": "sft", "sft_step": step, "epoch": epoch, **stats.reduce(policy.device),
-                 "grad_norm": grad_norm})
+    per_epoch = len(rank_batches(len(examples), cfg.batch_size, cfg.seed, 0))
+    bar = tqdm(total=cfg.sft_epochs * per_epoch, disable=get_rank() != 0, desc="warm-up")
+    with bar:  # (closed on Ctrl-C)
+        for epoch in range(cfg.sft_epochs):
+            for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
+                stats = Stats()
+                local = sum(len(examples[i][1]) for i in batch)
+                n_tokens = all_reduce(torch.tensor(float(local), device=policy.device))
+                rows = [Row(*examples[i], weight=1.0 / float(n_tokens)) for i in batch]
+                policy.wrapped.train()
+                accumulate_gradients(policy, rows, cfg, stats)
+                grad_norm = optimizer_step(policy.lm, opt, cfg)
+                bar.update(1)
+                record = {"phase": "sft", "sft_step": bar.n, "epoch": epoch,
+                          **stats.reduce(policy.device), "grad_norm": grad_norm}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss/sft']:.3f}")
 
 
 def setup(argv):
@@ -812,6 +818,9 @@ def train(cfg: Config, data, resume, policy):
                 save_checkpoint(cfg, policy, opt, state, keep=resume and resume[0])
     grade.close()
     log.close()
+    if rank == 0:
+        print(f"done: {state['step']} RL steps; checkpoints and metrics.jsonl in "
+              f"{cfg.output_dir}")
 
 
 def main(argv=None) -> int:

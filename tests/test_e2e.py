@@ -52,6 +52,9 @@ def test_python_run_metrics_and_checkpoint(warm_dir, data_file, tmp_path):
         + COMMON
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the last line says where the outputs are
+    last = f"done: 3 RL steps; checkpoints and metrics.jsonl in {out}"
+    assert proc.stdout.strip().splitlines()[-1] == last
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:

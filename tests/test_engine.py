@@ -357,3 +357,21 @@ def test_one_call_or_a_call_per_mode_by_what_a_decode_step_reads(tied):
     for forced, one in (("true", False), ("false", True)):
         cfg.generate_by_mode = forced
         assert decide([[5]]) == decide([[5] * 10 * fits] * rows) == one
+
+
+@pytest.mark.parametrize("eos", [5, [6, 7]])
+def test_warmup_falls_back_on_the_first_eos_id_an_int_or_a_list(eos, monkeypatch):
+    """A tokenizer whose chat template writes no special token after a turn and that has no eos
+    token: the warm-up's solutions end with the model's first eos id, given as an id or a list."""
+    import sgpo
+    tok, model, cfg = tiny_setup()
+    model.generation_config.eos_token_id = eos
+    cfg.sft_epochs, cfg.batch_size = 1, 4
+    seen, real = [], sgpo.accumulate_gradients
+    monkeypatch.setattr(sgpo, "turn_end_ids", lambda tokenizer: [None])
+    monkeypatch.setattr(sgpo, "accumulate_gradients",
+                        lambda *a, **k: seen.extend(a[1]) or real(*a, **k))
+    policy = sgpo.Policy.of(model, tok, "cpu")
+    sgpo.sft_warmup(tiny_rows(4), policy, cfg, lambda record: None)
+    first = eos if isinstance(eos, int) else eos[0]
+    assert len(seen) == 4 and all(r.response[-1] == first for r in seen)
