@@ -97,6 +97,7 @@ class RunLog:
 
     def __init__(self, cfg, resumed_step, master: bool):
         self.master, self.kind, self.tracker = master, cfg.report_to, None
+        self.output_dir = cfg.output_dir
         if not master:
             return
         self.path = prepare_output_dir(cfg.output_dir, resumed_step)
@@ -129,6 +130,9 @@ class RunLog:
         else:
             self.tracker.log({**values, "sft_step" if sft else "step": step})
 
-    def close(self):
+    def close(self, steps: int):
+        """Ends the tracker's run; the last line of a run: where its outputs are."""
         if self.tracker is not None:
             self.tracker.close() if self.kind == "tensorboard" else self.tracker.finish()
+        if self.master:
+            print(f"done: {steps} RL steps; checkpoints and metrics.jsonl in {self.output_dir}")

@@ -817,10 +817,7 @@ def train(cfg: Config, data, resume, policy):
                 # (--save_total_limit never removes the checkpoint this run resumed from)
                 save_checkpoint(cfg, policy, opt, state, keep=resume and resume[0])
     grade.close()
-    log.close()
-    if rank == 0:
-        print(f"done: {state['step']} RL steps; checkpoints and metrics.jsonl in "
-              f"{cfg.output_dir}")
+    log.close(state["step"])
 
 
 def main(argv=None) -> int:
