@@ -220,3 +220,18 @@ def test_sized_warmup_builds_the_testbed_at_another_model_size(tmp_path):
     model, tok = engine.load_model(str(tmp_path / "model"), torch.float32, "cpu")
     assert tok("13>321 2@1")["input_ids"] == engine.load_model(
         str(CUPS / "model"), torch.float32, "cpu")[1]("13>321 2@1")["input_ids"]
+
+
+def test_plot_names_matplotlib_where_it_is_missing(tmp_path):
+    """toy/plot.py needs matplotlib, which the project does not install: one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    (tmp_path / "matplotlib.py").write_text("raise ImportError('no')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "toy/plot.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: toy/plot.py needs matplotlib, which the project does not "
+                           "install: pip install matplotlib\n")

@@ -106,7 +106,12 @@ def plot_sizes(plt, output_dir: str, out: str) -> None:
 
 
 def main():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("error: toy/plot.py needs matplotlib, which the project does not install: "
+              "pip install matplotlib", file=sys.stderr)
+        sys.exit(2)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
