@@ -2,7 +2,8 @@
 in parts that each pass or fail. Run by tests/gpu_check.sh, which runs every part under `timeout`,
 keeps the log, exits non-zero at the first failure with its reason on the last line and ends with
 one JSON summary line. Needs requirements.txt only (no pytest). On a CPU: the same parts at toy
-sizes (fp32 where a GPU would use bf16 only where stated), the GPU-only ones reported as skipped.
+sizes (training in fp32, the kernels and speed parts in bf16), the GPU-only ones reported as
+skipped.
 
     bash tests/gpu_check.sh [DIR]
     GPU_CHECK_FAULT=nan bash tests/gpu_check.sh     # a NaN in the first RL step's GRPO loss: fails
@@ -28,7 +29,7 @@ Parts (each writes DIR/result-PART.json, read by `summary`):
   torch.cuda.max_memory_allocated and max_memory_reserved per phase; memory-sim: the same step
   simulated (`tests/memory_plan.py --simulate --world 1`, on the CPU) and the gap per phase.
 - speed: generation tokens/s by the policy and by a base teacher (--teacher base), the teacher's
-  forward with its fp32 weights under autocast and with a working copy in the compute dtype.
+  forward from its working copy and from its fp32 weights under autocast.
 - summary: one JSON line of every part's result.
 """
 
@@ -378,8 +379,8 @@ def speed(folder):
     prompts = [engine.prompt_ids(policy.tokenizer, cfg, q, True) for q in train_rows(32 if GPU
                                                                                     else 8)]
     result = {}
-    # generation: the policy (fp32 master weights, requires grad) and the base teacher (fp32,
-    # frozen) under the run's autocast
+    # generation under the run's autocast: the policy (fp32 master weights, requiring grad: their
+    # casts cached for the call) and the base teacher (its working copy)
     for name, lm in (("policy", policy.lm), ("teacher", policy.teacher.lm)):
         with runtime.autocast(cfg.dtype, device):
             engine.sample(policy, prompts[:2], cfg, lm)  # warm-up
@@ -391,15 +392,12 @@ def speed(folder):
                 torch.cuda.synchronize()
         result[f"{name}_gen_tokens_per_s"] = sum(len(o["ids"]) for o in outs) / (
             time.time() - start)
-    # a teacher forward (the KD term's): its fp32 weights cast under autocast at every op, and a
-    # working copy in the compute dtype
+    # a teacher forward (the KD term's): from its working copy (what a run uses at a bf16 --dtype,
+    # engine.with_working_copy), and from its frozen fp32 weights, cast under autocast at every op
     pairs = [(p, list(range(3, 3 + 60))) for p in prompts]
-    dtype = runtime.compute_dtype(cfg.dtype)
-    copy = engine.Policy.of(
-        engine.load_weights(cfg.model, device).to(dtype).requires_grad_(False), policy.tokenizer,
-        device)
-    for name, view in (("teacher_forward_fp32_weights_s", policy.teacher),
-                       ("teacher_forward_working_copy_s", copy)):
+    frozen = engine.Policy.of(policy.teacher.master_weights(), policy.tokenizer, device)
+    for name, view in (("teacher_forward_working_copy_s", policy.teacher),
+                       ("teacher_forward_fp32_weights_s", frozen)):
         with torch.no_grad(), runtime.autocast(cfg.dtype, device):
             view.response_hidden(pairs, sync_grads=False)
             if GPU:
