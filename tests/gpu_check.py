@@ -311,7 +311,12 @@ def memory(folder):
         config = AutoConfig.for_model(**{**CONFIGS[MEMORY_MODEL], "eos_token_id": tok.eos_token_id,
                                          "pad_token_id": tok.pad_token_id})
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        # made on the GPU (initialising 1.5B parameters on a CPU takes long) and stored in bf16
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.to(torch.bfloat16).save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
         tok.save_pretrained(path)
     peaks = {}
 

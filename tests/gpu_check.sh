@@ -43,17 +43,17 @@ part() {  # name, time limit in seconds, command...
     echo "   ($name: $((SECONDS - start)) s)"
 }
 
-part deps 30 python tests/gpu_check.py deps "$DIR"
-part build 45 python tests/gpu_check.py build "$DIR"
+part deps 20 python tests/gpu_check.py deps "$DIR"
+part build 40 python tests/gpu_check.py build "$DIR"
 part train-ddp 90 "${TORCHRUN[@]}" tests/gpu_check.py train "$DIR" ddp
 part train-fsdp 90 "${TORCHRUN[@]}" tests/gpu_check.py train "$DIR" fsdp
-part kernels 45 python tests/gpu_check.py kernels "$DIR"
+part kernels 30 python tests/gpu_check.py kernels "$DIR"
 part resume 90 "${TORCHRUN[@]}" tests/gpu_check.py resume "$DIR"
 if grep -q '"device": "cpu"' "$DIR/result-deps.json"; then
     echo "gpu_check: memory, memory-sim: skipped (no GPU)" | tee -a "$LOG"
 else
-    part memory 120 "${TORCHRUN[@]}" tests/gpu_check.py memory "$DIR"
-    part memory-sim 60 python tests/gpu_check.py memory-sim "$DIR"
+    part memory 115 "${TORCHRUN[@]}" tests/gpu_check.py memory "$DIR"
+    part memory-sim 90 python tests/gpu_check.py memory-sim "$DIR"
 fi
 part speed 30 python tests/gpu_check.py speed "$DIR"
 python tests/gpu_check.py summary "$DIR" | tee -a "$LOG"
