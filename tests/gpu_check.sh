@@ -5,7 +5,7 @@
 # Every part runs under `timeout`; the first that fails ends the check with a non-zero exit and
 # its reason on the last line; the whole output is kept in DIR/gpu_check.log; the last line of a
 # check that passed is one JSON summary. Under 10 minutes on one H100: the parts' time limits add
-# up to 600 s (not yet run on a GPU: the limits are estimates). On a CPU a scaled-down run of the
+# up to 595 s (not yet run on a GPU: the limits are estimates). On a CPU a scaled-down run of the
 # same parts (under a minute), listing what it skipped.
 #     GPU_CHECK_FAULT=nan bash tests/gpu_check.sh   # a NaN in the first RL step's loss: must fail
 set -uo pipefail
