@@ -729,6 +729,7 @@ def sft_warmup(problems, policy, cfg: Config, log):
         examples.append((prompt_ids(tok, cfg, q, guided=False), solution + turn_end))
     per_epoch = len(rank_batches(len(examples), cfg.batch_size, cfg.seed, 0))
     bar = tqdm(total=cfg.sft_epochs * per_epoch, disable=get_rank() != 0, desc="warm-up")
+    step = 0
     with bar:  # (closed on Ctrl-C)
         for epoch in range(cfg.sft_epochs):
             for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
@@ -739,10 +740,11 @@ def sft_warmup(problems, policy, cfg: Config, log):
                 policy.wrapped.train()
                 accumulate_gradients(policy, rows, cfg, stats)
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
-                bar.update(1)
-                record = {"phase": "sft", "sft_step": bar.n, "epoch": epoch,
+                step += 1
+                record = {"phase": "sft", "sft_step": step, "epoch": epoch,
                           **stats.reduce(policy.device), "grad_norm": grad_norm}
                 log(record)
+                bar.update(1)
                 bar.set_postfix(loss=f"{record['loss/sft']:.3f}")
 
 
