@@ -301,13 +301,16 @@ class Stats:
 
 
 # ==== The output folder: a run's checkpoints and metrics.jsonl.
+def has_metrics(output_dir: str) -> bool:
+    """Does output_dir's metrics.jsonl hold lines? (An empty one holds nothing.)"""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
 def check_output_dir(output_dir: str, resume, overwrite: bool):
     """Before anything runs: refuse to start a fresh run over an earlier one (unless overwrite), and
     check that the folder can be written."""
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-    # an empty metrics file holds nothing
-    has_metrics = os.path.isfile(metrics_path) and os.path.getsize(metrics_path)
-    if not resume and not overwrite and (latest_checkpoint(output_dir) or has_metrics):
+    if not resume and not overwrite and (latest_checkpoint(output_dir) or has_metrics(output_dir)):
         raise UsageError(f"--output_dir {output_dir}: already holds a run; pass --resume or "
                          "--overwrite_output_dir")
     check_writable_dir(output_dir, "--output_dir")
@@ -484,8 +487,8 @@ def interrupted_advice(output_dir: str) -> str:
     """Ctrl-C's one line: what is on disk and how to go on from it."""
     if latest_checkpoint(output_dir):
         return "the checkpoints in --output_dir are whole; continue with --resume"
-    metrics = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.isfile(metrics) and os.path.getsize(metrics):
+    # (what check_output_dir refuses a fresh run over)
+    if has_metrics(output_dir):
         return f"no checkpoint in {output_dir} yet: start over with --overwrite_output_dir"
     return f"no checkpoint in {output_dir} yet: run the same command again"
 
