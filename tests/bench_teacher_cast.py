@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import sgpo  # noqa: E402
-from tests.gpu_check import train_rows  # noqa: E402
+from toy.tiny import tiny_rows  # noqa: E402
 
 
 def timed(fn, repeat):
@@ -40,7 +40,7 @@ if __name__ == "__main__":
     for module in working.modules():
         if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
             module.weight.data = module.weight.data.bfloat16()
-    prompts = [engine.prompt_ids(tok, cfg, q, True) for q in train_rows(8)]
+    prompts = [engine.prompt_ids(tok, cfg, q, True) for q in tiny_rows(8)]
     pairs = [(p, list(range(3, 3 + 64))) for p in prompts]
     results = {}
     for name, model in (("fp32 weights", frozen), ("bf16 working copy", working)):

@@ -17,16 +17,17 @@ sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
 import sgpo  # noqa: E402
-from toy.tiny import build_model, build_tokenizer, write_jsonl  # noqa: E402
+from toy.tiny import build_model, build_tokenizer, tiny_rows, write_jsonl  # noqa: E402
 
 
-def tiny_rows(n=16):
+def eval_rows():
+    """7 held-out rows (odd: ranks get different shares): 4 with a usable strategy, 1 rejected, 2
+    without."""
     return [
-        {
-            "id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2],
-            "strategy": f"say {'37'[i % 2]}", "solution": f"\\boxed{{{'37'[i % 2]}}}"
-        }
-        for i in range(n)
+        {"id": f"e{i}", "problem": f"pick {'ab'[i % 2]}{i + 40}", "answer": "37"[i % 2]}
+        | ({"strategy": f"say {'37'[i % 2]}"} if i < 5 else {})
+        | ({"strategy_status": "rejected"} if i == 4 else {})
+        for i in range(7)
     ]
 
 
@@ -102,14 +103,8 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eval_file(tmp_path_factory):
-    """7 held-out rows (odd: ranks get different shares): 4 with a usable strategy, 1 rejected, 2
-    without."""
-    rows = [
-        {"id": f"e{i}", "problem": f"pick {'ab'[i % 2]}{i + 40}", "answer": "37"[i % 2]}
-        | ({"strategy": f"say {'37'[i % 2]}"} if i < 5 else {})
-        | ({"strategy_status": "rejected"} if i == 4 else {})
-        for i in range(7)
-    ]
+    """eval_rows() in a file."""
+    rows = eval_rows()
     path = tmp_path_factory.mktemp("eval") / "test.jsonl"
     write_jsonl(path, rows)
     return path

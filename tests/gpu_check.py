@@ -78,18 +78,10 @@ def deps(folder):
                                   "bf16": runtime.compute_dtype("auto") == torch.bfloat16})
 
 
-def train_rows(n):
-    """The tests' problems (tests/conftest.tiny_rows, without pytest): 'pick a0' -> 3, 'pick b1'
-    -> 7; the strategy says the answer."""
-    return [{"id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2],
-             "strategy": f"say {'37'[i % 2]}", "solution": f"\\boxed{{{'37'[i % 2]}}}"}
-            for i in range(n)]
-
-
 def build(folder):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    from toy.tiny import build_model, build_tokenizer, write_jsonl
+    from toy.tiny import build_model, build_tokenizer, tiny_rows, write_jsonl
     tok = build_tokenizer()
     torch.manual_seed(0)
     if GPU:
@@ -102,7 +94,7 @@ def build(folder):
         model = build_model(tok, hidden=32, layers=2)
     model.save_pretrained(os.path.join(folder, "model"))
     tok.save_pretrained(os.path.join(folder, "model"))
-    write_jsonl(os.path.join(folder, "train.jsonl"), train_rows(64))
+    write_jsonl(os.path.join(folder, "train.jsonl"), tiny_rows(64))
     write_result(folder, "build", {"parameters": sum(p.numel() for p in model.parameters())})
 
 
@@ -189,6 +181,7 @@ def train(folder, mode):
 def kernels(folder):
     import torch
     from transformers import cache_utils
+    from toy.tiny import tiny_rows
     import engine
     import runtime
     import sgpo
@@ -219,7 +212,7 @@ def kernels(folder):
         fail(f"kernels: chunked head vs plain differ by {max(diffs):.3g} (relative) under {dtype}")
     # the engine's in-place KV cache against HF's DynamicCache (cast to the compute dtype, as the
     # engine's is): the same greedy tokens
-    prompts = [engine.prompt_ids(tok, cfg, q, g) for q in train_rows(4) for g in (False, True)]
+    prompts = [engine.prompt_ids(tok, cfg, q, g) for q in tiny_rows(4) for g in (False, True)]
 
     class Grown(cache_utils.DynamicCache):
         def update(self, keys, values, *args, **kwargs):
@@ -376,13 +369,14 @@ def speed(folder):
     import engine
     import runtime
     import sgpo
+    from toy.tiny import tiny_rows
     device = torch.device("cuda" if GPU else "cpu")
     # bf16 on a CPU too: the teacher's recast under autocast is what is measured
     cfg = sgpo.Config(model=os.path.join(folder, "model"), teacher="base", dtype="bf16",
                       max_completion_length=128 if GPU else 16, temperature=1.0)
     policy = engine.load_policy(cfg, None, False, device)
-    prompts = [engine.prompt_ids(policy.tokenizer, cfg, q, True) for q in train_rows(32 if GPU
-                                                                                    else 8)]
+    rows = tiny_rows(32 if GPU else 8)
+    prompts = [engine.prompt_ids(policy.tokenizer, cfg, q, True) for q in rows]
     result = {}
     # generation under the run's autocast: the policy (fp32 master weights, requiring grad: their
     # casts cached for the call) and the base teacher (its working copy)

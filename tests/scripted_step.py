@@ -86,6 +86,20 @@ def scripted(script, train=False):
         yield captured
 
 
+@contextmanager
+def recorded_gradients():
+    """Yields a list into which every optimizer step puts its gradient before clipping ({name:
+    full tensor}, FSDP's gathered)."""
+    grads, real_step = [], sgpo.optimizer_step
+
+    def recorded_step(lm, opt, cfg):
+        grads.append({n: full(p.grad).clone() for n, p in lm.named_parameters()})
+        return real_step(lm, opt, cfg)
+
+    with mock.patch.object(sgpo, "optimizer_step", recorded_step):
+        yield grads
+
+
 def describe(rows, prompt_of):
     """Rows as JSON: kind, problem id (prompt_of: student prompt -> id), response length, weight,
     advantage."""
@@ -151,14 +165,8 @@ def main(out_dir, flags):
     # 2.8e-7)
     for group in opt[0].param_groups:
         group["eps"] = 1e-3
-    alpha, grads, real_step = {}, [], sgpo.optimizer_step
-
-    def recorded_step(lm, opt, cfg):
-        grads.append({n: full(p.grad).clone() for n, p in lm.named_parameters()})
-        return real_step(lm, opt, cfg)
-
-    with scripted(script, train="train" in flags) as captured, \
-            mock.patch.object(sgpo, "optimizer_step", recorded_step), \
+    alpha = {}
+    with scripted(script, train="train" in flags) as captured, recorded_gradients() as grads, \
             mock.patch.object(torch, "randperm", lambda n: torch.arange(n)):
         metrics = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
     prompt_of = {tuple(engine.prompt_ids(tok, cfg, q, False)): q["id"] for q in problems}

@@ -39,20 +39,11 @@ import engine  # noqa: E402
 import metrics  # noqa: E402
 import runtime  # noqa: E402
 import sgpo  # noqa: E402
-from tests.conftest import tiny_rows, tiny_setup  # noqa: E402
-from tests.scripted_step import LETTERS, Script, full, scripted  # noqa: E402
+from tests.conftest import eval_rows, tiny_rows, tiny_setup  # noqa: E402
+from tests.scripted_step import (Script, full, recorded_gradients,  # noqa: E402
+                                 script_problem, scripted)
 
 RL_CASES = ("nokd", "truncated", "k2", "ema")
-
-
-def eval_rows():
-    """The eval_file fixture's 7 rows: 4 with a usable strategy, 1 rejected, 2 without."""
-    return [
-        {"id": f"e{i}", "problem": f"pick {'ab'[i % 2]}{i + 40}", "answer": "37"[i % 2]}
-        | ({"strategy": f"say {'37'[i % 2]}"} if i < 5 else {})
-        | ({"strategy_status": "rejected"} if i == 4 else {})
-        for i in range(7)
-    ]
 
 
 def make_policy(tok, model, cfg, teacher=False):
@@ -148,22 +139,21 @@ class UnevenScript(Script):
 
 
 def rank_problems(tok, cfg, script, name, r):
-    """Rank r's 2 problems, their rollouts queued on script (see the module's docstring)."""
+    """Rank r's 2 problems, their rollouts queued on script (scripted_step.script_problem; see
+    the module's docstring), each response 5r tokens longer (the text still ends with its
+    digit)."""
     problems = tiny_rows(100)[2 * r:2 * r + 2]
     rng = random.Random(r)
     patterns = [([1, 0, 0, 0], [1, 1]), ([1, 1, 1, 0], [0, 1])]
     if name == "nokd" and r == 0:
         patterns = [(auto, [0, 0]) for auto, _ in patterns]
     for q, (auto_correct, guided_correct) in zip(problems, patterns):
-        for guided, flags in ((False, auto_correct), (True, guided_correct)):
-            prompt = engine.prompt_ids(tok, cfg, q, guided)
-            responses = []
-            for correct in flags:
-                letters = "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 9) + 5 * r))
-                responses.append(script.response(q, letters, correct))
-            script.add(prompt, responses)
+        script_problem(script, cfg, q, auto_correct, guided_correct, rng)
+        for guided in (False, True):
+            prompt = tuple(engine.prompt_ids(tok, cfg, q, guided))
+            script.queue[prompt] = [ids[:1] * (5 * r) + ids for ids in script.queue[prompt]]
             if name == "truncated" and r == 1 and not guided:
-                script.truncated.add(tuple(prompt))
+                script.truncated.add(prompt)
     return problems
 
 
@@ -182,15 +172,8 @@ def case_rl(name, tok, model, cfg, rank, world):
         problems = [per_rank[r][j] for j in range(2) for r in range(world)]
     policy = make_policy(tok, model, cfg, teacher=name == "ema")
     opt = sgpo.make_optimizer(model, 1e-3, cfg)
-    grads, real_step = [], sgpo.optimizer_step
-
-    def recorded_step(lm, opt, cfg):
-        grads.append({n: full(p.grad).clone() for n, p in lm.named_parameters()})
-        return real_step(lm, opt, cfg)
-
     alpha = {}
-    with scripted(script, train=True), \
-            mock.patch.object(sgpo, "optimizer_step", recorded_step), \
+    with scripted(script, train=True), recorded_gradients() as grads, \
             mock.patch.object(torch, "randperm", lambda n: torch.arange(n)):
         step = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
     teacher = policy.teacher.lm.named_parameters() if policy.teacher else []

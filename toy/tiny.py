@@ -54,3 +54,15 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def tiny_rows(n=16):
+    """The tests' problems for the tiny model: 'pick a0' -> 3, 'pick b1' -> 7; the strategy says
+    the answer, the solution is the boxed answer."""
+    return [
+        {
+            "id": f"q{i}", "problem": f"pick {'ab'[i % 2]}{i}", "answer": "37"[i % 2],
+            "strategy": f"say {'37'[i % 2]}", "solution": f"\\boxed{{{'37'[i % 2]}}}"
+        }
+        for i in range(n)
+    ]
