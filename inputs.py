@@ -259,7 +259,7 @@ def check_train_config(cfg):
                    f"multiple of {k})"))
     checks.append((cfg.reward_workers >= -1, "reward_workers", "must be >= -1 (-1: one per core)"))
     for name in ("num_guided_generations", "max_steps", "sft_epochs", "eval_steps",
-                 "generation_batch_size", "save_total_limit"):
+                 "generation_batch_size", "save_total_limit", "log_completions"):
         checks.append((getattr(cfg, name) >= 0, name, "must be >= 0"))
     tracker = check_tracker(cfg.report_to)
     checks.append((not tracker, "report_to", tracker))

@@ -37,6 +37,46 @@ def rollout_metrics(stats, batch, alpha, minibatches, cfg, pass_gap):
     stats.add("perf/trained_tokens", sum(len(r.response) for r in rows), 0)
 
 
+# a sample's text in completions.jsonl, at most (an 8K-token response is ~30K characters)
+MAX_SAMPLE_CHARS = 4000
+
+
+def _clip(text: str) -> str:
+    cut = len(text) - MAX_SAMPLE_CHARS
+    return text if cut <= 0 else text[:MAX_SAMPLE_CHARS] + f" [... {cut} more characters]"
+
+
+def completion_samples(batch, kd_rows, alpha, tokenizer, cfg) -> list:
+    """--log_completions N: rank 0's first N problems of the step as the model wrote them (batch:
+    sgpo.Batch; kd_rows: each problem's KD row or None): its first autonomous and first guided
+    sample with their rewards, every rollout's reward, the KD target chosen (its index among the
+    guided rollouts and its text) or why there is none, and alpha(q) as the step read it."""
+    if not cfg.log_completions or get_rank() != 0:
+        return []
+    g1, out = cfg.num_generations, []
+    for b, q in enumerate(batch.problems[:cfg.log_completions]):
+        rollouts, rewards = batch.rollouts[b], batch.rewards[b].tolist()
+        record = {"problem_id": q["id"], "problem": q["problem"], "answer": q["answer"],
+                  "alpha": alpha[q["id"]], "autonomous_rewards": rewards[:g1],
+                  "guided_rewards": rewards[g1:]}
+        for mode, first in (("autonomous", 0), ("guided", g1)):
+            # (G2 = 0: no guided sample)
+            if first == len(rollouts):
+                record[f"{mode}_sample"] = record[f"{mode}_reward"] = None
+                continue
+            text = tokenizer.decode(rollouts[first]["ids"], skip_special_tokens=True)
+            record[f"{mode}_sample"], record[f"{mode}_reward"] = _clip(text), rewards[first]
+        row, guided = kd_rows[b], [r["ids"] for r in rollouts[g1:]]
+        record["kd_target"] = guided.index(row.response) if row else None
+        record["kd_target_text"] = (
+            _clip(tokenizer.decode(row.response, skip_special_tokens=True)) if row else None)
+        record["kd_target_why"] = ("chosen" if row else "--use_kd false" if not cfg.use_kd
+                                   else "no guided rollouts" if not guided
+                                   else "no correct guided rollout")
+        out.append(record)
+    return out
+
+
 def step_metrics(stats, times, grad_norm, opt, cfg, device) -> dict:
     """The step's metrics over all ranks, with the time of each phase (times: when each ended).
     stats: (the update's first pass and the rest of the step, the update's other passes); the
@@ -129,6 +169,29 @@ class RunLog:
                 self.tracker.add_scalar(k, v, step)
         else:
             self.tracker.log({**values, "sft_step" if sft else "step": step})
+
+    def completions(self, step: int, samples: list):
+        """--log_completions: a line per sampled problem in <output_dir>/completions.jsonl and,
+        with --report_to tensorboard or wandb, the step's samples as a text table."""
+        if not (self.master and samples):
+            return
+        lines = [{"step": step, **s} for s in samples]
+        with open(os.path.join(self.output_dir, "completions.jsonl"), "a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        columns = ["problem_id", "alpha", "autonomous_reward", "autonomous_sample",
+                   "guided_reward", "guided_sample", "kd_target", "kd_target_why"]
+        if self.kind == "tensorboard":
+            # a markdown table: TensorBoard's text tab renders it
+            table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            for s in samples:
+                cells = [str(s[c]).replace("|", "\\|").replace("\n", " ") for c in columns]
+                table.append("| " + " | ".join(cells) + " |")
+            self.tracker.add_text("completions", "\n".join(table), step)
+        elif self.kind == "wandb":
+            import wandb
+            rows = [[s[c] for c in columns] for s in samples]
+            self.tracker.log({"completions": wandb.Table(columns=columns, data=rows),
+                              "step": step})
 
     def close(self, steps: int):
         """Ends the tracker's run; the last line of a run: where its outputs are."""

@@ -318,20 +318,23 @@ def check_output_dir(output_dir: str, resume, overwrite: bool):
 
 def prepare_output_dir(output_dir: str, resumed_step):
     """Rank 0, once the run starts: a fresh run (resumed_step None) removes every checkpoint (none
-    stale may be resumed later) and empties metrics.jsonl; a resumed one removes the partial
-    checkpoint of the killed run and the metrics lines written after the checkpoint it resumes."""
+    stale may be resumed later) and empties metrics.jsonl and completions.jsonl; a resumed one
+    removes the partial checkpoint of the killed run and the lines of both written after the
+    checkpoint it resumes. Returns the path of metrics.jsonl."""
     os.makedirs(output_dir, exist_ok=True)
     for d in os.listdir(output_dir):
         if d.startswith("checkpoint-") and (resumed_step is None or d.endswith(".tmp")):
             shutil.rmtree(os.path.join(output_dir, d))
-    metrics_path, kept = os.path.join(output_dir, "metrics.jsonl"), []
-    if resumed_step is not None and os.path.exists(metrics_path):
-        for line in open(metrics_path):
-            if json.loads(line).get("step", 0) <= resumed_step:
-                kept.append(line)
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
-    return metrics_path
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        path, kept = os.path.join(output_dir, name), []
+        if resumed_step is not None and os.path.exists(path):
+            for line in open(path):
+                if json.loads(line).get("step", 0) <= resumed_step:
+                    kept.append(line)
+        if kept or os.path.exists(path) or name == "metrics.jsonl":
+            with open(path, "w") as f:
+                f.writelines(kept)
+    return os.path.join(output_dir, "metrics.jsonl")
 
 
 # ==== Checkpoints: model + tokenizer (save_pretrained) and trainer state, written to a temp dir

@@ -50,7 +50,8 @@ from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, prompt_
                     refresh_working_copy, repeat_each, sample, sample_in_one_call, turn_end_ids)
 from inputs import UsageError, check_train_config, config_from_args, load_train_data
 from reward import Grader
-from metrics import RunLog, held_out_accuracy, rollout_metrics, step_metrics
+from metrics import (RunLog, completion_samples, held_out_accuracy, rollout_metrics,
+                     step_metrics)
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
                      full_weights, get_rank, interrupted_advice, lockstep, make_optimizer,
                      optimizer_step, rank_batches, reshard, resolve_resume, restore_checkpoint,
@@ -202,6 +203,10 @@ class Config:
     report_to: str = "none"
     """Live metrics beside metrics.jsonl (rank 0): none, tensorboard (<output_dir>/runs), wandb or
     trackio (its package needed only then)."""
+    log_completions: int = 0
+    """Every step, N of rank 0's problems as the model wrote them (an autonomous and a guided
+    sample, rewards, the KD target or why none, alpha) in <output_dir>/completions.jsonl, and as a
+    table with --report_to tensorboard/wandb. TRL's name; 0 = off."""
     save_steps: int = 50
     """Checkpoint every N RL steps (and always at the end)."""
     save_total_limit: int = 0
@@ -710,7 +715,10 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     late, grad_norm = update_policy(policy, opt, minibatches, cfg, stats)
     times["update"] = time.time()
     rollout_metrics(stats, batch, alpha, minibatches, cfg, p_guided - p_auto)
-    return step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
+    metrics = step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
+    # --log_completions: what the model wrote, for the log (rank 0)
+    samples = completion_samples(batch, kd_rows, alpha, tok, cfg)
+    return {**metrics, "samples": samples} if samples else metrics
 
 
 def sft_warmup(problems, policy, cfg: Config, log):
@@ -805,12 +813,14 @@ def train(cfg: Config, data, resume, policy):
                 batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             batch = [problems[i] for i in batches[state["position"]]]
             metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade)
+            samples = metrics.pop("samples", [])
             state["position"] += 1
             state["step"] = step = state["step"] + 1
             if eval_problems and ((cfg.eval_steps and step % cfg.eval_steps == 0)
                                   or step == cfg.max_steps):
                 metrics.update(held_out_accuracy(policy, eval_problems, cfg, state, grade))
             log({"step": step, "epoch": state["epoch"], **metrics})
+            log.completions(step, samples)
             bar.update(1)
             bar.set_postfix(r_auto=f"{metrics['reward/autonomous_mean']:.2f}",
                             r_guided=f"{metrics['reward/guided_mean']:.2f}",

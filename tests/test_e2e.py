@@ -166,7 +166,8 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, t
     args = (
         ["--model", warm_dir, "--data", data_file, "--max_steps", 8, "--save_steps", 1]
         + COMMON
-        + ["--eval_data", eval_file, "--eval_steps", 3, "--teacher", "base"]
+        + ["--eval_data", eval_file, "--eval_steps", 3, "--teacher", "base",
+           "--log_completions", 2]
     )
     ref = run_sgpo(args + ["--output_dir", tmp_path / "ref"])
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -199,6 +200,10 @@ def test_kill_and_resume_reproduces_next_steps(warm_dir, data_file, eval_file, t
         for k, v in _comparable(m).items():
             assert v == pytest.approx(reference[m["step"]][k], abs=1e-6), (m["step"], k)
     assert "eval/teacher_guided_acc" in metrics[-1]
+    # the killed run's samples after its checkpoint dropped, then sampled again alike
+    samples = read_metrics(out / "completions.jsonl")
+    assert [s["step"] for s in samples] == [step for step in range(1, 9) for _ in range(2)]
+    assert samples == read_metrics(tmp_path / "ref" / "completions.jsonl")
     warm = dict(AutoModelForCausalLM.from_pretrained(warm_dir).named_parameters())
     for run in (tmp_path / "ref", out):
         teacher = AutoModelForCausalLM.from_pretrained(run / "checkpoint-8" / "teacher")
