@@ -270,6 +270,16 @@ def check_train_config(cfg):
     require(checks)
 
 
+def learning_rate_warning(cfg, toy) -> str:
+    """One line when a model other than the CPU testbed's (toy: the Config defaults) trains at
+    the testbed's learning rate, else ''. (Measured on SmolLM2-135M at 1e-4: after 5 RL steps it
+    repeats 'Problem:' and every reward is 0.)"""
+    if cfg.model == toy.model or cfg.learning_rate != toy.learning_rate:
+        return ""
+    return (f"warning: --learning_rate {cfg.learning_rate:g} is the CPU testbed's; a pretrained "
+            "model usually needs about 1e-6 (paper.args) and can lose its fluency at this rate")
+
+
 def load_train_data(cfg, prompt_len, turn_end_len):
     """sgpo.py's data files, validated row by row: (training, SFT warm-up, held-out) problems and
     check(tokenizer, model config), which raises UsageError unless every row tokenizes and fits the

@@ -48,7 +48,8 @@ from tqdm import tqdm
 from chunked_head import ChunkedHead, head_weight
 from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, prompt_ids,
                     refresh_working_copy, repeat_each, sample, sample_in_one_call, turn_end_ids)
-from inputs import UsageError, check_train_config, config_from_args, load_train_data
+from inputs import (UsageError, check_train_config, config_from_args, learning_rate_warning,
+                    load_train_data)
 from reward import Grader
 from metrics import (RunLog, completion_samples, held_out_accuracy, rollout_metrics,
                      step_metrics)
@@ -760,6 +761,9 @@ def setup(argv):
     """Checks, in this order: flags, data, output folder, the checkpoint to resume, the process
     group, the model (UsageError: one line, exit 2). Returns cfg, the data, resume, the policy."""
     cfg = parse_args(argv)
+    warning = learning_rate_warning(cfg, Config())
+    if warning and int(os.environ.get("RANK", 0)) == 0:
+        print(warning, file=sys.stderr)
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
         lambda tokenizer: len(turn_end_ids(tokenizer)))

@@ -593,3 +593,19 @@ def test_read_only_output_dir(tmp_path, data_file, tiny_dir, monkeypatch, capsys
             == f"error: --output_dir {tmp_path / 'ro'}: cannot write there (Read-only file "
                f"system)\n"
         )
+
+
+def test_a_pretrained_model_at_the_toys_learning_rate_is_warned(tiny_dir, tmp_path, capsys):
+    """The warning comes first, one line, whatever stops the run after it; none at the toy's own
+    model or at another learning rate."""
+    toy = sgpo.Config()
+    assert inputs.learning_rate_warning(toy, toy) == ""
+    other = sgpo.Config(model=str(tiny_dir))
+    assert inputs.learning_rate_warning(sgpo.Config(model="m", learning_rate=1e-6), toy) == ""
+    warning = inputs.learning_rate_warning(other, toy)
+    assert warning == ("warning: --learning_rate 0.0001 is the CPU testbed's; a pretrained model "
+                       "usually needs about 1e-6 (paper.args) and can lose its fluency at this "
+                       "rate")
+    missing = tmp_path / "missing.jsonl"
+    assert sgpo.main(["--model", str(tiny_dir), "--data", str(missing)]) == 2
+    assert capsys.readouterr().err.splitlines() == [warning, f"error: {missing}: file not found"]
