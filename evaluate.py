@@ -4,12 +4,13 @@ Benchmark evaluation with the SGPO paper's protocol: k samples per problem at te
 the k samples, then over problems) and pass@k. Prompts and generation come from engine.py, grading
 from reward.py.
 
-    B=../shared/benchmarks
+    B=path/to/benchmarks   # JSONL files (README "Benchmarks")
     python evaluate.py --model out/sgpo/checkpoint-100 --output_dir out/eval \
         --bench math500=$B/math500.jsonl:4 --bench aime24=$B/aime24.jsonl:32
     torchrun --standalone --nproc_per_node=8 evaluate.py ...   # problems sharded over ranks
     python evaluate.py ... --guided   # also with the strategy in the prompt: the "strategy benefit"
     python evaluate.py ... --resume   # continue an interrupted run (finished samples are kept)
+    python evaluate.py ... --limit 10 # the first 10 problems of each benchmark
 """
 
 import glob
@@ -55,6 +56,8 @@ class EvalConfig:
     unguided."""
     resume: bool = False
     """Keep the samples already in output_dir and generate only the missing ones."""
+    limit: int = 0
+    """Only the first N problems of each benchmark (0 = all): a quick look first."""
     seed: int = 0
     """Sampling seed (offset by rank)."""
     dtype: str = "auto"
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
         inputs.require([(cfg.ddp_timeout >= 1, "ddp_timeout", "must be >= 1")])
         specs = [parse_bench(s) for s in cfg.bench]
         benches = [
-            (name, inputs.load_problems(path, required=("problem", "answer")), k)
+            (name, inputs.load_problems(path, required=("problem", "answer"))[
+                :cfg.limit or None], k)
             for name, path, k in specs
         ]
         if len({name for name, _, _ in specs}) < len(specs):
@@ -257,7 +261,6 @@ def main(argv=None) -> int:
     items.sort(key=lambda it: len(it["prompt"]))  # similar lengths per batch: less padding
     eos_ids = model.generation_config.eos_token_id
     answers = {(name, q["id"]): q["answer"] for name, problems, _ in benches for q in problems}
-    bar = tqdm(total=len(items), disable=rank != 0, desc=f"eval (rank 0 of {world})")
     path = os.path.join(cfg.output_dir, f"samples-rank{rank}.jsonl")
     if os.path.exists(path) and os.path.getsize(path):
         # a run killed mid-line: start a new line, the cut one is ignored
@@ -267,7 +270,9 @@ def main(argv=None) -> int:
         if cut:
             with open(path, "a") as f:
                 f.write("\n")
-    with open(path, "a") as out:
+    # (the bar closed before Ctrl-C's line)
+    with open(path, "a") as out, tqdm(total=len(items), disable=rank != 0,
+                                      desc=f"eval (rank 0 of {world})") as bar:
         for i in range(0, len(items), cfg.batch_size):
             batch = items[i : i + cfg.batch_size]
             results = engine.generate(
@@ -291,7 +296,6 @@ def main(argv=None) -> int:
                 )
             out.flush()
             bar.update(len(batch))
-    bar.close()
     # Gather every rank's verdicts (no responses) to rank 0, which also reads the files it can see
     # (e.g. of an earlier run with more ranks); a sample is counted once.
     mine = [
@@ -326,5 +330,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def interrupted(output_dir: str) -> str:
+    """Ctrl-C's one line: the samples on disk, and how to continue."""
+    n = len(read_samples(output_dir)) if os.path.isdir(output_dir) else 0
+    if not n:
+        return "no sample written yet"
+    return (f"{n} samples kept in {output_dir}; the same command with --resume generates the "
+            "rest")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # every rank of a torchrun gets the signal: rank 0 speaks
+        if int(os.environ.get("RANK", 0)) == 0:
+            try:
+                out = inputs.config_from_args(EvalConfig, None, "").output_dir
+            except inputs.UsageError:
+                out = EvalConfig.output_dir
+            print(f"\ninterrupted: {interrupted(out)}", file=sys.stderr)
+        sys.exit(130)

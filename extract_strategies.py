@@ -13,7 +13,9 @@ ready for sgpo.py.
     python extract_strategies.py --input train.jsonl --output train_strategies.jsonl \
         --backend hf --model Qwen/Qwen2.5-7B-Instruct
 Rerunning the same command resumes: ids already in --output are skipped (--retry_failed redoes
-failed rows).
+failed rows); Ctrl-C stops it with one line. `--limit 5` tries the first 5 rows. Rejected
+candidates go to <output>.rejected.jsonl with their reason (off-format, malformed, leaked); the
+last line counts each. A run whose every row failed (e.g. no server at --base_url) exits 1.
 """
 
 import datetime
@@ -115,6 +117,8 @@ class ExtractConfig:
     """Drop the failed rows from --output and redo them."""
     reward_timeout: int = 5
     """math-verify timeout (seconds) of the leak check."""
+    limit: int = 0
+    """Only the first N rows of --input (0 = all): to try a model on a few problems first."""
 
 
 # ---- back ends: prompts -> for each prompt, n completions (or the exception that stopped it) ----
@@ -241,11 +245,18 @@ class HFBackend:
             )
             for p in prompts
         ]
-        outs = engine.generate(
-            self.model, [x for x in ids for _ in range(n)], self.tok.pad_token_id,
-            self.model.generation_config.eos_token_id, self.device, temperature,
-            self.cfg.max_new_tokens
-        )
+        # progress inside the call: a forward is a decode step (the first: the prompts' prefill)
+        bar = tqdm(total=self.cfg.max_new_tokens + 1, desc="decode steps", leave=False)
+        hook = self.model.register_forward_hook(lambda *_: bar.update(1))
+        try:
+            outs = engine.generate(
+                self.model, [x for x in ids for _ in range(n)], self.tok.pad_token_id,
+                self.model.generation_config.eos_token_id, self.device, temperature,
+                self.cfg.max_new_tokens
+            )
+        finally:
+            hook.remove()
+            bar.close()
         texts = [self.tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -253,11 +264,26 @@ class HFBackend:
 # ---- candidate handling (main thread: math-verify's timeout needs it) ----
 
 
+FIELDS = ("Problem type:", "Strategy:", "Steps:")
+
+
 def parse_candidate(text: str):
-    """The three-field strategy block of a completion, or None if the fields are not there."""
-    start = text.find("Problem type:")
-    block = text[start:].strip() if start >= 0 else ""
-    return block if ("Strategy:" in block and "Steps:" in block) else None
+    """(the three-field strategy block of a completion, '') or (None, why not): 'off-format'
+    (no "Problem type:" at all: the model did not follow the format) or 'malformed: ...' (which
+    field is missing or empty)."""
+    start = text.find(FIELDS[0])
+    if start < 0:
+        return None, "off-format"
+    block = text[start:].strip()
+    missing = [f for f in FIELDS[1:] if f not in block]
+    if missing:
+        return None, f"malformed: no {' '.join(missing)}"
+    # each field's text: from its name to the next field's
+    for field, following in zip(FIELDS, FIELDS[1:] + ("",)):
+        body = block.split(field, 1)[1]
+        if not (body.split(following, 1)[0] if following else body).strip():
+            return None, f"malformed: empty {field}"
+    return block, ""
 
 
 MATH_SPANS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
@@ -284,22 +310,37 @@ def _norm(s: str) -> str:
     )
 
 
-def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
-    """True if the text states the gold answer: literally (whitespace and $ ignored; answers of two
-    or more characters, since a lone digit appears in any text) or as an equal expression in one of
-    its math spans ($...$, \\(...\\), \\[...\\], \\boxed{...}), checked with math-verify."""
+def leak_form(text: str, answer: str, timeout: int = 5) -> str:
+    """How the text states the gold answer, or '' if it does not: 'literal' (whitespace and $
+    ignored; answers of two or more characters, since a lone digit appears in any text) or 'math
+    span' (an equal expression in one of its $...$, \\(...\\), \\[...\\] or \\boxed{...} spans,
+    checked with math-verify)."""
     gold = _norm(answer)
     if len(gold) >= 2 and gold in _norm(text):
-        return True
+        return "literal"
     for span in [
         next(g for g in m.groups() if g is not None) for m in MATH_SPANS.finditer(text)
     ] + boxed_spans(text):
         if reward.math_reward(f"${span}$", answer, timeout):
-            return True
+            return "math span"
         for side in span.split("=")[1:]:  # "x = 42" states 42
             if reward.math_reward(f"${side}$", answer, timeout):
-                return True
-    return False
+                return "math span"
+    return ""
+
+
+def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
+    return bool(leak_form(text, answer, timeout))
+
+
+def judge(text: str, answer: str, timeout: int):
+    """(the strategy block, '') if the candidate is usable, else (None, the reason: off-format,
+    malformed: ..., leaked: literal / math span)."""
+    block, why = parse_candidate(text)
+    if block is None:
+        return None, why
+    form = leak_form(block, answer, timeout)
+    return (None, f"leaked: {form}") if form else (block, "")
 
 
 def parse_best(text: str, n: int):
@@ -330,8 +371,16 @@ def done_rows(cfg: ExtractConfig) -> dict:
     return {str(r["id"]): r for r in rows}
 
 
-def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
-    """Candidates -> leak guard -> ranking -> one output row per input row."""
+def reason_key(why: str) -> str:
+    """The summary's count of a rejection reason: candidates_off_format, candidates_malformed
+    (whatever is missing), candidates_leaked_literal, candidates_leaked_math_span."""
+    kind = why if why.startswith("leaked") else why.split(":")[0]
+    return "candidates_" + re.sub(r"\W+", "_", kind)
+
+
+def process(batch: list, backend, cfg: ExtractConfig, counts: dict, rejected: list) -> list:
+    """Candidates -> format and leak guard -> ranking -> one output row per input row. Each
+    rejected candidate is counted by its reason in counts and appended to rejected."""
     prompts = [
         STRATEGY_PROMPT.format(problem=r[cfg.problem_field], solution=r[cfg.solution_field])
         for r in batch
@@ -340,19 +389,23 @@ def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
     results, to_rank = [None] * len(batch), []
     for i, (row, out) in enumerate(zip(batch, outs)):
         if isinstance(out, Exception):
-            results[i] = dict(strategy="", strategy_status="failed", strategy_error=str(out)[:300])
+            results[i] = dict(strategy="", strategy_status="failed",
+                              strategy_error=f"request failed: {str(out)[:300]}")
             continue
-        parsed = [parse_candidate(t) for t in out]
-        ok = [
-            c
-            for c in parsed
-            if c and not leaks_answer(c, row[cfg.answer_field], cfg.reward_timeout)
-        ]
-        counts["rejected_candidates"] += len(out) - len(ok)
+        ok, reasons = [], []
+        for text in out:
+            block, why = judge(text, row[cfg.answer_field], cfg.reward_timeout)
+            if block is None:
+                reasons.append(why)
+                key = reason_key(why)
+                counts[key] = counts.get(key, 0) + 1
+                rejected.append({"id": row["id"], "reason": why, "candidate": text})
+            else:
+                ok.append(block)
         if not ok:
             results[i] = dict(
                 strategy="", strategy_status="rejected",
-                strategy_error="every candidate leaked or was malformed"
+                strategy_error="every candidate rejected: " + "; ".join(reasons)
             )
         elif len(ok) == 1:
             results[i] = dict(strategy=ok[0], strategy_status="kept")
@@ -371,7 +424,7 @@ def process(batch: list, backend, cfg: ExtractConfig, counts: dict) -> list:
             best = None if isinstance(out, Exception) else parse_best(out[0], len(ok))
             if best is None:
                 error = (
-                    str(out)[:300]
+                    f"request failed: {str(out)[:300]}"
                     if isinstance(out, Exception)
                     else f"unparsable ranking: {out[0][:200]!r}"
                 )
@@ -411,22 +464,68 @@ def main(argv=None) -> int:
     except inputs.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rows = rows[:cfg.limit] if cfg.limit else rows
     todo = [r for r in rows if str(r["id"]) not in done]
-    counts = {
-        "kept": 0, "rejected": 0, "failed": 0, "rejected_candidates": 0,
-        "skipped": len(rows) - len(todo)
-    }
-    with open(cfg.output, "a") as out, tqdm(total=len(todo), desc="strategies") as bar:
+    counts = {"kept": 0, "rejected": 0, "failed": 0, "skipped": len(rows) - len(todo)}
+    request_errors = []
+    # rows are written whole, a batch at a time: Ctrl-C loses the batch in flight only
+    with open(cfg.output, "a") as out, open(rejected_path(cfg), "a") as side, \
+            tqdm(total=len(todo), desc="strategies") as bar:
         for i in range(0, len(todo), cfg.batch_size):
-            for row in process(todo[i : i + cfg.batch_size], backend, cfg, counts):
+            rejected = []
+            for row in process(todo[i : i + cfg.batch_size], backend, cfg, counts, rejected):
                 counts[row["strategy_status"]] += 1
+                if row.get("strategy_error", "").startswith("request failed"):
+                    request_errors.append(row["strategy_error"])
                 out.write(json.dumps(row) + "\n")
+            side.writelines(json.dumps(r) + "\n" for r in rejected)
             out.flush()
+            side.flush()
             bar.update(len(todo[i : i + cfg.batch_size]))
     # choices asked vs received: a server may cap n
     print(json.dumps({**counts, **getattr(backend, "counts", {})}))
+    candidates = sum(v for k, v in counts.items() if k.startswith("candidates_"))
+    unformatted = counts.get("candidates_off_format", 0) + counts.get("candidates_malformed", 0)
+    if cfg.backend == "hf" and candidates and unformatted == candidates:
+        print(f"hint: no candidate of {cfg.model} had the three fields (off-format or malformed: "
+              f"{rejected_path(cfg)}): a model this small may not follow the prompt; strategies "
+              "come from a strong model", file=sys.stderr)
+    if todo and len(request_errors) == len(todo):
+        print(f"error: every request failed; the first: {request_errors[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
+def rejected_path(cfg: ExtractConfig) -> str:
+    """The side file of rejected candidates: a line each, with its row's id and the reason."""
+    return re.sub(r"\.jsonl$", "", cfg.output) + ".rejected.jsonl"
+
+
+def interrupted(cfg) -> str:
+    """Ctrl-C's one line: what --output holds, and how to continue."""
+    done = 0
+    if cfg and os.path.isfile(cfg.output):
+        for line in open(cfg.output, encoding="utf-8", errors="replace"):
+            try:
+                done += isinstance(json.loads(line), dict)
+            # the line being written when the run stopped
+            except json.JSONDecodeError:
+                pass
+    if not done:
+        return "nothing written yet"
+    return (f"{done} rows kept in {cfg.output}; the same command continues with the rest "
+            "(the batch in flight is redone)")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        try:
+            cfg = inputs.config_from_args(ExtractConfig, None, "")
+        except inputs.UsageError:
+            cfg = None
+        print(f"\ninterrupted: {interrupted(cfg)}", file=sys.stderr)
+        sys.stderr.flush()
+        # (the OpenAI back end's threads may be waiting on requests: not joined)
+        os._exit(130)

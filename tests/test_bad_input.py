@@ -609,3 +609,66 @@ def test_a_pretrained_model_at_the_toys_learning_rate_is_warned(tiny_dir, tmp_pa
     missing = tmp_path / "missing.jsonl"
     assert sgpo.main(["--model", str(tiny_dir), "--data", str(missing)]) == 2
     assert capsys.readouterr().err.splitlines() == [warning, f"error: {missing}: file not found"]
+
+
+def _interrupt(args, written, timeout=120):
+    """Runs a script (args after python), sends Ctrl-C once written() is true, returns (exit
+    code, stderr)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not written() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_ctrl_c_in_evaluate_and_extract_is_one_line_and_a_rerun_continues(
+        warm_dir, eval_file, tmp_path):
+    """evaluate.py and extract_strategies.py stopped by Ctrl-C mid-run: exit 130, one line that
+    counts what is on disk (every line of it whole), no traceback; the rerun (evaluate.py:
+    --resume) finishes the rest without repeating any of it."""
+    from tests.test_extract import GOOD, ChatServer, choices, serving
+
+    out = tmp_path / "eval"
+    args = ["evaluate.py", "--model", warm_dir, "--bench", f"t={eval_file}:12", "--limit", 2,
+            "--batch_size", 1, "--max_new_tokens", 8, "--output_dir", out]
+    samples = out / "samples-rank0.jsonl"
+    code, err = _interrupt(args, lambda: len(_lines(samples)) >= 3)
+    kept = [json.loads(line) for line in _lines(samples)]
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: {len(kept)} samples kept in {out}; the same command with --resume "
+        "generates the rest")
+    assert 3 <= len(kept) < 24
+    assert evaluate.main([str(a) for a in args[1:]] + ["--resume"]) == 0
+    again = [json.loads(line) for line in _lines(samples)]
+    assert again[:len(kept)] == kept and len({(s["id"], s["sample"]) for s in again}) == 24
+
+    class Slow(ChatServer):
+        def answer(self, body, prompt):
+            time.sleep(0.15)
+            return 200, choices([GOOD] * body["n"]), {}
+
+    rows = [{"id": f"q{i}", "problem": f"q{i}", "answer": "1", "solution": "1"} for i in range(10)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    result = tmp_path / "strategies.jsonl"
+    with serving(Slow) as url:
+        args = ["extract_strategies.py", "--input", tmp_path / "in.jsonl", "--output", result,
+                "--model", "m", "--base_url", url, "--batch_size", 1, "--num_candidates", 1]
+        code, err = _interrupt(args, lambda: len(_lines(result)) >= 2)
+        kept = [json.loads(line) for line in _lines(result)]
+        assert code == 130 and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1] == (
+            f"interrupted: {len(kept)} rows kept in {result}; the same command continues with "
+            "the rest (the batch in flight is redone)")
+        assert 2 <= len(kept) < 10
+        assert ex.main([str(a) for a in args[1:]]) == 0
+    again = [json.loads(line) for line in _lines(result)]
+    assert again[:len(kept)] == kept and [r["id"] for r in again] == [r["id"] for r in rows]

@@ -116,6 +116,24 @@ def test_leak_guard():
     assert ex.leaks_answer("so $y=2$", "2")
 
 
+def test_each_rejection_names_its_reason():
+    assert ex.judge(GOOD, "42.5", 5) == (GOOD, "")
+    assert ex.judge("Sure! " + GOOD, "42.5", 5) == (GOOD, "")  # the block, from its first field
+    assert ex.judge("The answer is \\boxed{42.5}", "42.5", 5) == (None, "off-format")
+    assert ex.judge("Problem type: x\nSteps:\n- y", "1", 5) == (None, "malformed: no Strategy:")
+    assert ex.judge("Problem type: x", "1", 5) == (None, "malformed: no Strategy: Steps:")
+    assert ex.judge("Problem type: x\nStrategy: \nSteps:\n- y", "1", 5) == (
+        None, "malformed: empty Strategy:")
+    assert ex.judge("Problem type: x\nStrategy: y\nSteps:", "1", 5) == (
+        None, "malformed: empty Steps:")
+    assert ex.judge(LEAKY, "42.5", 5) == (None, "leaked: math span")
+    assert ex.judge(LITERAL, "42.5", 5) == (None, "leaked: literal")
+    keys = [ex.reason_key(why) for why in ("off-format", "malformed: no Steps:",
+                                           "leaked: literal", "leaked: math span")]
+    assert keys == ["candidates_off_format", "candidates_malformed", "candidates_leaked_literal",
+                    "candidates_leaked_math_span"]
+
+
 def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STUB_KEY", "sekret")
     out = tmp_path / "out.jsonl"
@@ -138,6 +156,13 @@ def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
     assert all(r["answer"] == "42.5" and r["solution"] for r in rows.values())  # input fields kept
     counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (counts["kept"], counts["rejected"], counts["failed"]) == (2, 1, 1)
+    # p1-p3: "garbage" off-format, LEAKY a math span, LITERAL literal; p4: 3 LEAKY, 2 LITERAL
+    assert (counts["candidates_off_format"], counts["candidates_leaked_math_span"],
+            counts["candidates_leaked_literal"]) == (3, 6, 5)
+    side = _read(tmp_path / "out.rejected.jsonl")
+    assert len(side) == 14 and {r["candidate"] for r in side} == {"garbage", LEAKY, LITERAL}
+    assert rows["p4"]["strategy_error"] == "every candidate rejected: " + "; ".join(
+        ["leaked: math span", "leaked: literal"] * 2 + ["leaked: math span"])
     assert all(auth == "Bearer sekret" for auth, _ in Stub.requests)
     # sgpo.py trains on the kept rows only
     assert [q["id"] for q in inputs.load_problems(str(out))] == ["p1", "p2"]
@@ -159,33 +184,51 @@ def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
     assert Stub.requests and all("p3:" in p for _, p in Stub.requests)
 
 
-def test_endpoint_down_records_failure(tmp_path):
+def test_endpoint_down_exits_1_with_the_first_error_last(tmp_path, capsys):
+    """No server at --base_url (the default backend is openai): every row is recorded as failed
+    (--retry_failed redoes them), and the run exits 1 with the first error on its last line."""
     out = tmp_path / "out.jsonl"
     args = [
         "--input", str(_input(tmp_path)), "--output", str(out), "--base_url",
         "http://127.0.0.1:9/v1", "--model", "m", "--retries", "1", "--backoff", "0.01", "--timeout",
         "2"
     ]
-    assert ex.main(args) == 0
+    assert ex.main(args) == 1
     rows = _read(out)
     assert len(rows) == 4 and all(
         r["strategy_status"] == "failed" and r["strategy_error"] for r in rows
     )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: every request failed; the first: request failed: "
+                           "http://127.0.0.1:9/v1/chat/completions: ") and "refused" in last
 
 
-def test_hf_backend_plumbing(warm_dir, tmp_path):
+def test_hf_backend_plumbing(warm_dir, tmp_path, capsys):
+    """--limit 3 of 4 rows; the warm tiny model answers in \\boxed{} and writes no strategy block:
+    every candidate off-format, kept in the side file with its reason, counted, every row
+    rejected, and a hint that the model is too small."""
     out = tmp_path / "out.jsonl"
     args = [
         "--input", str(_input(tmp_path)), "--output", str(out), "--backend", "hf", "--model",
-        str(warm_dir), "--max_new_tokens", "8", "--num_candidates", "2"
+        str(warm_dir), "--max_new_tokens", "8", "--num_candidates", "2", "--limit", "3"
     ]
     assert ex.main(args) == 0
     rows = _read(out)
-    assert [r["id"] for r in rows] == ["p1", "p2", "p3", "p4"]
-    # the warm tiny model answers in \\boxed{} and writes no strategy block: every candidate is
-    # malformed, every row rejected
+    assert [r["id"] for r in rows] == ["p1", "p2", "p3"]
     assert all(r["strategy_status"] == "rejected" and r["strategy"] == "" for r in rows), rows
-    assert rows[0]["strategy_error"] == "every candidate leaked or was malformed"
+    assert rows[0]["strategy_error"] == "every candidate rejected: off-format; off-format"
+    side = _read(tmp_path / "out.rejected.jsonl")
+    assert [(r["id"], r["reason"]) for r in side] == [
+        (f"p{i}", "off-format") for i in (1, 1, 2, 2, 3, 3)]
+    assert all("Problem type:" not in r["candidate"] for r in side)
+    std = capsys.readouterr()
+    counts = json.loads(std.out.strip().splitlines()[-1])
+    assert counts == {"kept": 0, "rejected": 3, "failed": 0, "skipped": 0,
+                      "candidates_off_format": 6}
+    assert std.err.strip().splitlines()[-1] == (
+        f"hint: no candidate of {warm_dir} had the three fields (off-format or malformed: "
+        f"{tmp_path / 'out.rejected.jsonl'}): a model this small may not follow the prompt; "
+        "strategies come from a strong model")
 
 
 @pytest.mark.parametrize(
@@ -288,8 +331,12 @@ def test_misbehaving_server_tops_up_n_retries_after_and_records_faults_as_failed
             and counts["choices_received"] == 8
         )
         Faulty.requests = []
-        assert ex.main(args + ["--retry_failed"]) == 0
+        # both redone rows fail again: every request of the run failed
+        assert ex.main(args + ["--retry_failed"]) == 1
         assert {p for p, _ in Faulty.requests} == {"f1", "f2"}
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: every request failed; the first: request failed: the endpoint returned no "
+            'usable choice ({"choices": []})')
 
 
 def test_retry_delay_honours_retry_after_bounded_by_timeout():
