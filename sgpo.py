@@ -6,7 +6,7 @@ ones (prompt: a strategy + the problem), and is trained with
     L = L_GRPO(autonomous rollouts) + mean_q alpha(q) * L_KD(q),
 L_KD a per-token full-vocabulary forward KL from the model *with* the strategy in its prompt
 (teacher, no gradient) to the model *without* it (student), on the correct guided rollout the
-unguided policy finds most likely. ../shared/SGPO_METHOD.md is the method; README.md the rest.
+unguided policy finds most likely. docs/method.md is the method; README.md the rest.
 
     python sgpo.py                  # the CPU testbed of toy/ (~2 min on 2 cores, no download)
     python sgpo.py @paper.args --fsdp false --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl
@@ -30,7 +30,7 @@ Design choices:
    the prompt computed once (engine.collate_shared; --share_prompts).
 
 Reading order: Config; the pure loss functions; `micro_batch_loss` and its three terms; one RL
-step's pieces ([n]: the method sheet's step n) and `rl_step`; `train`. Plumbing: engine.py (model,
+step's pieces ([n]: docs/method.md's step n) and `rl_step`; `train`. Plumbing: engine.py (model,
 generation), runtime.py (ranks, optimizer, checkpoints), metrics.py, inputs.py (flags, data),
 reward.py, chunked_head.py.
 """
@@ -496,7 +496,7 @@ def accumulate_gradients(policy, rows, cfg: Config, stats, pi_old_now=False):
     return n
 
 
-# ==== One RL step: the pieces, in the order rl_step calls them ([n]: the method sheet's step n).
+# ==== One RL step: the pieces, in the order rl_step calls them ([n]: docs/method.md's step n).
 @dataclass
 class Batch:
     """One step's problems and what the rollout made of them, problem by problem."""
@@ -687,9 +687,9 @@ def move_teacher(policy, cfg: Config, rate=None):
 
 
 def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
-    """One RL step: the method sheet's steps [1]-[7] on a batch of problems (README "How one step
-    runs"). alpha: the per-problem table, updated in place. Returns the step's metrics (over all
-    ranks)."""
+    """One RL step: docs/method.md's steps [1]-[7] on a batch of problems (docs/design.md, "How
+    one step runs"). alpha: the per-problem table, updated in place. Returns the step's metrics
+    (over all ranks)."""
     stats, times, dev = Stats(), {"start": time.time()}, policy.device
     g1, g2, tok = cfg.num_generations, cfg.num_guided_generations, policy.tokenizer
     batch = Batch(problems, [prompt_ids(tok, cfg, q, guided=False) for q in problems],

@@ -249,10 +249,10 @@ def test_bad_input(content, message, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_readme_prints_the_prompts():
+def test_reference_prints_the_prompts():
     from tests.conftest import ROOT
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "reference.md").read_text()
     assert ex.STRATEGY_PROMPT in readme and ex.RANK_PROMPT.split("{candidates}")[0] in readme
     assert engine.AUTO_TEMPLATE in readme and engine.GUIDED_TEMPLATE in readme
 
@@ -445,3 +445,24 @@ def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
         counts
     )
     assert [r["strategy_status"] for r in _read(out)] == ["rejected", "rejected"]
+
+
+def test_shipped_problems_are_the_generators_and_pass_the_extraction_checks():
+    """data/: the files are what data/make_arithmetic.py writes; every strategy is one the
+    extraction would keep (three fields, no leaked answer), every solution earns the reward, no
+    problem is in two files, and sgpo.py's loader takes every row."""
+    from data.make_arithmetic import rows
+    from reward import math_reward
+    from tests.conftest import ROOT
+
+    seen = set()
+    for split, expected in rows().items():
+        path = ROOT / "data" / f"arithmetic_{split}.jsonl"
+        assert _read(path) == expected, split
+        assert len(inputs.load_problems(str(path))) == len(expected)
+        for row in expected:
+            assert ex.judge(row["strategy"], row["answer"], 5) == (row["strategy"], ""), row
+            assert math_reward(row["solution"], row["answer"]) == 1.0, row
+            assert row["problem"] not in seen
+            seen.add(row["problem"])
+    assert len(seen) == 102
