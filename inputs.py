@@ -244,6 +244,8 @@ def check_train_config(cfg):
          "must be auto, true or false"),
         (cfg.share_prompts in ("auto", "true", "false"), "share_prompts",
          "must be auto, true or false"),
+        (cfg.target_score in ("mean", "sum"), "target_score", "must be mean or sum"),
+        (cfg.alpha_update in ("before", "after"), "alpha_update", "must be before or after"),
         (cfg.model != "", "model", "required"), (cfg.data != "", "data", "required")
     ]
     for name in ("batch_size", "num_generations", "max_completion_length", "micro_batch_size",

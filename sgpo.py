@@ -182,10 +182,16 @@ class Config:
     target_selection: bool = True
     """Pick the correct guided rollout most likely under the unguided prompt; false = a random
     correct one."""
+    target_score: str = "mean"
+    """(R) What 'most likely' scores: mean (the mean token log-prob, length-normalised) or sum
+    (log pi(o|q), the sequence's log-likelihood)."""
     kd_trust_region: bool = True
     """(R) No KD gradient on tokens whose unguided ratio left [1-epsilon, 1+epsilon_high]."""
     adaptive_alpha: bool = True
     """(R) Per-problem alpha updated from the pass gap; false = fixed alpha_0."""
+    alpha_update: str = "before"
+    """(R) When a visit's pass gap moves alpha(q): before the step's KD weight reads it (this visit
+    acts on this visit) or after (the weight reads earlier visits' value, alpha_0 at first)."""
     alpha_0: float = 0.5
     """Initial (or fixed) alpha."""
     alpha_gamma: float = 0.1
@@ -563,8 +569,8 @@ def pass_rates(batch: Batch, cfg: Config):
 
 def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
     """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps (all ranks
-    alike). (R) Before the KD weight reads it: read after, a problem seen once (the toy: 1,280 of
-    2,000 in 80 steps) would weigh alpha_0, the fixed-alpha row."""
+    alike). (R) By default before the KD weight reads it: read after (--alpha_update after), a
+    problem seen once (the toy: 1,280 of 2,000 in 80 steps) weighs alpha_0, the fixed-alpha row."""
     mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
     for updates in all_gather_objects(mine):
         for qid, pg, pa in updates:
@@ -588,9 +594,11 @@ def response_logps(policy, pairs, cfg: Config) -> list:
     return out
 
 
-def mean_logps(policy, pairs, cfg: Config) -> list:
-    """Length-normalised log-prob of each (prompt, response) pair; ranks KD target candidates."""
-    return [x.mean().item() for x in response_logps(policy, pairs, cfg)]
+def target_scores(policy, pairs, cfg: Config) -> list:
+    """[3] The score of each (prompt, response) pair that ranks KD target candidates: its mean
+    token log-prob (R), or their sum (--target_score)."""
+    logps = response_logps(policy, pairs, cfg)
+    return [(x.mean() if cfg.target_score == "mean" else x.sum()).item() for x in logps]
 
 
 def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
@@ -602,21 +610,22 @@ def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
     if not (cfg.use_kd and g2):
         return rows
     r_guided = batch.rewards[:, g1:]  # [B, G2]
-    mean_logp = torch.full((n, g2), -math.inf)  # [B, G2], scored for correct rollouts only
+    score = torch.full((n, g2), -math.inf)  # [B, G2], scored for correct rollouts only
     candidates = torch.nonzero(r_guided > 0).tolist()  # [(b, j)]
     if cfg.target_selection:
         # scored on every rank, candidates or not: FSDP's gathering is a collective
         pairs = [(batch.auto_prompts[b], batch.rollouts[b][g1 + j]["ids"]) for b, j in candidates]
         policy.backbone.eval()
         with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
-            scores = mean_logps(policy, pairs, cfg)
-        for (b, j), score in zip(candidates, scores):
-            mean_logp[b, j] = score
+            scores = target_scores(policy, pairs, cfg)
+        for (b, j), value in zip(candidates, scores):
+            score[b, j] = value
     for b, q in enumerate(batch.problems):
-        j = select_target(r_guided[b], mean_logp[b], cfg.target_selection)
+        j = select_target(r_guided[b], score[b], cfg.target_selection)
         if j >= 0:
             target = batch.rollouts[b][g1 + j]["ids"]
-            weight = alpha[q["id"]] / (len(target) * n_problems)
+            # (--alpha_update after: a problem's first visit reads alpha_0)
+            weight = alpha.get(q["id"], cfg.alpha_0) / (len(target) * n_problems)
             rows[b] = KDRow(batch.auto_prompts[b], target, weight,
                             teacher_prompt=batch.guided_prompts[b])
     return rows
@@ -706,10 +715,14 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     # [2] autonomous GRPO rows
     grpo_rows = make_grpo_rows(batch, cfg)
     times["grade"] = time.time()
-    # [6] alpha(q) from the pass gap, [3] target selection, [4] the KD rows
+    # [6] alpha(q) from the pass gap, before (R) or after the KD weights read it (--alpha_update);
+    # [3] target selection, [4] the KD rows
     p_guided, p_auto = pass_rates(batch, cfg)
-    update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
+    if cfg.alpha_update == "before":
+        update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
     kd_rows = make_kd_rows(policy, batch, alpha, cfg)
+    if cfg.alpha_update == "after":
+        update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
     times["select"] = time.time()
     # [5, 7] the update: k mini-batches of whole problems, one optimizer step each
     minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)

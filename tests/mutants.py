@@ -38,8 +38,8 @@ MUTANTS = {
         "sgpo.py", 'answers = repeat_each([q["answer"] for q in batch.problems], g)',
         'answers = [q["answer"] for q in batch.problems] * g'),
     "7 --target_selection false ignored (the first correct rollout)": (
-        "sgpo.py", "select_target(r_guided[b], mean_logp[b], cfg.target_selection)",
-        "select_target(r_guided[b], mean_logp[b], True)"),
+        "sgpo.py", "select_target(r_guided[b], score[b], cfg.target_selection)",
+        "select_target(r_guided[b], score[b], True)"),
     "8 --kd_loss rkl ignored (forward KL)": (
         "sgpo.py", 'kind = cfg.kd_loss if t_hidden is not None and cfg.kd_loss != "sft"',
         'kind = "fkl" if t_hidden is not None and cfg.kd_loss != "sft"'),

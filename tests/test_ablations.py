@@ -17,7 +17,7 @@ def run_row(flags, out, warm_dir, data_file):
     tokens of the tiny model exceed it, so clipping is visibly on in the full run."""
     rows, calls = [], dict(steps=0, scoring=0)
     real, real_step, real_scoring = (sgpo.accumulate_gradients, sgpo.optimizer_step,
-                                     sgpo.mean_logps)
+                                     sgpo.target_scores)
 
     def spy(policy, batch, *args):
         rows.append(list(batch))
@@ -35,7 +35,7 @@ def run_row(flags, out, warm_dir, data_file):
             + COMMON + ["--kl_clip", 1e-4, "--num_guided_generations", 4] + flags)
     with mock.patch.object(sgpo, "accumulate_gradients", spy), \
             mock.patch.object(sgpo, "optimizer_step", step), \
-            mock.patch.object(sgpo, "mean_logps", scoring):
+            mock.patch.object(sgpo, "target_scores", scoring):
         assert sgpo.main([str(a) for a in args]) == 0
     return read_metrics(out / "metrics.jsonl"), rows, calls
 

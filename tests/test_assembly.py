@@ -200,7 +200,7 @@ def test_without_target_selection_a_random_correct_rollout():
 
     torch.manual_seed(0)
     with scripted(script) as captured, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sgpo, "mean_logps", no_scoring)
+        mp.setattr(sgpo, "target_scores", no_scoring)
         sgpo.rl_step(problems, policy, opt, {}, cfg, script.grade)
     by_id = {tuple(engine.prompt_ids(tok, cfg, q, False)): q["id"] for q in problems}
     chosen = {by_id[tuple(r.prompt)]: r.response
@@ -287,3 +287,49 @@ def test_each_mutant_of_tests_mutants_still_applies():
 
     for name, (file, code, bug) in MUTANTS.items():
         assert apply((ROOT / file).read_text(), code, bug) != (ROOT / file).read_text(), name
+
+
+def test_target_score_sum_picks_the_most_likely_sequence():
+    """--target_score sum (R): the correct guided rollout with the largest sum of unguided
+    log-probs, which guided_candidates makes another one than the mean's choice."""
+    problems, policy, opt, cfg = setup(2, g1=2, g2=4, target_score="sum")
+    tok, rng = policy.tokenizer, random.Random(5)
+    script, expected = Script(tok), {}
+    for q in problems:
+        script_problem(script, cfg, q, [1, 0], [], rng)
+        candidates, target = guided_candidates(script, policy, cfg, q, rng)
+        script.add(engine.prompt_ids(tok, cfg, q, True), candidates)
+        auto = engine.prompt_ids(tok, cfg, q, False)
+        correct = [r for j, r in enumerate(candidates) if j != 1]  # [1] is the wrong one
+        best = max(correct, key=lambda r: token_logps(policy.lm, auto, r, cfg.temperature).sum())
+        assert best != candidates[target]
+        expected[tuple(auto)] = best
+    with scripted(script) as captured:
+        sgpo.rl_step(problems, policy, opt, {}, cfg, script.grade)
+    kd = [r for r in captured[0] if isinstance(r, sgpo.KDRow)]
+    assert {tuple(r.prompt): r.response for r in kd} == expected
+
+
+def test_alpha_update_after_weighs_the_previous_value():
+    """--alpha_update after (R): each step's KD weight reads alpha as earlier visits left it
+    (alpha_0 on the first), the table then moves as before."""
+    problems, policy, opt, cfg = setup(2, g1=4, g2=2, alpha_update="after")
+    script, rng = Script(policy.tokenizer), random.Random(6)
+    # gaps +0.25 and -0.5
+    pattern = [([1, 0, 0, 0], [1, 0]), ([1, 1, 1, 1], [0, 1])]
+    read = {"q0": [0.5, 0.6, 0.7], "q1": [0.5, 0.4, 0.3]}
+    after = {"q0": [0.6, 0.7, 0.8], "q1": [0.4, 0.3, 0.2]}
+    alpha = {}
+    for step in range(3):
+        targets = {}
+        for q, (auto_correct, guided_correct) in zip(problems, pattern):
+            _, guided = script_problem(script, cfg, q, auto_correct, guided_correct, rng)
+            targets[q["id"]] = guided[guided_correct.index(1)]
+        with scripted(script) as captured:
+            sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
+        kd = [r for r in captured[0] if isinstance(r, sgpo.KDRow)]
+        for q in problems:
+            row = next(r for r in kd if r.response == targets[q["id"]])
+            weight = read[q["id"]][step] / (len(row.response) * 2)
+            assert row.weight == pytest.approx(weight, abs=1e-15), (q["id"], step)
+            assert alpha[q["id"]] == pytest.approx(after[q["id"]][step], abs=1e-12)

@@ -222,6 +222,7 @@ def test_hf_backend_plumbing(warm_dir, tmp_path, capsys):
         (f"p{i}", "off-format") for i in (1, 1, 2, 2, 3, 3)]
     assert all("Problem type:" not in r["candidate"] for r in side)
     std = capsys.readouterr()
+    assert "decode steps" in std.err  # progress inside each generate call
     counts = json.loads(std.out.strip().splitlines()[-1])
     assert counts == {"kept": 0, "rejected": 3, "failed": 0, "skipped": 0,
                       "candidates_off_format": 6}
