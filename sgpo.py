@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -345,9 +345,11 @@ class Row:
     prompt: list
     response: list
     weight: float
-    """Each response token's weight in the loss, normalised over the GLOBAL batch (all ranks)."""
+    """Each response token's weight in its mini-batch's loss, over all ranks (split_by_problem
+    sets it for GRPO and KD rows: 1 / GRPO tokens, alpha(q) / (|target| x problems))."""
     old_logps: torch.Tensor = None
-    """[len(response)] log pi_old: kept before the first optimizer step (keep_pi_old)."""
+    """[len(response)] log pi_old, the sampling policy's: kept by the update's first forward of
+    the row (keep_pi_old) or, for later mini-batches, by update_policy before any step."""
 
 
 @dataclass
@@ -363,6 +365,8 @@ class KDRow(Row):
     """A KD target: the selected guided rollout, under the autonomous prompt (student)."""
     teacher_prompt: list = field(default_factory=list)
     """The guided prompt: the teacher's context for the same response tokens."""
+    alpha: float = 0.0
+    """alpha(q) of its problem, as the step reads it: a factor of its weight."""
 
 
 def keep_pi_old(rows, logp):
@@ -392,42 +396,49 @@ def per_token(rows, values):
 
 # ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
 def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False):
-    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's, each row
-    kind's term; weights are global, so summed over micro-batches and ranks this is the
-    mini-batch's L. pi_old_now: the update's first forward of these rows (keep their log-probs).
-    rows == []: a rank out of rows (runtime.lockstep): zero loss, same forwards."""
+    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's (where KD
+    rows may be: the same on every rank), each row kind's term; weights are global, so summed over
+    micro-batches and ranks this is the mini-batch's L. pi_old_now: the update's first forward of
+    these rows (keep their log-probs). rows == []: a rank out of rows (runtime.lockstep): zero
+    loss, same forwards."""
     pad = policy.tokenizer.pad_token_id
     pairs = [(r.prompt, r.response) for r in rows] or [([pad], [pad])]
     hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
-    # positions of the KD rows' tokens and of the others' among the M (index lists, not a boolean
-    # mask: their sizes are known without reading data, so fake tensors can run this too)
-    kd_at, own_at = [], []
+    # positions of the KD rows' tokens and of the plain rows' (SFT, GRPO: no teacher) among the M
+    # (index lists, not a boolean mask: their sizes are known without reading data, so fake
+    # tensors can run this too)
+    kd_at, plain_at = [], []
     for r in rows:
-        start = len(kd_at) + len(own_at)
-        (kd_at if isinstance(r, KDRow) else own_at).extend(range(start, start + len(r.response)))
-    kd_at, own_at = (torch.tensor(at, dtype=torch.long, device=policy.device)
-                     for at in (kd_at, own_at))
+        start = len(kd_at) + len(plain_at)
+        (kd_at if isinstance(r, KDRow) else plain_at).extend(range(start, start + len(r.response)))
+    kd_at, plain_at = (torch.tensor(at, dtype=torch.long, device=policy.device)
+                       for at in (kd_at, plain_at))
     kd = [r for r in rows if isinstance(r, KDRow)]
     # The teacher (the policy's weights or --teacher's) on guided prompt + target, no gradient:
-    # one forward per micro-batch, KD rows or not (under FSDP every forward is a collective)
-    teacher = policy.teacher_view()
-    with torch.no_grad():
-        t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
-        t_hidden, _ = teacher.response_hidden(t_pairs, sync_grads=False)
+    # one forward per micro-batch of the RL update, KD rows or not (under FSDP every forward is a
+    # collective); none where the loss reads no teacher (the warm-up's, --kd_loss sft): decided
+    # from the flags alone, so that every rank decides alike
+    teacher = None
+    if cfg.use_kd and cfg.kd_loss != "sft":
+        view = policy.teacher_view()
+        with torch.no_grad():
+            t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
+            t_hidden, _ = view.response_hidden(t_pairs, sync_grads=False)
+        teacher = (t_hidden, view.head)
     if not rows:
         # through every parameter: DDP's reduction waits for all of them
         return policy.head(hidden).float().sum() * 0.0
     loss = hidden.new_zeros((), dtype=torch.float32)
-    own = (hidden[own_at], targets[own_at])
+    plain = (hidden[plain_at], targets[plain_at])
     sft = [r for r in rows if type(r) is Row]
     if sft:
-        loss = loss + sft_term(policy, sft, own, cfg, stats)
+        loss = loss + sft_term(policy, sft, plain, cfg, stats)
     grpo = [r for r in rows if isinstance(r, GRPORow)]
     if grpo:
-        loss = loss + grpo_term(policy, grpo, own, cfg, stats, pi_old_now)
+        loss = loss + grpo_term(policy, grpo, plain, cfg, stats, pi_old_now)
     if kd:
-        student = (hidden[kd_at], targets[kd_at], (t_hidden, teacher.head))
-        loss = loss + kd_term(policy, kd, student, cfg, stats, pi_old_now)
+        student = (hidden[kd_at], targets[kd_at])
+        loss = loss + kd_term(policy, kd, (student, teacher), cfg, stats, pi_old_now)
     return loss
 
 
@@ -466,12 +477,13 @@ def grpo_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
     return (tok_loss * weight).sum()
 
 
-def kd_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
+def kd_term(policy, rows, views, cfg: Config, stats, pi_old_now=False):
     """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
     guided teacher to the unguided student, no gradient where the unguided ratio left the trust
-    region; w_t = alpha(q) / (|target| x problems of the mini-batch). student: [M, H] hidden
-    states, [M] tokens, the teacher's ([M, H] hidden states, head)."""
-    hidden, targets, teacher = student
+    region; w_t = alpha(q) / (|target| x problems of the mini-batch). views: the student's ([M, H]
+    hidden states, [M] tokens) and the teacher's ([M, H] hidden states, its head; None under
+    --kd_loss sft, which reads no teacher)."""
+    (hidden, targets), teacher = views
     logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, teacher)
     if pi_old_now:
         keep_pi_old(rows, logp)
@@ -498,6 +510,8 @@ def accumulate_gradients(policy, rows, cfg: Config, stats, pi_old_now=False):
     for n, batch in enumerate(lockstep(micro_batches, policy.wrapped, policy.device), 1):
         with autocast(cfg.dtype, policy.device):
             loss = micro_batch_loss(policy, batch, cfg, stats, pi_old_now)
+        # (loss x world size).backward(): DDP and FSDP average over ranks, and the weights
+        # already sum over all of them
         backward(loss)
     return n
 
@@ -603,10 +617,9 @@ def target_scores(policy, pairs, cfg: Config) -> list:
 
 def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
     """[3] Per problem, its KD target (or None): the correct guided rollout most likely under the
-    UNGUIDED prompt, [4] as a KDRow weighing alpha(q) / (|target| x problems of its mini-batch
-    over all ranks): mean_q alpha(q) L_KD(q)."""
+    UNGUIDED prompt, [4] as a KDRow holding alpha(q) (its weight: split_by_problem)."""
     g1, g2, n = cfg.num_generations, cfg.num_guided_generations, len(batch.problems)
-    rows, n_problems = [None] * n, n * world_size() // cfg.steps_per_generation
+    rows = [None] * n
     if not (cfg.use_kd and g2):
         return rows
     r_guided = batch.rewards[:, g1:]  # [B, G2]
@@ -623,60 +636,73 @@ def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
     for b, q in enumerate(batch.problems):
         j = select_target(r_guided[b], score[b], cfg.target_selection)
         if j >= 0:
-            target = batch.rollouts[b][g1 + j]["ids"]
             # (--alpha_update after: a problem's first visit reads alpha_0)
-            weight = alpha.get(q["id"], cfg.alpha_0) / (len(target) * n_problems)
-            rows[b] = KDRow(batch.auto_prompts[b], target, weight,
-                            teacher_prompt=batch.guided_prompts[b])
+            rows[b] = KDRow(batch.auto_prompts[b], batch.rollouts[b][g1 + j]["ids"], 0.0,
+                            teacher_prompt=batch.guided_prompts[b],
+                            alpha=alpha.get(q["id"], cfg.alpha_0))
     return rows
 
 
 def split_by_problem(grpo_rows, kd_rows, k, device):
     """Per problem b: its GRPO rows grpo_rows[b] and KD row kd_rows[b] (or None) -> k mini-batches
     of whole problems (a seeded random split; in order for k = 1), each its GRPO rows then its KD
-    rows. GRPO weights: 1 / (autonomous tokens of the mini-batch over all ranks), DAPO-style."""
+    rows, and every token's weight in its mini-batch's loss, over all ranks: [2] GRPO 1 /
+    (autonomous tokens of the mini-batch), DAPO-style; [7] KD alpha(q) / (|target| x problems of
+    the mini-batch), so that a target's tokens sum to alpha(q) L_KD(q) / problems: mean_q."""
     n = len(grpo_rows)
+    # a mini-batch's problems, over all ranks (--batch_size is a multiple of k)
+    n_problems = n * world_size() // k
     order = torch.randperm(n).tolist() if k > 1 else list(range(n))
     minibatches = []
     for i in range(k):
         problems = order[i * n // k:(i + 1) * n // k]
-        grpo = [r for b in problems for r in grpo_rows[b]]
+        grpo, kd = [], [kd_rows[b] for b in problems if kd_rows[b] is not None]
+        for b in problems:
+            grpo += grpo_rows[b]
         local = float(sum(len(r.response) for r in grpo))
         n_tokens = all_reduce(torch.tensor(local, device=device))
         for r in grpo:
             r.weight = 1.0 / max(float(n_tokens), 1.0)
-        minibatches.append(grpo + [kd_rows[b] for b in problems if kd_rows[b] is not None])
+        for r in kd:
+            r.weight = r.alpha / (len(r.response) * n_problems)
+        minibatches.append(grpo + kd)
     return minibatches
 
 
 def update_policy(policy, opt, minibatches, cfg: Config, stats):
-    """[5, 7] One optimizer step per mini-batch, num_iterations epochs. pi_old, the sampling
-    policy: kept by the first mini-batch's first forward, the others' by a forward before any
-    step. Returns the statistics after the first step (ratios leave 1), the last grad norm."""
+    """[7] L minimised: one optimizer step per mini-batch (an extension: veRL's mini-batches, under
+    which [5]'s clip and trust region act), num_iterations epochs. pi_old, the sampling policy:
+    the first mini-batch's rows keep it from their first forward (keep_pi_old: no extra pass),
+    the later ones' from a forward here, before any step. Returns the statistics of the passes
+    after the first optimizer step (ratios leave 1) and the last grad norm."""
     policy.wrapped.train()
     if len(minibatches) > 1:
         # (k > 1 on every rank alike: FSDP's gathering is a collective)
-        later = [r for rows in minibatches[1:] for r in rows]
+        later = list(itertools.chain.from_iterable(minibatches[1:]))
         with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
             logps = response_logps(policy, [(r.prompt, r.response) for r in later], cfg)
         for r, logp in zip(later, logps):
             r.old_logps = logp
         check_sampler(later, stats)
-    late, grad_norm = Stats(), 0.0
+    after_first, grad_norm = Stats(), 0.0
     for epoch in range(cfg.num_iterations):
         for i, rows in enumerate(minibatches):
             first = epoch == i == 0
-            if accumulate_gradients(policy, rows, cfg, stats if first else late, first):
+            n_micro = accumulate_gradients(policy, rows, cfg, stats if first else after_first,
+                                           first)
+            # a mini-batch without rows on every rank made no micro-batch: no step
+            if n_micro > 0:
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 if policy.teacher:
                     move_teacher(policy, cfg)
-    return late, grad_norm
+    return after_first, grad_norm
 
 
 @torch.no_grad()
 def move_teacher(policy, cfg: Config, rate=None):
-    """[7] After each optimizer step: theta_T += rate (theta - theta_T) in fp32, tensor by tensor
-    (FSDP: each rank its shards), then its working copy (engine.with_working_copy) refreshed;
+    """An extension (--teacher base/ema; the paper's teacher is the live policy): after each
+    optimizer step theta_T += rate (theta - theta_T) in fp32, tensor by tensor (FSDP: each rank
+    its shards), then its working copy (engine.with_working_copy) refreshed;
     rate: --teacher_ema_rate under ema, 0 under base, unless given (1: a copy, as RL starts).
     FSDP: the teacher's root, left gathered, is resharded first."""
     reshard(policy.teacher.wrapped)
@@ -705,7 +731,8 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
                   [prompt_ids(tok, cfg, q, guided=True) for q in problems])
     # [1] G1 autonomous and G2 strategy-guided rollouts per problem (FSDP: the samplers' weights
     # gathered once for all generate calls), and their binary rewards
-    samplers = policy.wrapped, guided_sampler(policy, cfg).wrapped
+    # (the teacher's too under --teacher_samples_guided)
+    samplers = dict.fromkeys([policy.wrapped, guided_sampler(policy, cfg).wrapped])
     with full_weights(*samplers), autocast(cfg.dtype, dev):
         auto, guided = sample_rollouts(policy, batch.auto_prompts, batch.guided_prompts, cfg)
     batch.rollouts = [auto[b * g1:(b + 1) * g1] + guided[b * g2:(b + 1) * g2]
@@ -726,10 +753,10 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     times["select"] = time.time()
     # [5, 7] the update: k mini-batches of whole problems, one optimizer step each
     minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
-    late, grad_norm = update_policy(policy, opt, minibatches, cfg, stats)
+    after_first, grad_norm = update_policy(policy, opt, minibatches, cfg, stats)
     times["update"] = time.time()
     rollout_metrics(stats, batch, alpha, minibatches, cfg, p_guided - p_auto)
-    metrics = step_metrics((stats, late), times, grad_norm, opt, cfg, dev)
+    metrics = step_metrics((stats, after_first), times, grad_norm, opt, cfg, dev)
     # --log_completions: what the model wrote, for the log (rank 0)
     samples = completion_samples(batch, kd_rows, alpha, tok, cfg)
     return {**metrics, "samples": samples} if samples else metrics
@@ -760,7 +787,8 @@ def sft_warmup(problems, policy, cfg: Config, log):
                 n_tokens = all_reduce(torch.tensor(float(local), device=policy.device))
                 rows = [Row(*examples[i], weight=1.0 / float(n_tokens)) for i in batch]
                 policy.wrapped.train()
-                accumulate_gradients(policy, rows, cfg, stats)
+                # (no KD in the warm-up: no teacher forward)
+                accumulate_gradients(policy, rows, replace(cfg, use_kd=False), stats)
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 step += 1
                 record = {"phase": "sft", "sft_step": step, "epoch": epoch,
@@ -774,9 +802,6 @@ def setup(argv):
     """Checks, in this order: flags, data, output folder, the checkpoint to resume, the process
     group, the model (UsageError: one line, exit 2). Returns cfg, the data, resume, the policy."""
     cfg = parse_args(argv)
-    warning = learning_rate_warning(cfg, Config())
-    if warning and int(os.environ.get("RANK", 0)) == 0:
-        print(warning, file=sys.stderr)
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
         lambda tokenizer: len(turn_end_ids(tokenizer)))
@@ -856,6 +881,10 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    # a run that starts: bad input stays one line
+    warning = learning_rate_warning(cfg, Config())
+    if warning and get_rank() == 0:
+        print(warning, file=sys.stderr)
     train(cfg, data, resume, policy)
     if dist.is_initialized():
         # the model and DDP hold the process group: freed first, so that no gloo thread stays

@@ -19,21 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (file, the code as written, the bug)
 MUTANTS = {
     "1 alpha(q) dropped from the KD weight": (
-        "sgpo.py", 'weight = alpha[q["id"]] / (len(target) * n_problems)',
-        "weight = 1.0 / (len(target) * n_problems)"),
+        "sgpo.py", "r.weight = r.alpha / (len(r.response) * n_problems)",
+        "r.weight = 1.0 / (len(r.response) * n_problems)"),
     "2 p_guided and p_auto swapped in the alpha update": (
         "sgpo.py", "update_alpha(prev, pg, pa,", "update_alpha(prev, pa, pg,"),
     "3 candidates scored under the guided prompt": (
         "sgpo.py", 'pairs = [(batch.auto_prompts[b], batch.rollouts',
         'pairs = [(batch.guided_prompts[b], batch.rollouts'),
     "4 candidates' score summed, not length-normalised": (
-        "sgpo.py", "return [x.mean().item() for x in", "return [x.sum().item() for x in"),
+        "sgpo.py", '(x.mean() if cfg.target_score == "mean" else x.sum())', "x.sum()"),
     "5a GRPO token count of this rank only": (
         "sgpo.py", "n_tokens = all_reduce(torch.tensor(local, device=device))",
         "n_tokens = torch.tensor(local, device=device)"),
     "5b KD normaliser: this rank's problem count": (
-        "sgpo.py", "n_problems = [None] * n, n * world_size() //",
-        "n_problems = [None] * n, n //"),
+        "sgpo.py", "n_problems = n * world_size() // k", "n_problems = n // k"),
     "6 gold answers tiled, not repeated per problem": (
         "sgpo.py", 'answers = repeat_each([q["answer"] for q in batch.problems], g)',
         'answers = [q["answer"] for q in batch.problems] * g'),

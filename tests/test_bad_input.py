@@ -595,9 +595,10 @@ def test_read_only_output_dir(tmp_path, data_file, tiny_dir, monkeypatch, capsys
         )
 
 
-def test_a_pretrained_model_at_the_toys_learning_rate_is_warned(tiny_dir, tmp_path, capsys):
-    """The warning comes first, one line, whatever stops the run after it; none at the toy's own
-    model or at another learning rate."""
+def test_a_pretrained_model_at_the_toys_learning_rate_is_warned(tiny_dir, data_file, tmp_path,
+                                                                capsys):
+    """One line as the run starts (bad input stays one line: the error alone); none at the toy's
+    own model or at another learning rate."""
     toy = sgpo.Config()
     assert inputs.learning_rate_warning(toy, toy) == ""
     other = sgpo.Config(model=str(tiny_dir))
@@ -608,7 +609,13 @@ def test_a_pretrained_model_at_the_toys_learning_rate_is_warned(tiny_dir, tmp_pa
                        "rate")
     missing = tmp_path / "missing.jsonl"
     assert sgpo.main(["--model", str(tiny_dir), "--data", str(missing)]) == 2
-    assert capsys.readouterr().err.splitlines() == [warning, f"error: {missing}: file not found"]
+    assert capsys.readouterr().err.splitlines() == [f"error: {missing}: file not found"]
+    args = ["--model", str(tiny_dir), "--data", str(data_file), "--eval_data", "",
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "0"]
+    assert sgpo.main(args) == 0
+    assert warning in capsys.readouterr().err.splitlines()
+    assert sgpo.main(args + ["--learning_rate", "1e-6", "--overwrite_output_dir"]) == 0
+    assert warning not in capsys.readouterr().err
 
 
 def _interrupt(args, written, timeout=120):
