@@ -247,7 +247,12 @@ class HFBackend:
         ]
         # progress inside the call: a forward is a decode step (the first: the prompts' prefill)
         bar = tqdm(total=self.cfg.max_new_tokens + 1, desc="decode steps", leave=False)
-        hook = self.model.register_forward_hook(lambda *_: bar.update(1))
+
+        def step(*_):
+            # (a hook's return value other than None would replace the model's output)
+            bar.update(1)
+
+        hook = self.model.register_forward_hook(step)
         try:
             outs = engine.generate(
                 self.model, [x for x in ids for _ in range(n)], self.tok.pad_token_id,
