@@ -215,14 +215,19 @@ class OpenAIBackend:
         return texts
 
     def chat(self, prompts: list, n: int, temperature: float) -> list:
+        # progress inside a batch: a prompt's requests done
+        bar = tqdm(total=len(prompts), desc="requests", leave=False)
+
         def safe(p):
             try:
                 return self._one(p, n, temperature)
             except Exception as e:  # recorded on the row as failed, never dropped
                 return e
+            finally:
+                bar.update(1)
 
         # at most batch_size in flight
-        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
+        with bar, ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
             return list(pool.map(safe, prompts))
 
 

@@ -50,7 +50,8 @@ def completion_samples(batch, kd_rows, alpha, tokenizer, cfg) -> list:
     """--log_completions N: rank 0's first N problems of the step as the model wrote them (batch:
     sgpo.Batch; kd_rows: each problem's KD row or None): its first autonomous and first guided
     sample with their rewards, every rollout's reward, the KD target chosen (its index among the
-    guided rollouts and its text) or why there is none, and alpha(q) as the step read it."""
+    guided rollouts and its text) or why there is none, and alpha(q) after the step's update (the
+    KD weight's under the default --alpha_update before)."""
     if not cfg.log_completions or get_rank() != 0:
         return []
     g1, out = cfg.num_generations, []

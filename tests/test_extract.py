@@ -154,7 +154,9 @@ def test_openai_backend_end_to_end(server, tmp_path, monkeypatch, capsys):
     # every candidate leaked
     assert rows["p4"]["strategy"] == "" and rows["p4"]["strategy_status"] == "rejected"
     assert all(r["answer"] == "42.5" and r["solution"] for r in rows.values())  # input fields kept
-    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    std = capsys.readouterr()
+    assert "requests" in std.err  # progress inside a batch
+    counts = json.loads(std.out.strip().splitlines()[-1])
     assert (counts["kept"], counts["rejected"], counts["failed"]) == (2, 1, 1)
     # p1-p3: "garbage" off-format, LEAKY a math span, LITERAL literal; p4: 3 LEAKY, 2 LITERAL
     assert (counts["candidates_off_format"], counts["candidates_leaked_math_span"],
