@@ -138,6 +138,16 @@ def test_kd_and_grpo_rows_are_what_the_sheet_says():
         assert r.weight == pytest.approx(1 / n_tokens, rel=1e-12)
 
 
+def queue_visit(script, cfg, problems, pattern, rng) -> dict:
+    """Queues one visit's rollouts of each problem, (autonomous, guided) correctness from pattern;
+    returns each problem's first correct guided rollout by id."""
+    targets = {}
+    for q, (auto_correct, guided_correct) in zip(problems, pattern):
+        _, guided = script_problem(script, cfg, q, auto_correct, guided_correct, rng)
+        targets[q["id"]] = guided[guided_correct.index(1)]
+    return targets
+
+
 def test_alpha_table_over_visits():
     """Three problems visited six times with fixed pass rates: the gap > 0 climbs by gamma to the
     cap, < 0 falls to the floor, = 0 falls too (the rule moves up only on a positive gap); each
@@ -150,10 +160,7 @@ def test_alpha_table_over_visits():
                 "q2": [0.4, 0.3, 0.2, 0.1, 0.0, 0.0]}
     alpha = {}
     for step in range(6):
-        targets = {}
-        for q, (auto_correct, guided_correct) in zip(problems, pattern):
-            _, guided = script_problem(script, cfg, q, auto_correct, guided_correct, rng)
-            targets[q["id"]] = guided[guided_correct.index(1)]
+        targets = queue_visit(script, cfg, problems, pattern, rng)
         with scripted(script) as captured:
             sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
         for qid, values in expected.items():
@@ -321,10 +328,7 @@ def test_alpha_update_after_weighs_the_previous_value():
     after = {"q0": [0.6, 0.7, 0.8], "q1": [0.4, 0.3, 0.2]}
     alpha = {}
     for step in range(3):
-        targets = {}
-        for q, (auto_correct, guided_correct) in zip(problems, pattern):
-            _, guided = script_problem(script, cfg, q, auto_correct, guided_correct, rng)
-            targets[q["id"]] = guided[guided_correct.index(1)]
+        targets = queue_visit(script, cfg, problems, pattern, rng)
         with scripted(script) as captured:
             sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
         kd = [r for r in captured[0] if isinstance(r, sgpo.KDRow)]
