@@ -18,9 +18,9 @@ Design choices:
    no gradient) and student; `Policy` bundles its views (--teacher base/ema: weights of its own).
 2. The loss needs full-vocabulary log-probs at every response position but never holds [B, T, V]
    logits: the LM head runs chunk by chunk with a hand-written gradient (chunked_head.py).
-3. Every token's weight in the loss is global (over micro-batches and ranks of its mini-batch):
-   the gradient does not depend on micro-batching or on the number of GPUs. The lockstep that
-   keeps ranks' forwards matched lives in runtime.lockstep.
+3. Every token's weight in the loss is global (over micro-batches and ranks of its mini-batch)
+   and set in one place (split_by_problem): the gradient does not depend on micro-batching or on
+   the number of GPUs. The lockstep that keeps ranks' forwards matched lives in runtime.lockstep.
 4. pi_old is the trainer's own log-prob of each sampled token, taken before the first optimizer
    step of the batch; the sampler's are only checked against it. --steps_per_generation k: k
    optimizer steps per batch (veRL's mini-batches).
@@ -729,9 +729,9 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     g1, g2, tok = cfg.num_generations, cfg.num_guided_generations, policy.tokenizer
     batch = Batch(problems, [prompt_ids(tok, cfg, q, guided=False) for q in problems],
                   [prompt_ids(tok, cfg, q, guided=True) for q in problems])
-    # [1] G1 autonomous and G2 strategy-guided rollouts per problem (FSDP: the samplers' weights
-    # gathered once for all generate calls), and their binary rewards
-    # (the teacher's too under --teacher_samples_guided)
+    # [1] G1 autonomous and G2 strategy-guided rollouts per problem, and their binary rewards
+    # (FSDP: the samplers' weights, the policy's and under --teacher_samples_guided the
+    # teacher's, gathered once for all generate calls)
     samplers = dict.fromkeys([policy.wrapped, guided_sampler(policy, cfg).wrapped])
     with full_weights(*samplers), autocast(cfg.dtype, dev):
         auto, guided = sample_rollouts(policy, batch.auto_prompts, batch.guided_prompts, cfg)
@@ -751,7 +751,7 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     if cfg.alpha_update == "after":
         update_alpha_table(alpha, problems, p_guided, p_auto, cfg)
     times["select"] = time.time()
-    # [5, 7] the update: k mini-batches of whole problems, one optimizer step each
+    # k mini-batches of whole problems, every token's weight set; [5, 7] one optimizer step each
     minibatches = split_by_problem(grpo_rows, kd_rows, cfg.steps_per_generation, dev)
     after_first, grad_norm = update_policy(policy, opt, minibatches, cfg, stats)
     times["update"] = time.time()
