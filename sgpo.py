@@ -153,7 +153,7 @@ class Config:
     """The loss's LM head in chunks (chunked_head.py); false: on full [tokens, V] logits."""
     kd_chunk_size: int = 256
     """Positions per chunk of the LM head in the loss: memory O(chunk x vocab), flat in length."""
-    # ---- GRPO (sheet step 2) ----
+    # ---- GRPO (docs/method.md step 2) ----
     use_grpo: bool = True
     """Autonomous GRPO term; false = the 'w/o autonomous GRPO' ablation."""
     epsilon: float = 0.2
@@ -162,7 +162,7 @@ class Config:
     """Upper clip of the ratio: 1 + epsilon_high (clip-higher)."""
     beta: float = 0.0
     """k3 KL to a frozen reference model; 0 loads no reference."""
-    # ---- strategy distillation (sheet steps 3-6) ----
+    # ---- strategy distillation (steps 3-6) ----
     use_kd: bool = True
     """Strategy distillation term; false = the 'w/o strategy distillation' ablation (GRPO only)."""
     kd_loss: str = "fkl"
@@ -253,7 +253,7 @@ def grpo_token_loss(logp, old_logp, advantages, epsilon=0.2, epsilon_high=0.28):
 def per_token_kl(student_logits, teacher_logits, kind: str = "fkl"):
     """[..., T, V] x2 -> [..., T] fp32 divergence per position.
 
-    fkl: KL(teacher || student) = sum_v p_t (log p_t - log p_s), teacher detached (the sheet's D_t);
+    fkl: KL(teacher || student) = sum_v p_t (log p_t - log p_s), teacher detached (D_t);
     rkl: KL(student || teacher) = sum_v p_s (log p_s - log p_t).
     """
     log_s = student_logits.float().log_softmax(-1)
@@ -270,8 +270,8 @@ def kd_token_loss(div, logp, old_logp, kind="fkl", kl_clip=1.0, trust_region=Tru
     """Per-token distillation loss with the proximal constraints.
     All [M]; returns (loss, kl_clipped, ratio_out).
 
-    fkl/rkl: min(D_t, kl_clip) (sheet 5b: tokens over the threshold give no gradient);
-    sft: -log p(y_t). Trust region (sheet 5c, R): tokens whose unguided ratio p/p_old left
+    fkl/rkl: min(D_t, kl_clip) (step 5b: tokens over the threshold give no gradient);
+    sft: -log p(y_t). Trust region (step 5c, R): tokens whose unguided ratio p/p_old left
     [1-eps, 1+eps_high] give no gradient.
     """
     if kind == "sft":
@@ -285,17 +285,17 @@ def kd_token_loss(div, logp, old_logp, kind="fkl", kl_clip=1.0, trust_region=Tru
     return loss, kl_clipped, ratio_out
 
 
-def select_target(correct: torch.Tensor, mean_logp: torch.Tensor, by_likelihood: bool = True,
+def select_target(correct: torch.Tensor, score: torch.Tensor, by_likelihood: bool = True,
                   generator=None) -> int:
-    """[G2] correctness and [G2] mean token log-prob under the unguided prompt -> index of the KD
-    target, -1 if none. by_likelihood=False (the 'w/o target selection' ablation, R): a uniformly
-    random correct rollout."""
+    """[G2] correctness and [G2] likelihood under the unguided prompt (target_scores: the mean
+    token log-prob, or the sum) -> index of the KD target, -1 if none. by_likelihood=False (the
+    'w/o target selection' ablation, R): a uniformly random correct rollout."""
     idx = torch.nonzero(correct > 0).flatten()
     if idx.numel() == 0:
         return -1
     if not by_likelihood:
         return int(idx[torch.randint(idx.numel(), (1,), generator=generator)])
-    return int(idx[mean_logp[idx].argmax()])
+    return int(idx[score[idx].argmax()])
 
 
 def update_alpha(alpha, p_guided, p_auto, gamma=0.1, alpha_max=0.8):
