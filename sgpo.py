@@ -143,7 +143,8 @@ class Config:
     batch."""
     steps_per_generation: int = 1
     """k optimizer steps per rollout batch, each on 1/k of its problems (GRPO group and KD target
-    together); pi_old: the sampling policy. k > 1 lets the clip and trust region act (README)."""
+    together); pi_old: the sampling policy. k > 1 lets the clip and trust region act
+    (docs/reference.md)."""
     share_prompts: str = "auto"
     """true: a prompt's rows in one sequence in the loss's forwards, the prompt once; false: a row
     each; auto: whichever costs fewer multiply-adds (engine.Backbone.shares_prompts)."""
