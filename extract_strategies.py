@@ -339,10 +339,6 @@ def leak_form(text: str, answer: str, timeout: int = 5) -> str:
     return ""
 
 
-def leaks_answer(text: str, answer: str, timeout: int = 5) -> bool:
-    return bool(leak_form(text, answer, timeout))
-
-
 def judge(text: str, answer: str, timeout: int):
     """(the strategy block, '') if the candidate is usable, else (None, the reason: off-format,
     malformed: ..., leaked: literal / math span)."""
@@ -358,13 +354,12 @@ def parse_best(text: str, n: int):
     return int(m.group(1)) - 1 if m and 1 <= int(m.group(1)) <= n else None
 
 
-def done_rows(cfg: ExtractConfig) -> dict:
-    """Rows already in --output by id; with --retry_failed the failed ones are removed from the file
-    first."""
-    if not os.path.exists(cfg.output):
-        return {}
+def written_rows(path: str) -> list:
+    """The whole rows in an output file (none if it does not exist)."""
     rows = []
-    with open(cfg.output, encoding="utf-8", errors="replace") as f:
+    if not os.path.isfile(path):
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -373,6 +368,15 @@ def done_rows(cfg: ExtractConfig) -> dict:
                 continue
             if isinstance(row, dict) and "id" in row:
                 rows.append(row)
+    return rows
+
+
+def done_rows(cfg: ExtractConfig) -> dict:
+    """Rows already in --output by id; with --retry_failed the failed ones are removed from the file
+    first."""
+    if not os.path.exists(cfg.output):
+        return {}
+    rows = written_rows(cfg.output)
     if cfg.retry_failed:
         rows = [r for r in rows if r.get("strategy_status") != "failed"]
     with open(cfg.output + ".tmp", "w") as f:  # rewrite without cut or dropped lines, atomically
@@ -513,14 +517,7 @@ def rejected_path(cfg: ExtractConfig) -> str:
 
 def interrupted(cfg) -> str:
     """Ctrl-C's one line: what --output holds, and how to continue."""
-    done = 0
-    if cfg and os.path.isfile(cfg.output):
-        for line in open(cfg.output, encoding="utf-8", errors="replace"):
-            try:
-                done += isinstance(json.loads(line), dict)
-            # the line being written when the run stopped
-            except json.JSONDecodeError:
-                pass
+    done = len(written_rows(cfg.output)) if cfg else 0
     if not done:
         return "nothing written yet"
     return (f"{done} rows kept in {cfg.output}; the same command continues with the rest "

@@ -331,7 +331,8 @@ def prepare_output_dir(output_dir: str, resumed_step):
             for line in open(path):
                 if json.loads(line).get("step", 0) <= resumed_step:
                     kept.append(line)
-        if kept or os.path.exists(path) or name == "metrics.jsonl":
+        # (completions.jsonl only where --log_completions wrote one)
+        if os.path.exists(path) or name == "metrics.jsonl":
             with open(path, "w") as f:
                 f.writelines(kept)
     return os.path.join(output_dir, "metrics.jsonl")

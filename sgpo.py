@@ -780,6 +780,8 @@ def sft_warmup(problems, policy, cfg: Config, log):
     per_epoch = len(rank_batches(len(examples), cfg.batch_size, cfg.seed, 0))
     bar = tqdm(total=cfg.sft_epochs * per_epoch, disable=get_rank() != 0, desc="warm-up")
     step = 0
+    # no KD in the warm-up: no teacher forward (micro_batch_loss decides from the flags)
+    warm_cfg = replace(cfg, use_kd=False)
     with bar:  # (closed on Ctrl-C)
         for epoch in range(cfg.sft_epochs):
             for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
@@ -788,8 +790,7 @@ def sft_warmup(problems, policy, cfg: Config, log):
                 n_tokens = all_reduce(torch.tensor(float(local), device=policy.device))
                 rows = [Row(*examples[i], weight=1.0 / float(n_tokens)) for i in batch]
                 policy.wrapped.train()
-                # (no KD in the warm-up: no teacher forward)
-                accumulate_gradients(policy, rows, replace(cfg, use_kd=False), stats)
+                accumulate_gradients(policy, rows, warm_cfg, stats)
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 step += 1
                 record = {"phase": "sft", "sft_step": step, "epoch": epoch,

@@ -108,12 +108,12 @@ def _read(path):
 
 
 def test_leak_guard():
-    assert ex.leaks_answer(LEAKY, "42.5")  # math span x = 85/2, an equal expression in another form
-    assert ex.leaks_answer("take $\\frac{85}{2}$", "42.5")  # equal expression, other form
-    assert ex.leaks_answer(LITERAL, "42.5")  # literal
-    assert not ex.leaks_answer(GOOD, "42.5")
-    assert not ex.leaks_answer("Step 2: add", "2")  # a lone digit is only checked in math spans
-    assert ex.leaks_answer("so $y=2$", "2")
+    assert ex.leak_form(LEAKY, "42.5")  # math span x = 85/2, an equal expression in another form
+    assert ex.leak_form("take $\\frac{85}{2}$", "42.5")  # equal expression, other form
+    assert ex.leak_form(LITERAL, "42.5")  # literal
+    assert not ex.leak_form(GOOD, "42.5")
+    assert not ex.leak_form("Step 2: add", "2")  # a lone digit is only checked in math spans
+    assert ex.leak_form("so $y=2$", "2")
 
 
 def test_each_rejection_names_its_reason():
@@ -374,11 +374,11 @@ def test_resume_after_a_line_cut_inside_a_string(tmp_path):
 def test_leak_guard_sees_nested_braces_and_display_fractions():
     gold = "\\frac{3}{4}"
     assert ex.boxed_spans("so \\boxed{\\dfrac{3}{4}} and \\boxed{x}") == ["\\dfrac{3}{4}", "x"]
-    assert ex.leaks_answer("Steps:\n- it is \\boxed{\\dfrac{3}{4}}", gold)  # boxed, nested braces
-    assert ex.leaks_answer("Steps:\n- the ratio is \\tfrac{3}{4}", gold)  # literal, display form
+    assert ex.leak_form("Steps:\n- it is \\boxed{\\dfrac{3}{4}}", gold)  # boxed, nested braces
+    assert ex.leak_form("Steps:\n- the ratio is \\tfrac{3}{4}", gold)  # literal, display form
     # an equal value in a nested-free box
-    assert ex.leaks_answer("Steps:\n- answer \\boxed{0.75}", gold)
-    assert not ex.leaks_answer("Steps:\n- write the ratio as \\boxed{\\frac{a}{b}}", gold)
+    assert ex.leak_form("Steps:\n- answer \\boxed{0.75}", gold)
+    assert not ex.leak_form("Steps:\n- write the ratio as \\boxed{\\frac{a}{b}}", gold)
 
 
 def test_against_transformers_serve_which_ignores_n(tmp_path, capsys):
