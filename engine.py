@@ -327,7 +327,14 @@ class Policy:
     def response_hidden(self, pairs, sync_grads=True):
         """(prompt ids, response ids) pairs -> [M, H] hidden states that predict the response
         tokens, and those tokens [M]. sync_grads: through `wrapped`, whose backward syncs the
-        gradients over ranks (the student); else through the bare `backbone` (no gradient)."""
+        gradients over ranks (the student); else through the bare `backbone` (no gradient).
+        No pairs: [0, H], [0], from a forward all the same (on one pad token): under FSDP every
+        forward is a collective (sgpo.micro_batch_loss's teacher, on a micro-batch without KD
+        rows)."""
+        if not pairs:
+            pad = self.tokenizer.pad_token_id
+            hidden, targets = self.response_hidden([([pad], [pad])], sync_grads)
+            return hidden[:0], targets[:0]
         layout = collate_shared if self.backbone.shares_prompts(pairs) else collate
         input_ids, mask, positions, pred_idx, targets = layout(pairs, self.tokenizer.pad_token_id)
         to = self.device

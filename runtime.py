@@ -13,11 +13,11 @@ that sets how many collectives a rank makes is one of two kinds (tests/test_unev
   - optimizer steps, mini-batches and warm-up batches: from flags (rank_batches drops the last
     partial batch, so every rank has batch_size problems);
   - forward/backward passes of a step: lockstep, the most any rank has (a rank out of rows makes
-    zero-loss passes, its teacher's forward included);
+    passes on a zero-weight filler row, its teacher's forward included);
   - --generate_by_mode auto: decided at the longest prompt over ranks (engine.sample_in_one_call);
   - metrics: Stats.reduce gathers the union of the ranks' names;
-- free to differ, because no collective runs inside: generate calls, target scoring, pi_old
-  forwards of later mini-batches and the held-out evaluation all run inside full_weights (FSDP:
+- free to differ, because no collective runs inside: generate calls, target scoring, the pi_old
+  pass and the held-out evaluation all run inside full_weights (FSDP:
   every unit gathered once before, so a forward is local), and generate is called with
   synced_gpus=False (transformers turns it on by itself for an FSDP-managed module: a collective
   per decode step, until the slowest rank ends); DDP's forward without gradient and the frozen
@@ -201,14 +201,15 @@ def reshard(model):
             m.reshard()
 
 
-def lockstep(micro_batches: list, model, device):
+def lockstep(micro_batches: list, filler, model, device):
     """The distributed lockstep of one optimizer step's forward/backward passes, in one place, so
-    that the loss reads as single-process code. Yields each micro-batch of this rank, then [] until
-    every rank is done; the caller runs its forward and backward(loss) before the next. Why:
+    that the loss reads as single-process code. Yields (micro-batch, True) for each of this rank's,
+    then (filler, False) until every rank is done; the caller runs its forward and backward(loss)
+    before the next, on a filler a loss of zero gradient through every parameter whose statistics
+    it drops. Why:
     - every rank makes the same number of passes (the most any rank has): under FSDP every forward
       is a collective (a rank that stops early hangs the others), and DDP reduces gradients over
-      every rank's backward; a rank that has run out makes passes on [] (sgpo.micro_batch_loss:
-      zero loss through every parameter, and the teacher's forward as usual);
+      every rank's backward, of every parameter;
     - DDP all-reduces gradients on the last backward of the step only (no_sync before), FSDP
       reduce-scatters every backward (unsharded gradients would not fit);
     - the token weights are normalised over the global batch, while DDP and FSDP average
@@ -217,7 +218,7 @@ def lockstep(micro_batches: list, model, device):
     for i in range(n):
         sync = model.no_sync() if isinstance(model, DDP) and i < n - 1 else nullcontext()
         with sync:
-            yield micro_batches[i] if i < len(micro_batches) else []
+            yield (micro_batches[i], True) if i < len(micro_batches) else (filler, False)
 
 
 def backward(loss: torch.Tensor):

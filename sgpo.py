@@ -21,9 +21,9 @@ Design choices:
 3. Every token's weight in the loss is global (over micro-batches and ranks of its mini-batch)
    and set in one place (split_by_problem): the gradient does not depend on micro-batching or on
    the number of GPUs. The lockstep that keeps ranks' forwards matched lives in runtime.lockstep.
-4. pi_old is the trainer's own log-prob of each sampled token, taken before the first optimizer
-   step of the batch; the sampler's are only checked against it. --steps_per_generation k: k
-   optimizer steps per batch (veRL's mini-batches).
+4. pi_old is the trainer's own log-prob of each sampled token, taken in one no-grad pass before
+   the batch's first optimizer step (take_pi_old); the sampler's are only checked against it.
+   --steps_per_generation k: k optimizer steps per batch (veRL's mini-batches).
 5. fp32 master weights, forwards in --dtype under autocast: a bf16 weight would not move under an
    lr-1e-6 AdamW step.
 6. Where it costs fewer multiply-adds, a prompt's rows share one sequence in the loss's forwards,
@@ -349,8 +349,8 @@ class Row:
     """Each response token's weight in its mini-batch's loss, over all ranks (split_by_problem
     sets it for GRPO and KD rows: 1 / GRPO tokens, alpha(q) / (|target| x problems))."""
     old_logps: torch.Tensor = None
-    """[len(response)] log pi_old, the sampling policy's: kept by the update's first forward of
-    the row (keep_pi_old) or, for later mini-batches, by update_policy before any step."""
+    """[len(response)] log pi_old, the sampling policy's (take_pi_old, before the update's first
+    optimizer step)."""
 
 
 @dataclass
@@ -368,13 +368,6 @@ class KDRow(Row):
     """The guided prompt: the teacher's context for the same response tokens."""
     alpha: float = 0.0
     """alpha(q) of its problem, as the step reads it: a factor of its weight."""
-
-
-def keep_pi_old(rows, logp):
-    """[M] log-probs of rows' tokens, taken while the policy is pi_old, kept on the rows."""
-    pieces = logp.detach().split([len(r.response) for r in rows])
-    for r, piece in zip(rows, pieces):
-        r.old_logps = piece
 
 
 def check_sampler(rows, stats):
@@ -396,15 +389,11 @@ def per_token(rows, values):
 
 
 # ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
-def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False):
-    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's (where KD
-    rows may be: the same on every rank), each row kind's term; weights are global, so summed over
-    micro-batches and ranks this is the mini-batch's L. pi_old_now: the update's first forward of
-    these rows (keep their log-probs). rows == []: a rank out of rows (runtime.lockstep): zero
-    loss, same forwards."""
-    pad = policy.tokenizer.pad_token_id
-    pairs = [(r.prompt, r.response) for r in rows] or [([pad], [pad])]
-    hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
+def micro_batch_loss(policy: Policy, rows, cfg: Config, stats):
+    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's on its KD
+    rows, each row kind's term; weights are global, so summed over micro-batches and ranks this
+    is the mini-batch's L."""
+    hidden, targets = policy.response_hidden([(r.prompt, r.response) for r in rows])  # [M, H]
     # positions of the KD rows' tokens and of the plain rows' (SFT, GRPO: no teacher) among the M
     # (index lists, not a boolean mask: their sizes are known without reading data, so fake
     # tensors can run this too)
@@ -417,18 +406,16 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False)
     kd = [r for r in rows if isinstance(r, KDRow)]
     # The teacher (the policy's weights or --teacher's) on guided prompt + target, no gradient:
     # one forward per micro-batch of the RL update, KD rows or not (under FSDP every forward is a
-    # collective); none where the loss reads no teacher (the warm-up's, --kd_loss sft): decided
-    # from the flags alone, so that every rank decides alike
+    # collective: engine.Policy.response_hidden runs it without rows too); none where the loss
+    # reads no teacher (the warm-up's, --kd_loss sft): decided from the flags alone, so that
+    # every rank decides alike
     teacher = None
     if cfg.use_kd and cfg.kd_loss != "sft":
         view = policy.teacher_view()
         with torch.no_grad():
-            t_pairs = [(r.teacher_prompt, r.response) for r in kd] or [([pad], [pad])]
+            t_pairs = [(r.teacher_prompt, r.response) for r in kd]
             t_hidden, _ = view.response_hidden(t_pairs, sync_grads=False)
         teacher = (t_hidden, view.head)
-    if not rows:
-        # through every parameter: DDP's reduction waits for all of them
-        return policy.head(hidden).float().sum() * 0.0
     loss = hidden.new_zeros((), dtype=torch.float32)
     plain = (hidden[plain_at], targets[plain_at])
     sft = [r for r in rows if type(r) is Row]
@@ -436,10 +423,10 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, pi_old_now=False)
         loss = loss + sft_term(policy, sft, plain, cfg, stats)
     grpo = [r for r in rows if isinstance(r, GRPORow)]
     if grpo:
-        loss = loss + grpo_term(policy, grpo, plain, cfg, stats, pi_old_now)
+        loss = loss + grpo_term(policy, grpo, plain, cfg, stats)
     if kd:
         student = (hidden[kd_at], targets[kd_at])
-        loss = loss + kd_term(policy, kd, (student, teacher), cfg, stats, pi_old_now)
+        loss = loss + kd_term(policy, kd, (student, teacher), cfg, stats)
     return loss
 
 
@@ -452,14 +439,11 @@ def sft_term(policy, rows, student, cfg: Config, stats):
     return (-logp * weight).sum()
 
 
-def grpo_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
+def grpo_term(policy, rows, student, cfg: Config, stats):
     """[2] Autonomous GRPO: sum_t w_t * -min(rho_t A, clip(rho_t, 1-eps, 1+eps_high) A)
     (+ beta * k3 KL to policy.reference), w_t = 1 / (GRPO tokens of the mini-batch). student: [M, H]
     hidden states, [M] tokens."""
     logp, _, entropy = head_outputs(policy.head, *student, cfg)
-    if pi_old_now:
-        keep_pi_old(rows, logp)
-        check_sampler(rows, stats)
     old_logp = torch.cat([r.old_logps for r in rows])
     advantage = per_token(rows, [r.advantage for r in rows]).to(policy.device)
     weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
@@ -478,7 +462,7 @@ def grpo_term(policy, rows, student, cfg: Config, stats, pi_old_now=False):
     return (tok_loss * weight).sum()
 
 
-def kd_term(policy, rows, views, cfg: Config, stats, pi_old_now=False):
+def kd_term(policy, rows, views, cfg: Config, stats):
     """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
     guided teacher to the unguided student, no gradient where the unguided ratio left the trust
     region; w_t = alpha(q) / (|target| x problems of the mini-batch). views: the student's ([M, H]
@@ -486,8 +470,6 @@ def kd_term(policy, rows, views, cfg: Config, stats, pi_old_now=False):
     --kd_loss sft, which reads no teacher)."""
     (hidden, targets), teacher = views
     logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, teacher)
-    if pi_old_now:
-        keep_pi_old(rows, logp)
     old_logp = torch.cat([r.old_logps for r in rows])
     weight = per_token(rows, [r.weight for r in rows]).to(policy.device)
     tok_loss, kl_clipped, ratio_out = kd_token_loss(
@@ -500,17 +482,22 @@ def kd_term(policy, rows, views, cfg: Config, stats, pi_old_now=False):
     return (tok_loss * weight).sum()
 
 
-def accumulate_gradients(policy, rows, cfg: Config, stats, pi_old_now=False):
+def accumulate_gradients(policy, rows, cfg: Config, stats):
     """Forward/backward over micro-batches of rows, sorted by length (less padding; the weights
     are global, so the gradient is the same), in lockstep with the other ranks (runtime.lockstep).
     Returns the number of micro-batches."""
     rows = sorted(rows, key=lambda r: len(r.prompt) + len(r.response))
     size = cfg.micro_batch_size
     micro_batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+    # what a rank out of micro-batches runs until every rank is done: one pad token of weight 0
+    # (a zero gradient through every parameter; its statistics dropped)
+    pad = policy.tokenizer.pad_token_id
+    filler = [Row([pad], [pad], weight=0.0)]
+    passes = lockstep(micro_batches, filler, policy.wrapped, policy.device)
     n = 0
-    for n, batch in enumerate(lockstep(micro_batches, policy.wrapped, policy.device), 1):
+    for n, (batch, own) in enumerate(passes, 1):
         with autocast(cfg.dtype, policy.device):
-            loss = micro_batch_loss(policy, batch, cfg, stats, pi_old_now)
+            loss = micro_batch_loss(policy, batch, cfg, stats if own else Stats())
         # (loss x world size).backward(): DDP and FSDP average over ranks, and the weights
         # already sum over all of them
         backward(loss)
@@ -670,27 +657,30 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
     return minibatches
 
 
+def take_pi_old(policy, rows, cfg: Config, stats):
+    """[5] pi_old, the policy that sampled the batch: every row's response log-probs, in one
+    no-grad pass before the update's first optimizer step, kept on the rows for every mini-batch
+    and epoch; the sampler's log-probs checked against them."""
+    # (on every rank alike: FSDP's gathering is a collective)
+    with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
+        logps = response_logps(policy, [(r.prompt, r.response) for r in rows], cfg)
+    for r, logp in zip(rows, logps):
+        r.old_logps = logp
+    check_sampler(rows, stats)
+
+
 def update_policy(policy, opt, minibatches, cfg: Config, stats):
     """[7] L minimised: one optimizer step per mini-batch (an extension: veRL's mini-batches, under
-    which [5]'s clip and trust region act), num_iterations epochs. pi_old, the sampling policy:
-    the first mini-batch's rows keep it from their first forward (keep_pi_old: no extra pass),
-    the later ones' from a forward here, before any step. Returns the statistics of the passes
-    after the first optimizer step (ratios leave 1) and the last grad norm."""
+    which [5]'s clip and trust region act), num_iterations epochs, from pi_old taken first.
+    Returns the statistics of the passes after the first optimizer step (ratios leave 1) and the
+    last grad norm."""
     policy.wrapped.train()
-    if len(minibatches) > 1:
-        # (k > 1 on every rank alike: FSDP's gathering is a collective)
-        later = list(itertools.chain.from_iterable(minibatches[1:]))
-        with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
-            logps = response_logps(policy, [(r.prompt, r.response) for r in later], cfg)
-        for r, logp in zip(later, logps):
-            r.old_logps = logp
-        check_sampler(later, stats)
+    take_pi_old(policy, list(itertools.chain.from_iterable(minibatches)), cfg, stats)
     after_first, grad_norm = Stats(), 0.0
     for epoch in range(cfg.num_iterations):
         for i, rows in enumerate(minibatches):
             first = epoch == i == 0
-            n_micro = accumulate_gradients(policy, rows, cfg, stats if first else after_first,
-                                           first)
+            n_micro = accumulate_gradients(policy, rows, cfg, stats if first else after_first)
             # a mini-batch without rows on every rank made no micro-batch: no step
             if n_micro > 0:
                 grad_norm = optimizer_step(policy.lm, opt, cfg)

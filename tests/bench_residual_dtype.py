@@ -41,7 +41,8 @@ def step(model_dir, mode, dtype):
     seen = []
     hook = policy.backbone.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     stats = runtime.Stats()
-    sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
+    sgpo.take_pi_old(policy, rows, cfg, stats)
+    sgpo.accumulate_gradients(policy, rows, cfg, stats)
     hook.remove()
     grads = {n: full(p.grad).detach().clone() for n, p in lm.named_parameters()}
     return torch.cat([r.old_logps for r in rows]), grads, seen[0]

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
+import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from toy.tiny import build_model, build_tokenizer, tiny_rows, write_jsonl  # noqa: E402
 
@@ -67,10 +68,12 @@ def training_rows(tok, model, cfg, n=5):
     return rows
 
 
-def fresh(rows):
-    """Copies of training rows without a stored pi_old: a new rollout batch, as rl_step makes each
-    step."""
-    return [dataclasses.replace(r, old_logps=None) for r in rows]
+def fresh(rows, policy, cfg):
+    """Copies of training rows with pi_old taken by policy (sgpo.take_pi_old): a new rollout
+    batch, as rl_step makes each step."""
+    rows = [dataclasses.replace(r, old_logps=None) for r in rows]
+    sgpo.take_pi_old(policy, rows, cfg, runtime.Stats())
+    return rows
 
 
 def run_sgpo(args, nproc=0, timeout=300, script="sgpo.py"):

@@ -65,7 +65,8 @@ def run_case(flags):
     if teacher is not None:
         policy.teacher = sgpo.Policy.of(teacher, tok, "cpu", teacher_wrap, share)
     stats = runtime.Stats()
-    sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
+    sgpo.take_pi_old(policy, rows, cfg, stats)
+    sgpo.accumulate_gradients(policy, rows, cfg, stats)
     result = {
         "metrics": stats.reduce("cpu"),
         "grads": {n: full(p.grad) for n, p in model.named_parameters()},

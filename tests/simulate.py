@@ -228,9 +228,10 @@ def give_storage(module, device):
             sub.register_buffer(name, torch.empty_like(b, device=device))
 
 
-def longest_rows(cfg, prompt_tokens: int, token: int):
+def longest_rows(cfg, prompt_tokens: int, token: int, device):
     """micro_batch_size x 2 rows of the longest length: GRPO and KD rows alternating (KD rows with
-    a guided prompt as long), pi_old stored as the first pass stores it."""
+    a guided prompt as long), pi_old stored as sgpo.take_pi_old stores it (that pass: the scoring
+    phase's, sgpo.response_logps under the gathered weights)."""
     n = cfg.max_completion_length
     rows = []
     for i in range(2 * cfg.micro_batch_size):
@@ -241,6 +242,7 @@ def longest_rows(cfg, prompt_tokens: int, token: int):
         else:
             rows.append(sgpo.GRPORow(prompt, response, 1.0, advantage=1.0,
                                      sampler_logps=torch.zeros(n)))
+        rows[-1].old_logps = torch.zeros(n, device=device)
     return rows
 
 
@@ -379,8 +381,8 @@ def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
     hooks = (torch.autograd.graph.saved_tensors_hooks(tracker.saved_for_backward, lambda t: t)
              if tracker.mark_saved else nullcontext())
     with hooks:
-        sgpo.accumulate_gradients(policy, longest_rows(cfg, prompt_tokens, 1), cfg,
-                                  runtime.Stats(), True)
+        rows = longest_rows(cfg, prompt_tokens, 1, policy.device)
+        sgpo.accumulate_gradients(policy, rows, cfg, runtime.Stats())
     out["gradients"] = tensor_bytes(p.grad for p in policy.lm.parameters() if p.grad is not None)
     tracker.label = "optimizer step"
     sgpo.optimizer_step(policy.lm, opt, cfg)

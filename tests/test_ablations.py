@@ -120,14 +120,14 @@ def test_reference_kl_term():
     tok, model, cfg = tiny_setup()
     rows = [r for r in training_rows(tok, model, cfg) if isinstance(r, sgpo.GRPORow)]
     policy = sgpo.Policy.of(model, tok, "cpu")
-    base = sgpo.micro_batch_loss(policy, fresh(rows), cfg, runtime.Stats(), pi_old_now=True)
+    base = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
     cfg.beta = 0.5
     policy.reference = sgpo.Policy.of(model, tok, "cpu")
-    same = sgpo.micro_batch_loss(policy, fresh(rows), cfg, runtime.Stats(), True)
+    same = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
     assert torch.allclose(base, same)  # reference == policy: k3 = 0
     policy.reference = sgpo.Policy.of(tiny_setup(seed=1)[1], tok, "cpu")
     stats = runtime.Stats()
-    far = sgpo.micro_batch_loss(policy, fresh(rows), cfg, stats, True)
+    far = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, stats)
     kl = stats.reduce("cpu")["kl"]
     assert kl > 0
     n_tok = sum(len(r.response) for r in rows)

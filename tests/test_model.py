@@ -75,7 +75,7 @@ def test_sampler_logps_equal_trainer_logps_left_padded(arch):
 def _grads(model, rows, cfg, tok, share="auto"):
     model.zero_grad()
     policy = sgpo.Policy.of(model, tok, "cpu", share=share)
-    sgpo.accumulate_gradients(policy, fresh(rows), cfg, runtime.Stats(), pi_old_now=True)
+    sgpo.accumulate_gradients(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -104,7 +104,7 @@ def test_prompt_and_padding_positions_get_no_gradient():
             captured["h"] = out
 
     handle = policy.backbone.register_forward_hook(keep)
-    loss = sgpo.micro_batch_loss(policy, rows, cfg, runtime.Stats(), pi_old_now=True)
+    loss = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
     loss.backward()
     handle.remove()
     grad = captured["h"].grad.abs().sum(-1)  # [B, L]
@@ -120,8 +120,9 @@ def test_old_logps_are_frozen_across_iterations():
     tok, model, cfg = tiny_setup()
     rows = training_rows(tok, model, cfg)
     policy, stats = sgpo.Policy.of(model, tok, "cpu"), runtime.Stats()
-    # the update's first forward of these rows: it keeps their pi_old
-    sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
+    # pi_old, then the update's first pass on these rows
+    sgpo.take_pi_old(policy, rows, cfg, stats)
+    sgpo.accumulate_gradients(policy, rows, cfg, stats)
     first = [r.old_logps.clone() for r in rows]
     # rho == 1
     assert stats.reduce("cpu")["clip_ratio"] == 0 and stats.reduce("cpu")["kd/ratio_out_frac"] == 0
@@ -175,7 +176,7 @@ def _train(dtype_flag, weights_dtype, steps=5, lr=1e-6):
         sgpo.Policy.of(model, tok, "cpu"), sgpo.make_optimizer(model, lr, cfg), None
     )
     for _ in range(steps):
-        sgpo.accumulate_gradients(policy, fresh(rows), cfg, runtime.Stats(), pi_old_now=True)
+        sgpo.accumulate_gradients(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
         first_grads = first_grads or {
             n: p.grad.float().clone() for n, p in model.named_parameters()
         }
@@ -246,7 +247,7 @@ def test_prefill_once_per_distinct_prompt_samples_what_hf_generate_samples():
 def _loss_and_grads(policy, rows, cfg):
     policy.lm.zero_grad()
     stats = runtime.Stats()
-    sgpo.accumulate_gradients(policy, fresh(rows), cfg, stats, pi_old_now=True)
+    sgpo.accumulate_gradients(policy, fresh(rows, policy, cfg), cfg, stats)
     grads = {n: p.grad.clone() for n, p in policy.lm.named_parameters()}
     return stats.reduce("cpu"), grads
 

@@ -171,7 +171,7 @@ def test_plain_and_chunked_loss_agree_on_smollm2(smollm2):
         model.zero_grad()
         stats = runtime.Stats()
         cfg.chunked_head = chunked
-        sgpo.accumulate_gradients(policy, fresh(rows), cfg, stats, pi_old_now=True)
+        sgpo.accumulate_gradients(policy, fresh(rows, policy, cfg), cfg, stats)
         results.append((stats.reduce("cpu"), model.model.embed_tokens.weight.grad.clone()))
     (chunked, g_chunked), (plain, g_plain) = results
     assert chunked["kd/kl_mean"] > 0

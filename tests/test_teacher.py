@@ -31,7 +31,7 @@ def _train(policy, cfg, steps):
     opt = sgpo.make_optimizer(policy.lm, cfg.learning_rate, cfg)
     weights = [[p.detach().clone() for p in policy.lm.parameters()]]
     for _ in range(steps):
-        sgpo.update_policy(policy, opt, [fresh(rows)], cfg, runtime.Stats())
+        sgpo.update_policy(policy, opt, [fresh(rows, policy, cfg)], cfg, runtime.Stats())
         weights.append([p.detach().clone() for p in policy.lm.parameters()])
     return weights
 
@@ -81,9 +81,9 @@ def test_base_teacher_is_the_initial_model_after_training(chunked):
     cfg.chunked_head = chunked
     initial = copy.deepcopy(policy.lm).eval()
     _train(policy, cfg, 3)
-    rows = fresh(training_rows(policy.tokenizer, policy.lm, cfg))
+    rows = fresh(training_rows(policy.tokenizer, policy.lm, cfg), policy, cfg)
     stats = runtime.Stats()
-    sgpo.accumulate_gradients(policy, rows, cfg, stats, pi_old_now=True)
+    sgpo.accumulate_gradients(policy, rows, cfg, stats)
     with torch.no_grad():
         policy.lm.eval()
         base = _kd_divergence_by_hand(policy.lm, initial, rows, cfg)
