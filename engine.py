@@ -17,7 +17,7 @@ import torch
 
 from inputs import UsageError, has_usable_strategy
 from reward import Grader
-from runtime import all_reduce, autocast, compute_dtype, get_rank, wrap
+from runtime import all_reduce, autocast, compute_dtype, get_rank, reshard, wrap
 
 AUTO_TEMPLATE = (
     "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -416,6 +416,27 @@ def refresh_working_copy(teacher: Policy):
     """The working copy's weights from the master's (cast where the copy's are not fp32)."""
     for weight, master in zip(teacher.lm.parameters(), teacher.master.parameters(), strict=True):
         weight.copy_(master)
+
+
+@torch.no_grad()
+def move_teacher(policy: Policy, rate: float):
+    """An extension (--teacher base/ema; the paper's teacher is the live policy), after each
+    optimizer step: theta_T += rate (theta - theta_T) in fp32, tensor by tensor (FSDP: each rank
+    its shards), then its working copy (with_working_copy) refreshed. rate: --teacher_ema_rate
+    under ema, 0 under base (unmoved), 1 as RL starts (a copy). FSDP: the teacher's root, left
+    gathered by its forwards, is resharded first."""
+    reshard(policy.teacher.wrapped)
+    if rate == 0:
+        return
+    teacher = policy.teacher
+    for theta_t, theta in zip(teacher.master_weights().parameters(), policy.lm.parameters(),
+                              strict=True):
+        if rate == 1:
+            theta_t.copy_(theta)
+        else:
+            theta_t.lerp_(theta, rate)
+    if teacher.master is not None:
+        refresh_working_copy(teacher)
 
 
 # ==== Generation.

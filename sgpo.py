@@ -46,8 +46,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from chunked_head import ChunkedHead, head_weight
-from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, prompt_ids,
-                    refresh_working_copy, repeat_each, sample, sample_in_one_call, turn_end_ids)
+from engine import (AUTO_TEMPLATE, GUIDED_TEMPLATE, Policy, load_policy, move_teacher,
+                    prompt_ids, repeat_each, sample, sample_in_one_call, turn_end_ids)
 from inputs import (UsageError, check_train_config, config_from_args, learning_rate_warning,
                     load_train_data)
 from reward import Grader
@@ -55,7 +55,7 @@ from metrics import (RunLog, completion_samples, held_out_accuracy, rollout_metr
                      step_metrics)
 from runtime import (Stats, all_gather_objects, all_reduce, autocast, backward, check_output_dir,
                      full_weights, get_rank, interrupted_advice, lockstep, make_optimizer,
-                     optimizer_step, rank_batches, reshard, resolve_resume, restore_checkpoint,
+                     optimizer_step, rank_batches, resolve_resume, restore_checkpoint,
                      save_checkpoint, seed_sampling, setup_distributed, world_size)
 
 
@@ -393,22 +393,16 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats):
     """Loss of one micro-batch: ONE student forward for all its rows, the teacher's on its KD
     rows, each row kind's term; weights are global, so summed over micro-batches and ranks this
     is the mini-batch's L."""
-    hidden, targets = policy.response_hidden([(r.prompt, r.response) for r in rows])  # [M, H]
-    # positions of the KD rows' tokens and of the plain rows' (SFT, GRPO: no teacher) among the M
-    # (index lists, not a boolean mask: their sizes are known without reading data, so fake
-    # tensors can run this too)
-    kd_at, plain_at = [], []
-    for r in rows:
-        start = len(kd_at) + len(plain_at)
-        (kd_at if isinstance(r, KDRow) else plain_at).extend(range(start, start + len(r.response)))
-    kd_at, plain_at = (torch.tensor(at, dtype=torch.long, device=policy.device)
-                       for at in (kd_at, plain_at))
-    kd = [r for r in rows if isinstance(r, KDRow)]
-    # The teacher (the policy's weights or --teacher's) on guided prompt + target, no gradient:
-    # one forward per micro-batch of the RL update, KD rows or not (under FSDP every forward is a
-    # collective: engine.Policy.response_hidden runs it without rows too); none where the loss
-    # reads no teacher (the warm-up's, --kd_loss sft): decided from the flags alone, so that
-    # every rank decides alike
+    sft, grpo, kd = ([r for r in rows if type(r) is kind] for kind in (Row, GRPORow, KDRow))
+    # the rows by kind: each term reads its kind's slice of the M positions
+    pairs = [(r.prompt, r.response) for r in sft + grpo + kd]
+    hidden, targets = policy.response_hidden(pairs)  # [M, H], [M]
+    sizes = [sum(len(r.response) for r in kind) for kind in (sft, grpo, kd)]
+    h_sft, h_grpo, h_kd = hidden.split(sizes)
+    y_sft, y_grpo, y_kd = targets.split(sizes)
+    # The teacher on guided prompt + target, no gradient, on every micro-batch of the RL update,
+    # KD rows or not (FSDP: every forward is a collective); none where the loss reads no teacher
+    # (warm-up, --kd_loss sft): decided from the flags, alike on every rank
     teacher = None
     if cfg.use_kd and cfg.kd_loss != "sft":
         view = policy.teacher_view()
@@ -417,16 +411,12 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats):
             t_hidden, _ = view.response_hidden(t_pairs, sync_grads=False)
         teacher = (t_hidden, view.head)
     loss = hidden.new_zeros((), dtype=torch.float32)
-    plain = (hidden[plain_at], targets[plain_at])
-    sft = [r for r in rows if type(r) is Row]
     if sft:
-        loss = loss + sft_term(policy, sft, plain, cfg, stats)
-    grpo = [r for r in rows if isinstance(r, GRPORow)]
+        loss = loss + sft_term(policy, sft, (h_sft, y_sft), cfg, stats)
     if grpo:
-        loss = loss + grpo_term(policy, grpo, plain, cfg, stats)
+        loss = loss + grpo_term(policy, grpo, (h_grpo, y_grpo), cfg, stats)
     if kd:
-        student = (hidden[kd_at], targets[kd_at])
-        loss = loss + kd_term(policy, kd, (student, teacher), cfg, stats)
+        loss = loss + kd_term(policy, kd, ((h_kd, y_kd), teacher), cfg, stats)
     return loss
 
 
@@ -571,8 +561,7 @@ def pass_rates(batch: Batch, cfg: Config):
 
 def update_alpha_table(alpha, problems, p_guided, p_auto, cfg: Config):
     """[6] (R) alpha(q) of every rank's problems, updated in place from their pass gaps (all ranks
-    alike). (R) By default before the KD weight reads it: read after (--alpha_update after), a
-    problem seen once (the toy: 1,280 of 2,000 in 80 steps) weighs alpha_0, the fixed-alpha row."""
+    alike)."""
     mine = [(q["id"], float(pg), float(pa)) for q, pg, pa in zip(problems, p_guided, p_auto)]
     for updates in all_gather_objects(mine):
         for qid, pg, pa in updates:
@@ -658,7 +647,7 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
 
 
 def take_pi_old(policy, rows, cfg: Config, stats):
-    """[5] pi_old, the policy that sampled the batch: every row's response log-probs, in one
+    """[2, 5] pi_old, the policy that sampled the batch: every row's response log-probs, in one
     no-grad pass before the update's first optimizer step, kept on the rows for every mini-batch
     and epoch; the sampler's log-probs checked against them."""
     # (on every rank alike: FSDP's gathering is a collective)
@@ -685,44 +674,21 @@ def update_policy(policy, opt, minibatches, cfg: Config, stats):
             if n_micro > 0:
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 if policy.teacher:
-                    move_teacher(policy, cfg)
+                    # an extension: the teacher EMA (--teacher ema; base: rate 0, unmoved)
+                    move_teacher(policy, cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0)
     return after_first, grad_norm
-
-
-@torch.no_grad()
-def move_teacher(policy, cfg: Config, rate=None):
-    """An extension (--teacher base/ema; the paper's teacher is the live policy): after each
-    optimizer step theta_T += rate (theta - theta_T) in fp32, tensor by tensor (FSDP: each rank
-    its shards), then its working copy (engine.with_working_copy) refreshed;
-    rate: --teacher_ema_rate under ema, 0 under base, unless given (1: a copy, as RL starts).
-    FSDP: the teacher's root, left gathered, is resharded first."""
-    reshard(policy.teacher.wrapped)
-    if rate is None:
-        rate = cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0
-    if rate == 0:
-        return
-    teacher = policy.teacher
-    for theta_t, theta in zip(teacher.master_weights().parameters(), policy.lm.parameters(),
-                              strict=True):
-        if rate == 1:
-            theta_t.copy_(theta)
-        else:
-            theta_t.lerp_(theta, rate)
-    if teacher.master is not None:
-        refresh_working_copy(teacher)
 
 
 def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     """One RL step: docs/method.md's steps [1]-[7] on a batch of problems (docs/design.md, "How
     one step runs"). alpha: the per-problem table, updated in place. Returns the step's metrics
-    (over all ranks)."""
+    (over all ranks) and --log_completions' samples (rank 0's)."""
     stats, times, dev = Stats(), {"start": time.time()}, policy.device
     g1, g2, tok = cfg.num_generations, cfg.num_guided_generations, policy.tokenizer
     batch = Batch(problems, [prompt_ids(tok, cfg, q, guided=False) for q in problems],
                   [prompt_ids(tok, cfg, q, guided=True) for q in problems])
     # [1] G1 autonomous and G2 strategy-guided rollouts per problem, and their binary rewards
-    # (FSDP: the samplers' weights, the policy's and under --teacher_samples_guided the
-    # teacher's, gathered once for all generate calls)
+    # (FSDP: the samplers' weights gathered once for all generate calls)
     samplers = dict.fromkeys([policy.wrapped, guided_sampler(policy, cfg).wrapped])
     with full_weights(*samplers), autocast(cfg.dtype, dev):
         auto, guided = sample_rollouts(policy, batch.auto_prompts, batch.guided_prompts, cfg)
@@ -748,9 +714,7 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
     times["update"] = time.time()
     rollout_metrics(stats, batch, alpha, minibatches, cfg, p_guided - p_auto)
     metrics = step_metrics((stats, after_first), times, grad_norm, opt, cfg, dev)
-    # --log_completions: what the model wrote, for the log (rank 0)
-    samples = completion_samples(batch, kd_rows, alpha, tok, cfg)
-    return {**metrics, "samples": samples} if samples else metrics
+    return metrics, completion_samples(batch, kd_rows, alpha, tok, cfg)
 
 
 def sft_warmup(problems, policy, cfg: Config, log):
@@ -831,7 +795,7 @@ def train(cfg: Config, data, resume, policy):
         state["sft_done"] = True
     # --teacher base/ema: the policy as RL starts (after the warm-up, if any)
     if policy.teacher and state["step"] == 0:
-        move_teacher(policy, cfg, rate=1.0)
+        move_teacher(policy, 1.0)
     # before RL (after the warm-up, if any)
     if eval_problems and state["step"] == 0 and not state["eval_start"]:
         log({"step": 0, **held_out_accuracy(policy, eval_problems, cfg, state, grade)})
@@ -846,8 +810,7 @@ def train(cfg: Config, data, resume, policy):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
                 batches = rank_batches(len(problems), cfg.batch_size, cfg.seed, state["epoch"])
             batch = [problems[i] for i in batches[state["position"]]]
-            metrics = rl_step(batch, policy, opt, state["alpha"], cfg, grade)
-            samples = metrics.pop("samples", [])
+            metrics, samples = rl_step(batch, policy, opt, state["alpha"], cfg, grade)
             state["position"] += 1
             state["step"] = step = state["step"] + 1
             if eval_problems and ((cfg.eval_steps and step % cfg.eval_steps == 0)

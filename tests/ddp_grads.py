@@ -74,7 +74,7 @@ def run_case(flags):
         "shared_forwards": len(shared_forwards),
     }
     if teacher is not None:
-        sgpo.move_teacher(policy, cfg, rate=0.5)
+        sgpo.move_teacher(policy, 0.5)
         result["teacher"] = {n: full(p).detach().clone() for n, p in teacher.named_parameters()}
     return result
 

@@ -168,7 +168,7 @@ def main(out_dir, flags):
     alpha = {}
     with scripted(script, train="train" in flags) as captured, recorded_gradients() as grads, \
             mock.patch.object(torch, "randperm", lambda n: torch.arange(n)):
-        metrics = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
+        metrics, _ = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
     prompt_of = {tuple(engine.prompt_ids(tok, cfg, q, False)): q["id"] for q in problems}
     rows = [describe(rows, prompt_of) for rows in captured]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

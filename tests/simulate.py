@@ -388,4 +388,4 @@ def update_phase(policy, opt, cfg, prompt_tokens: int, tracker, out):
     sgpo.optimizer_step(policy.lm, opt, cfg)
     if policy.teacher:
         # as update_policy moves it (the teacher's root, gathered by its forwards, resharded)
-        sgpo.move_teacher(policy, cfg)
+        sgpo.move_teacher(policy, cfg.teacher_ema_rate if cfg.teacher == "ema" else 0.0)

@@ -244,7 +244,7 @@ def test_kd_term_is_the_divergence_the_flag_names(kd_loss):
         divs.append(div)
         losses.append(weight * token_loss.sum())
     with scripted(script, train=True):
-        metrics = sgpo.rl_step(problems, policy, opt, {}, cfg, script.grade)
+        metrics, _ = sgpo.rl_step(problems, policy, opt, {}, cfg, script.grade)
     expected_div = 0.0 if kd_loss == "sft" else torch.cat(divs).mean().item()
     assert metrics["kd/kl_mean"] == pytest.approx(expected_div, rel=1e-4, abs=1e-7)
     assert metrics["loss/kd"] == pytest.approx(sum(losses).item(), rel=1e-4)

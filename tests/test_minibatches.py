@@ -84,7 +84,7 @@ def test_each_minibatch_gradient_is_the_hand_computed_one():
 
     with scripted(script, train=True) as captured, \
             mock.patch.object(sgpo, "optimizer_step", recorded_step):
-        metrics = sgpo.rl_step(problems, policy, opt, {}, cfg, script.grade)
+        metrics, _ = sgpo.rl_step(problems, policy, opt, {}, cfg, script.grade)
     assert len(captured) == len(steps) == 2
     prompt_of = {tuple(engine.prompt_ids(policy.tokenizer, cfg, q, False)): q["id"]
                  for q in problems}

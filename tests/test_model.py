@@ -93,7 +93,8 @@ def test_micro_batching_invariance():
 
 def test_prompt_and_padding_positions_get_no_gradient():
     tok, model, cfg = tiny_setup()
-    rows = training_rows(tok, model, cfg, n=4)
+    # in micro_batch_loss's order, the rows by kind: [B, L] below is in this order
+    rows = sorted(training_rows(tok, model, cfg, n=4), key=lambda r: isinstance(r, sgpo.KDRow))
     # a row each ([B, L] below); the shared layout: test_shared_prompts_same_states_and_gradients
     policy = sgpo.Policy.of(model, tok, "cpu", share="false")
     captured = {}

@@ -162,7 +162,7 @@ def test_ema_moves_the_fp32_master_refreshes_the_copy_and_checkpoints_the_master
         for p in policy.lm.parameters():
             p.add_(2e-6)
     before = {n: p.clone() for n, p in teacher.master.named_parameters()}
-    sgpo.move_teacher(policy, cfg)
+    sgpo.move_teacher(policy, cfg.teacher_ema_rate)
     for (name, master), working in zip(teacher.master.named_parameters(),
                                        teacher.lm.parameters()):
         assert torch.allclose(master - before[name], torch.full_like(master, 1e-6), atol=1e-7)

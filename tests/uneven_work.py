@@ -175,7 +175,7 @@ def case_rl(name, tok, model, cfg, rank, world):
     alpha = {}
     with scripted(script, train=True), recorded_gradients() as grads, \
             mock.patch.object(torch, "randperm", lambda n: torch.arange(n)):
-        step = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
+        step, _ = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
     teacher = policy.teacher.lm.named_parameters() if policy.teacher else []
     return {"metrics": step, "alpha": alpha, "grads": grads,
             "weights": {n: full(p).detach().clone() for n, p in model.named_parameters()},
