@@ -20,7 +20,10 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
     python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40
 
 Finished runs (out/ablation/<row>-seed<k>/metrics.jsonl with its final evaluation) are read, not
-rerun; so is their generalisation accuracy (generalisation.json next to them).
+rerun; so is their generalisation accuracy (generalisation.json next to them). Each run records what
+it was made from (provenance.json: the commit, whether tracked files differed from it, the row's
+flags, the seed, torch's version and threads); a run of a row without extra flags is kept as
+toy/results/<row>-seed<k>.json, from which `python toy/tables.py` writes the READMEs' tables.
 """
 
 import argparse
@@ -185,6 +188,18 @@ for k in STEPS_PER_GENERATION:
     for row, (label, flags) in PROXIMAL.items():
         ROWS[f"{row}_k{k}"] = (f"{label}, k = {k}", [*flags, "--steps_per_generation", str(k)])
 
+# The budget matched: SGPO for the SFT row's 250 optimizer steps over 4,000 examples (2 epochs of
+# the 2,000 problems), evaluated every 20 steps, and SFT on full worked solutions cut to 20, 40, 60
+# and SGPO's 80 steps, one epoch of the first 16 x steps problems (80 steps: SGPO's 1,280)
+BUDGET_STEPS = (20, 40, 60, 80)
+ROWS["sgpo_250"] = ("SGPO, 250 steps", ["--max_steps", "250", "--eval_steps", "20"])
+for steps in BUDGET_STEPS:
+    ROWS[f"sft_full_{steps}"] = (
+        f"SFT on full worked solutions, {steps} steps",
+        ["--sft_epochs", "1", "--sft_data", f"{{strong_full_{16 * steps}}}",
+         "--sft_learning_rate", "1e-4", "--max_steps", "0"]
+    )
+
 DEFAULT_ROWS = [
     "sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1", "no_grpo",
     "no_target_selection"
@@ -195,12 +210,51 @@ GROUPS = {  # --rows names a group for its rows
     "imitation": ["sgpo", "sft_full", "sft_full_grpo", "sft_verbose", "sft_verbose_lr1e-3",
                   "sft_arrangement", "sft_arrangement_lr1e-3", "sft_answer_first"],
 }
+GROUPS["budget"] = ["sgpo", "sgpo_250", *(f"sft_full_{s}" for s in BUDGET_STEPS), "sft_full"]
 GROUPS["proximal"] = [f"{row}_k{k}" for k in STEPS_PER_GENERATION for row in PROXIMAL]
 GROUPS["sizes"] = []
 GROUPS["teachers"] = []
 for hidden in ALL_SIZES:
     GROUPS["sizes"] += size_rows(hidden)
     GROUPS["teachers"] += [at_size(f"sgpo_{teacher}", hidden) for teacher in TEACHERS]
+
+
+RESULTS = os.path.join(ROOT, "toy", "results")
+# the per-step metrics a result keeps (the tables' entropy and proximal columns)
+SERIES = ("entropy", "kd/target_frac", "late/clip_ratio", "late/kd/ratio_out_frac",
+          "late/kd/kl_clip_frac")
+
+
+def provenance(row: str, seed: int, args) -> dict:
+    """What a run is made from: the commit and whether tracked files differ from it, the row's
+    flags (as ROWS holds them) and extra flags, the seed, torch's version and threads."""
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "row": row, "seed": seed, "flags": ROWS[row][1], "extra": args.extra,
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "torch": torch.__version__, "threads": args.threads
+    }
+
+
+def result(out: str, splits: dict) -> dict:
+    """A finished run as toy/results keeps it: its provenance, every held-out evaluation, the
+    generalisation splits, SERIES step by step and the warm-up's last loss."""
+    steps = records(out, "entropy")
+    sft = records(out, "loss/sft")
+    return {
+        **json.load(open(os.path.join(out, "provenance.json"))),
+        "evals": [
+            {"step": e["step"], "unguided": e["eval/unguided_acc"], "guided": e["eval/guided_acc"]}
+            for e in records(out, "eval/unguided_acc")
+        ],
+        "generalisation": generalisation(out, splits),
+        "series": {k: [round(m[k], 6) for m in steps if k in m] for k in SERIES},
+        "sft_loss_last": sft[-1]["loss/sft"] if sft else None,
+    }
 
 
 def records(out: str, key: str) -> list:
@@ -304,6 +358,11 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         write_once(
             paths[f"strong_{style}"], [{**q, "solution": strong_solution(q, style)} for q in train]
         )
+    for steps in BUDGET_STEPS:
+        name = f"strong_full_{16 * steps}"
+        paths[name] = os.path.join(output_dir, f"{name}.jsonl")
+        first = train[:16 * steps]
+        write_once(paths[name], [{**q, "solution": strong_solution(q, "full")} for q in first])
     paths["spread"] = spread = os.path.join(output_dir, "spread")
     if any(map(uses_spread, rows)) and not os.path.exists(f"{spread}/spread.json"):
         print(f"building the teacher with spread in {spread}", flush=True)
@@ -344,8 +403,15 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=[*ROWS, *GROUPS])
     parser.add_argument("--output_dir", default="out/ablation")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of each run (1: the results files'; another count splits "
+        "floating-point sums otherwise, and a seed's run can part from step ~60 on)"
+    )
     args, extra = parser.parse_known_args()
-    extra = [a for a in extra if a != "--"]
+    args.extra = extra = [a for a in extra if a != "--"]
+    # (the generalisation splits' greedy decoding too)
+    torch.set_num_threads(args.threads)
     args.rows = list(dict.fromkeys(sum((GROUPS.get(row, [row]) for row in args.rows), [])))
     os.makedirs(args.output_dir, exist_ok=True)
     paths = prepare_inputs(args.output_dir, args.rows)
@@ -363,10 +429,20 @@ def main():
                 ]
                 print(" ".join(cmd), flush=True)
                 os.makedirs(out, exist_ok=True)
+                with open(os.path.join(out, "provenance.json"), "w") as f:
+                    json.dump(provenance(row, seed, args), f, indent=1)
                 # the run's output (progress bars included)
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+                       "MKL_NUM_THREADS": str(args.threads)}
                 with open(os.path.join(out, "log.txt"), "w") as log:
-                    subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                    subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env=env)
             results[row, seed] = (*final_eval(out), generalisation(out, splits))
+            if not extra and os.path.exists(os.path.join(out, "provenance.json")):
+                os.makedirs(RESULTS, exist_ok=True)
+                with open(os.path.join(RESULTS, f"{row}-seed{seed}.json"), "w") as f:
+                    json.dump(result(out, splits), f, indent=None)
+                    f.write("\n")
     base = {}  # the evaluations before RL, by starting checkpoint
     for row in args.rows:
         base.setdefault(start_of(row), []).extend(results[row, s][0] for s in args.seeds)
