@@ -316,14 +316,14 @@ def k3_kl(logp, ref_logp):
 
 
 def head_outputs(head, hidden, targets, cfg: Config, teacher=None):
-    """[M, H] student hidden states predicting [M] tokens -> [M] log p(y), [M] D_t (zeros unless
-    teacher, ([M, H] the teacher's hidden states, its head), is given and kd_loss is fkl/rkl), [M]
-    entropy (no gradient): at temperature T, fp32. Plain formulas on [M, V] logits, or the same in
-    chunks."""
+    """[M, H] student hidden states predicting [M] tokens -> [M] log p(y), [M] D_t, [M] entropy (no
+    gradient), at temperature T, fp32. teacher: None (D_t zeros), or the teacher's [M, H] hidden
+    states and its head (D_t by kd_loss, fkl or rkl). Plain formulas on [M, V] logits, or the same
+    in chunks."""
     t_hidden, t_head = teacher or (None, head)
     kind = cfg.kd_loss if t_hidden is not None and cfg.kd_loss != "sft" else "logp"
     if cfg.chunked_head:
-        # (the live teacher: the student's own head weight, None)
+        # t_weight None: the teacher's head is the student's (the live teacher)
         t_weight = None if t_head is head else head_weight(t_head)
         t_args = None if teacher is None else (t_hidden, t_weight)
         return ChunkedHead.apply(hidden, head_weight(head), t_args, targets, cfg.temperature,

@@ -53,7 +53,7 @@ def run_case(flags):
     wrap = teacher_wrap = lambda b: b  # noqa: E731 (Policy.of's default: no wrapper)
     if dist.is_initialized():
         # rank 0: all KD rows and most autonomous ones (several passes); rank 1: two autonomous
-        # rows (one pass, then zero-loss passes) and so no KD metrics at all
+        # rows (one pass, then passes on the zero-weight filler) and so no KD metrics at all
         last = [r for r in rows if isinstance(r, sgpo.GRPORow)][-2:]
         rows = [r for r in rows if all(r is not x for x in last)] if dist.get_rank() == 0 else last
         wrap = DDP

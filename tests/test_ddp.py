@@ -36,7 +36,7 @@ def two_ranks(tmp_path_factory, tiny_dir):
 
 @pytest.mark.parametrize("parallel", CASES)
 def test_world_size_2_equals_1(one_rank, two_ranks, parallel):
-    """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and zero-loss
+    """Rank 1 has no KD rows and fewer micro-batches: under FSDP its extra teacher and filler
     forwards keep the collectives matched (a missing one hangs). Tied: the LM head is the input
     embedding, whose gradient comes from ChunkedHead and from the embedding lookup (FSDP with the
     live teacher; untied FSDP: with a teacher here, live in tests/test_minibatches.py). Teacher: a
