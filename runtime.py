@@ -17,11 +17,11 @@ that sets how many collectives a rank makes is one of two kinds (tests/test_unev
   - --generate_by_mode auto: decided at the longest prompt over ranks (engine.sample_in_one_call);
   - metrics: Stats.reduce gathers the union of the ranks' names;
 - free to differ, because no collective runs inside: generate calls, target scoring, the pi_old
-  pass and the held-out evaluation all run inside full_weights (FSDP:
-  every unit gathered once before, so a forward is local), and generate is called with
-  synced_gpus=False (transformers turns it on by itself for an FSDP-managed module: a collective
-  per decode step, until the slowest rank ends); DDP's forward without gradient and the frozen
-  reference (--beta) are local anyway.
+  pass and the held-out evaluation all run inside full_weights (FSDP: every unit gathered once
+  before, so a forward is local), and generate is called with synced_gpus=False (transformers
+  turns it on by itself for an FSDP-managed module: a collective per decode step, until the
+  slowest rank ends); DDP's forward without gradient and the frozen reference (--beta) are local
+  anyway.
 """
 import datetime
 import glob

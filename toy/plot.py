@@ -1,9 +1,9 @@
-"""Greedy held-out accuracy over RL steps, unguided and guided, of the finished runs of
-toy/ablation.py (mean over seeds, shaded from the lowest seed to the highest); writes
-toy/ablation.png. matplotlib is needed here only (it is not a dependency of the project: `pip
-install matplotlib`).
+"""Greedy held-out accuracy over RL steps, unguided and guided, of the rows kept in toy/results
+(toy/ablation.py's runs: mean over seeds, shaded from the lowest seed to the highest); writes
+toy/ablation.png (`python toy/tables.py` does too). matplotlib is needed here only (it is not a
+dependency of the project: `pip install matplotlib`).
 
-    python toy/plot.py                              # every row with finished runs in out/ablation
+    python toy/plot.py                              # the main table's rows
     python toy/plot.py --rows sgpo grpo_only sft_grpo --out toy/main_table.png
     python toy/plot.py --sizes   # final accuracy against model size, per teacher (toy/sizes.json
                                  # keeps the numbers when out/ablation no longer has the runs)
@@ -16,14 +16,18 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size, final_eval, records  # noqa: E402
+from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size, final_eval  # noqa: E402
+from toy.tables import load_results, seeds_of  # noqa: E402
+
+# the main table's rows: SGPO, its proximal ablation, SFT on answers and on full worked solutions
+MAIN = ["sgpo", "no_proximal", "sft_solutions", "sft_grpo", "sft_sgpo", "sft_full", "sft_full_grpo"]
 
 
-def curves(out: str) -> dict:
-    """{mode: ([steps], [accuracy in %])} of one run's evaluations."""
-    evals = records(out, "eval/unguided_acc")
+def curves(result: dict) -> dict:
+    """{mode: ([steps], [accuracy in %])} of one kept run's evaluations (toy/results)."""
+    evals = result["evals"]
     return {
-        mode: ([m["step"] for m in evals], [100 * m[f"eval/{mode}_acc"] for m in evals])
+        mode: ([m["step"] for m in evals], [100 * m[mode] for m in evals])
         for mode in ("unguided", "guided")
     }
 
@@ -105,6 +109,38 @@ def plot_sizes(plt, output_dir: str, out: str) -> None:
     print(f"wrote {out}")
 
 
+def plot_rows(plt, rows: list, out: str) -> None:
+    """Unguided and guided accuracy over RL steps of rows kept in toy/results; a row without RL
+    steps (SFT only) as a level."""
+    results = load_results()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, row in enumerate(rows):
+        runs = [curves(r) for r in seeds_of(results, row)]
+        if not runs:
+            continue
+        for ax, mode in zip(axes, ("unguided", "guided")):
+            steps = runs[0][mode][0]
+            # per step, one value per seed
+            values = list(zip(*[r[mode][1] for r in runs if r[mode][0] == steps]))
+            label, mean = f"{ROWS[row][0]} ({len(runs)})", [sum(v) / len(v) for v in values]
+            if len(steps) == 1:  # no RL steps (the SFT baseline): its one evaluation, as a level
+                ax.axhline(mean[0], ls="--", lw=1, color=f"C{i % 10}", label=label)
+                continue
+            ax.plot(steps, mean, marker="o", ms=3, color=f"C{i % 10}", label=label)
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
+                            color=f"C{i % 10}", alpha=0.15)
+    for ax, mode in zip(axes, ("unguided", "guided")):
+        ax.set(
+            title=f"{mode} greedy accuracy, held-out cups problems", xlabel="RL step", ylim=(0, 102)
+        )
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main():
     try:
         import matplotlib
@@ -117,46 +153,14 @@ def main():
     import matplotlib.pyplot as plt
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=MAIN, choices=list(ROWS))
     parser.add_argument("--output_dir", default="out/ablation")
     parser.add_argument("--out", default=os.path.join(ROOT, "toy", "ablation.png"))
     parser.add_argument("--sizes", action="store_true", help="plot_sizes into toy/sizes.png")
     args = parser.parse_args()
     if args.sizes:
         return plot_sizes(plt, args.output_dir, os.path.join(ROOT, "toy", "sizes.png"))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for row in args.rows:
-        runs = [
-            os.path.join(args.output_dir, d)
-            for d in sorted(os.listdir(args.output_dir))
-            if d.rsplit("-seed", 1)[0] == row
-        ]
-        runs = [curves(r) for r in runs if final_eval(r) is not None]
-        if not runs:
-            continue
-        for ax, mode in zip(axes, ("unguided", "guided")):
-            steps = runs[0][mode][0]
-            # per step, one value per seed
-            values = list(zip(*[r[mode][1] for r in runs if r[mode][0] == steps]))
-            label, mean = f"{ROWS[row][0]} ({len(runs)})", [sum(v) / len(v) for v in values]
-            if len(steps) == 1:  # no RL steps (the SFT baseline): its one evaluation, as a level
-                ax.axhline(mean[0], ls="--", lw=1, color="gray", label=label)
-                continue
-            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=label)
-            ax.fill_between(
-                steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
-                alpha=0.15
-            )
-    for ax, mode in zip(axes, ("unguided", "guided")):
-        ax.set(
-            title=f"{mode} greedy accuracy, held-out cups problems", xlabel="RL step", ylim=(0, 102)
-        )
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    plot_rows(plt, args.rows, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""
+The toy's tables in toy/README.md and README.md, written from the results files that
+toy/ablation.py keeps (toy/results/<row>-seed<k>.json: each run's commit, flags, seed and numbers).
+
+    python toy/tables.py            # rewrite every table between its markers, and toy/ablation.png
+    python toy/tables.py --check    # exit 1 if a table differs from what the results give
+
+A table sits between `<!-- table NAME -->` and `<!-- end table -->`; tests/test_toy_tables.py
+checks that each equals its rendering.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "toy", "results")
+FILES = [os.path.join(ROOT, "toy", "README.md"), os.path.join(ROOT, "README.md")]
+BLOCK = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- end table -->)", re.S)
+SPLITS = ("7-10 swaps", "start written out", "question reworded")
+
+
+def load_results(folder: str = RESULTS) -> dict:
+    """{(row, seed): result} of every results file."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        result = json.load(open(path))
+        out[result["row"], result["seed"]] = result
+    return out
+
+
+def seeds_of(results: dict, row: str) -> list:
+    """The row's results, by seed."""
+    return [results[key] for key in sorted(k for k in results if k[0] == row)]
+
+
+def pct(values) -> str:
+    """Mean +- standard deviation in %, one decimal."""
+    values = [100 * v for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} +- {sd:.1f}"
+
+
+def final(result: dict, mode: str = "unguided") -> float:
+    return result["evals"][-1][mode]
+
+
+def per_seed(runs: list) -> str:
+    return " / ".join(f"{100 * final(r):.1f}" for r in runs)
+
+
+def at_step(result: dict, step: int, mode: str = "unguided"):
+    """The held-out accuracy at an evaluation step, or None."""
+    return next((e[mode] for e in result["evals"] if e["step"] == step), None)
+
+
+def entropy(runs: list) -> str:
+    """Entropy of the unguided rollouts, mean over seeds: first step -> mean of the last 10."""
+    series = [r["series"]["entropy"] for r in runs if r["series"]["entropy"]]
+    if not series:
+        return "-"
+    first = statistics.mean(s[0] for s in series)
+    last = statistics.mean(statistics.mean(s[-10:]) for s in series)
+    return f"{first:.3f} -> {last:.3f}"
+
+
+def late(runs: list, name: str) -> str:
+    """A late/ fraction (the passes after a batch's first optimizer step), mean of the first 20
+    steps and over seeds, in %; '-' where no run records it."""
+    series = [r["series"][f"late/{name}"][:20] for r in runs if r["series"][f"late/{name}"]]
+    if not series:
+        return "-"
+    return f"{100 * statistics.mean(statistics.mean(s) for s in series):.1f} %"
+
+
+def commits(runs: list) -> str:
+    return ", ".join(sorted({r["commit"][:7] for r in runs}))
+
+
+PROXIMAL_ROWS = [
+    ("sgpo", "SGPO", 1), ("no_proximal", "w/o all proximal constraints", 1),
+    *((f"{row}_k{k}", label, k) for k in (2, 4) for row, label in (
+        ("sgpo", "SGPO"), ("no_trust_region", "w/o trust region"),
+        ("no_proximal", "w/o all proximal constraints"),
+        ("kl_clip_10", "KL clipping at delta = 10")))
+]
+
+
+def proximal(results: dict) -> list:
+    """The proximal constraints at k = 1, 2 and 4 optimizer steps per rollout batch."""
+    lines = ["| row | k | unguided | per seed | guided | entropy | trust region out / GRPO "
+             "clipped / KL clipped (late) | commit |", "|---|---|---|---|---|---|---|---|"]
+    for row, label, k in PROXIMAL_ROWS:
+        runs = seeds_of(results, row)
+        if not runs:
+            continue
+        fractions = " / ".join(late(runs, n) for n in ("kd/ratio_out_frac", "clip_ratio",
+                                                         "kd/kl_clip_frac"))
+        lines.append(
+            f"| {label} | {k} | {pct(map(final, runs))} | {per_seed(runs)} "
+            f"| {pct(final(r, 'guided') for r in runs)} | {entropy(runs)} "
+            f"| {fractions if k > 1 else '- (ratio 1)'} | {commits(runs)} |")
+    return lines
+
+
+BUDGET_ROWS = [
+    ("sgpo", "SGPO (defaults)", 80, "1,280"), ("sgpo_250", "SGPO", 250, "4,000"),
+    ("sft_full_20", "SFT on full worked solutions", 20, "320"),
+    ("sft_full_40", "SFT on full worked solutions", 40, "640"),
+    ("sft_full_60", "SFT on full worked solutions", 60, "960"),
+    ("sft_full_80", "SFT on full worked solutions", 80, "1,280"),
+    ("sft_full", "SFT on full worked solutions (2 epochs)", 250, "4,000"),
+]
+
+
+def budget(results: dict) -> list:
+    """SGPO and SFT on full worked solutions at matched optimizer steps and examples."""
+    lines = ["| row | optimizer steps | problems seen | unguided | per seed | guided | "
+             + " | ".join(SPLITS) + " | commit |", "|---" * (7 + len(SPLITS)) + "|"]
+    for row, label, steps, seen in BUDGET_ROWS:
+        runs = seeds_of(results, row)
+        if not runs:
+            continue
+        splits = " | ".join(pct(r["generalisation"][s] for r in runs) for s in SPLITS)
+        lines.append(
+            f"| {label} | {steps} | {seen} | {pct(map(final, runs))} | {per_seed(runs)} "
+            f"| {pct(final(r, 'guided') for r in runs)} | {splits} | {commits(runs)} |")
+    return lines
+
+
+def budget_curve(results: dict) -> list:
+    """Unguided accuracy every 20 optimizer steps: SGPO's 250-step runs against SFT cut to 20, 40,
+    60 and 80 steps (mean +- sd over seeds)."""
+    sgpo = seeds_of(results, "sgpo_250")
+    steps = sorted({e["step"] for r in sgpo for e in r["evals"]})
+    lines = ["| optimizer steps | SGPO (unguided) | SGPO (guided) | SFT on full worked "
+             "solutions |", "|---|---|---|---|"]
+    for step in steps:
+        sft = seeds_of(results, f"sft_full_{step}") if step else []
+        if step == 250:
+            sft = seeds_of(results, "sft_full")
+        row = [pct(at_step(r, step) for r in sgpo), pct(at_step(r, step, "guided") for r in sgpo),
+               pct(map(final, sft)) if sft else ""]
+        lines.append(f"| {step} | " + " | ".join(row) + " |")
+    return lines
+
+
+def splits_of(runs: list) -> str:
+    return " | ".join(pct(r["generalisation"][s] for r in runs) for s in SPLITS)
+
+
+def seed_list(runs: list) -> str:
+    return ", ".join(str(r["seed"]) for r in runs)
+
+
+def base_line(results: dict, columns: int) -> str:
+    """The warm checkpoint's evaluation before RL (the default rows' step 0)."""
+    start = seeds_of(results, "sgpo")[0]["evals"][0]
+    cells = [f"{100 * start['unguided']:.1f}", f"{100 * start['guided']:.1f}"]
+    return "| base: the warm checkpoint | " + " | ".join(cells + [""] * (columns - 2)) + " |"
+
+
+MAIN_ROWS = [
+    ("sft_solutions", "SFT on the strong model's answers (answer only)"),
+    ("sft_grpo", "SFT on the answers, then GRPO"),
+    ("sft_full", "**SFT on full worked solutions** (the fair baseline)"),
+    ("sft_full_grpo", "SFT on full worked solutions, then GRPO"),
+    ("sgpo", "**SGPO** (defaults)"),
+    ("sft_sgpo", "SFT on the answers, then SGPO"),
+    ("no_proximal", "w/o all proximal constraints"),
+]
+
+
+def main_table(results: dict) -> list:
+    """The paper's main table in miniature, with the generalisation splits and the entropy."""
+    lines = ["| run | unguided | guided | per seed | " + " | ".join(SPLITS)
+             + " | entropy | seeds | commit |", "|---" * (7 + len(SPLITS)) + "|",
+             base_line(results, 6 + len(SPLITS))]
+    for row, label in MAIN_ROWS:
+        runs = seeds_of(results, row)
+        if runs:
+            lines.append(
+                f"| {label} | {pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
+                f"| {per_seed(runs)} | {splits_of(runs)} | {entropy(runs)} | {seed_list(runs)} "
+                f"| {commits(runs)} |")
+    return lines
+
+
+IMITATION_ROWS = [
+    ("sgpo", "**SGPO** (the strategy only)"),
+    ("sft_full", "SFT, the strategy's notation: `13:2 12:1 \\boxed{1}`"),
+    ("sft_verbose", "SFT, in words: `swap 1 and 3, ball under 2. swap 1 and 2, ball under 1. so "
+                    "\\boxed{1}`"),
+    ("sft_verbose_lr1e-3", "the same, lr 1e-3"),
+    ("sft_arrangement", "SFT, the whole row of cups: `13>321 12>231 2@1 \\boxed{1}`"),
+    ("sft_arrangement_lr1e-3", "the same, lr 1e-3"),
+    ("sft_answer_first", "SFT, answer first: `\\boxed{1} since 13:2 12:1`"),
+]
+
+
+def imitation(results: dict) -> list:
+    """Full traces written otherwise than the student's way, SFT'd, against SGPO."""
+    lines = ["| run | unguided | guided | per seed | " + " | ".join(SPLITS)
+             + " | SFT loss, last step | seeds | commit |", "|---" * (7 + len(SPLITS)) + "|"]
+    for row, label in IMITATION_ROWS:
+        runs = seeds_of(results, row)
+        if runs:
+            loss = " / ".join(f"{r['sft_loss_last']:.2g}" for r in runs
+                              if r["sft_loss_last"] is not None)
+            lines.append(
+                f"| {label} | {pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
+                f"| {per_seed(runs)} | {splits_of(runs)} | {loss} | {seed_list(runs)} "
+                f"| {commits(runs)} |")
+    return lines
+
+
+ABLATION_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1",
+                 "no_grpo", "no_target_selection", "no_proximal"]
+
+
+def ablation_table(results: dict) -> list:
+    """The default ablation rows, each `python sgpo.py --seed S` plus its flags."""
+    from toy.ablation import ROWS
+    lines = ["| run | flags | unguided | guided | unguided per seed | seeds | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for row in ABLATION_ROWS:
+        runs = seeds_of(results, row)
+        if runs:
+            label, flags = ROWS[row]
+            lines.append(
+                f"| {label} | `{' '.join(flags) or '-'}` | {pct(map(final, runs))} "
+                f"| {pct(final(r, 'guided') for r in runs)} | {per_seed(runs)} "
+                f"| {seed_list(runs)} | {commits(runs)} |")
+    return lines
+
+
+HEADLINE_ROWS = [
+    ("sgpo", "**SGPO** (`python sgpo.py`)"), ("grpo_only", "GRPO only (`--use_kd false`)"),
+    ("no_grpo", "w/o autonomous GRPO (`--use_grpo false`)"),
+    ("reverse_kl", "reverse KL (`--kd_loss rkl`)"),
+    ("sft_full", "SFT on the strong model's full worked solutions (250 steps)"),
+    ("sft_full_80", "the same cut to SGPO's 80 steps and 1,280 problems"),
+    ("sgpo_250", "SGPO for SFT's 250 steps and 4,000 problems"),
+]
+
+
+def headline(results: dict) -> list:
+    """The front README's summary table."""
+    lines = ["| run | unguided | guided | seeds |", "|---|---|---|---|",
+             base_line(results, 3)]
+    for row, label in HEADLINE_ROWS:
+        runs = seeds_of(results, row)
+        if runs:
+            lines.append(f"| {label} | {pct(map(final, runs))} "
+                         f"| {pct(final(r, 'guided') for r in runs)} | {seed_list(runs)} |")
+    return lines
+
+
+TABLES = {"proximal": proximal, "budget": budget, "budget_curve": budget_curve,
+          "main": main_table, "imitation": imitation, "ablation": ablation_table,
+          "headline": headline}
+
+
+def render(name: str, results: dict) -> str:
+    return "\n".join(TABLES[name](results)) + "\n"
+
+
+def rewrite(text: str, results: dict) -> str:
+    """text with every table block rendered from results."""
+    return BLOCK.sub(lambda m: m.group(1) + render(m.group(2), results) + m.group(4), text)
+
+
+def figure() -> None:
+    """toy/ablation.png from the results (toy/plot.py; matplotlib is not a dependency: skipped
+    without it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("toy/ablation.png not redrawn: pip install matplotlib", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from toy import plot
+    plot.plot_rows(plt, plot.MAIN, os.path.join(ROOT, "toy", "ablation.png"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    results, stale = load_results(), []
+    for path in FILES:
+        text = open(path).read()
+        new = rewrite(text, results)
+        if new != text:
+            stale.append(os.path.relpath(path, ROOT))
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(new)
+    if args.check and stale:
+        print(f"tables differ from toy/results in: {', '.join(stale)}", file=sys.stderr)
+        return 1
+    if not args.check:
+        figure()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
