@@ -1,5 +1,6 @@
 """Each ablation row of the method sheet is one flag away, and the flag does what its row says."""
 
+import json
 from types import SimpleNamespace
 from unittest import mock
 
@@ -138,11 +139,12 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
     """Every row of toy/ablation.py parses as sgpo.py flags; the SFT rows warm up on a strong
     model's solutions in their style; each size runs SGPO and its baselines from its own
     checkpoint; the two ablation rows of the paper the toy added switch what they name."""
-    from toy.ablation import GROUPS, ROWS, SIZE_ROWS, SIZES, start_of
+    from toy.ablation import BUDGET_STEPS, GROUPS, ROWS, SIZE_ROWS, SIZES, start_of
     from toy.cups import SOLUTION_STYLES
 
     paths = dict(small="small.jsonl", spread="spread", size_32="s32", size_128="s128")
     paths.update({f"strong_{style}": f"strong_{style}.jsonl" for style in SOLUTION_STYLES})
+    paths.update({f"strong_full_{16 * s}": f"strong_full_{16 * s}.jsonl" for s in BUDGET_STEPS})
     for label, flags in ROWS.values():
         cfg = sgpo.parse_args([f.format(**paths) for f in flags])
         assert (cfg.sft_epochs > 0) == (cfg.sft_data.startswith("strong_")), label
@@ -155,6 +157,14 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
     assert styles == dict(sft_solutions="strong_answer.jsonl", sft_full="strong_full.jsonl",
                           sft_full_grpo="strong_full.jsonl",
                           sft_arrangement="strong_arrangement.jsonl")
+    # the budget matched: SGPO for SFT's 250 steps; SFT for one epoch of 16 x steps problems
+    longer = sgpo.parse_args(ROWS["sgpo_250"][1])
+    assert vars(longer) == {**vars(sgpo.parse_args([])), "max_steps": 250, "eval_steps": 20}
+    for steps in BUDGET_STEPS:
+        cut = sgpo.parse_args([f.format(**paths) for f in ROWS[f"sft_full_{steps}"][1]])
+        full = sgpo.parse_args([f.format(**paths) for f in ROWS["sft_full"][1]])
+        assert vars(cut) == {**vars(full), "sft_epochs": 1,
+                             "sft_data": f"strong_full_{16 * steps}.jsonl"}
     for hidden in SIZES:
         for row in SIZE_ROWS:
             sized = sgpo.parse_args([f.format(**paths) for f in ROWS[f"{row}_h{hidden}"][1]])
@@ -214,3 +224,16 @@ def test_size_gain_is_sgpo_minus_its_best_baseline_seed_by_seed(capsys):
     )
     print_gain(32, "toy/cups_data/model", results, [0, 1])
     assert capsys.readouterr().out == ""
+
+
+def test_budget_rows_train_on_the_first_problems_full_worked(tmp_path):
+    """sft_full_<steps>'s data: the first 16 x steps training problems, each with the strong
+    model's full worked solution, as sft_full's 2,000 have theirs."""
+    from toy.ablation import BUDGET_STEPS, prepare_inputs
+    from toy.cups import committed_problems, strong_solution
+
+    paths = prepare_inputs(str(tmp_path), ["sft_full_20"])
+    train = committed_problems("train.jsonl")
+    for steps in BUDGET_STEPS:
+        rows = [json.loads(line) for line in open(paths[f"strong_full_{16 * steps}"])]
+        assert rows == [{**q, "solution": strong_solution(q, "full")} for q in train[:16 * steps]]
