@@ -10,6 +10,8 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
                                              # student's way, vs SGPO
     python toy/ablation.py --rows proximal  # the proximal constraints at k = 2 and 4 optimizer
                                             # steps per rollout batch
+    # SGPO for SFT's 250 steps, SFT on full worked solutions cut to 20-80 steps
+    python toy/ablation.py --rows budget --seeds 0 1 2 3 4
     python toy/ablation.py --rows sizes # SGPO and its baselines at hidden 32, 64 and 128 (each
                                         # warm checkpoint built once, 25-50 min)
     python toy/ablation.py --rows teachers  # SGPO with a base and an EMA teacher at each size
