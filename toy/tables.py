@@ -120,16 +120,12 @@ BUDGET_ROWS = [
 
 def budget(results: dict) -> list:
     """SGPO and SFT on full worked solutions at matched optimizer steps and examples."""
-    lines = ["| row | optimizer steps | problems seen | unguided | per seed | guided | "
+    lines = ["| row | optimizer steps | problems seen | unguided | guided | per seed | "
              + " | ".join(SPLITS) + " | commit |", "|---" * (7 + len(SPLITS)) + "|"]
     for row, label, steps, seen in BUDGET_ROWS:
         runs = seeds_of(results, row)
-        if not runs:
-            continue
-        splits = " | ".join(pct(r["generalisation"][s] for r in runs) for s in SPLITS)
-        lines.append(
-            f"| {label} | {steps} | {seen} | {pct(map(final, runs))} | {per_seed(runs)} "
-            f"| {pct(final(r, 'guided') for r in runs)} | {splits} | {commits(runs)} |")
+        if runs:
+            lines.append(f"| {label} | {steps} | {seen} | {accuracies(runs)} | {commits(runs)} |")
     return lines
 
 
@@ -150,8 +146,11 @@ def budget_curve(results: dict) -> list:
     return lines
 
 
-def splits_of(runs: list) -> str:
-    return " | ".join(pct(r["generalisation"][s] for r in runs) for s in SPLITS)
+def accuracies(runs: list) -> str:
+    """Cells: unguided, guided, unguided per seed, the generalisation splits (unguided)."""
+    splits = " | ".join(pct(r["generalisation"][s] for r in runs) for s in SPLITS)
+    return (f"{pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
+            f"| {per_seed(runs)} | {splits}")
 
 
 def seed_list(runs: list) -> str:
@@ -176,19 +175,24 @@ MAIN_ROWS = [
 ]
 
 
-def main_table(results: dict) -> list:
-    """The paper's main table in miniature, with the generalisation splits and the entropy."""
+def accuracy_table(results: dict, rows: list, extra) -> list:
+    """A row each of `rows` (name, label) that has results: accuracies' cells, then an extra column
+    (extra: its name, the cell it makes of the runs), the seeds and the commits."""
+    name, cell = extra
     lines = ["| run | unguided | guided | per seed | " + " | ".join(SPLITS)
-             + " | entropy | seeds | commit |", "|---" * (7 + len(SPLITS)) + "|",
-             base_line(results, 6 + len(SPLITS))]
-    for row, label in MAIN_ROWS:
+             + f" | {name} | seeds | commit |", "|---" * (7 + len(SPLITS)) + "|"]
+    for row, label in rows:
         runs = seeds_of(results, row)
         if runs:
-            lines.append(
-                f"| {label} | {pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
-                f"| {per_seed(runs)} | {splits_of(runs)} | {entropy(runs)} | {seed_list(runs)} "
-                f"| {commits(runs)} |")
+            lines.append(f"| {label} | {accuracies(runs)} | {cell(runs)} | {seed_list(runs)} "
+                         f"| {commits(runs)} |")
     return lines
+
+
+def main_table(results: dict) -> list:
+    """The paper's main table in miniature, with the generalisation splits and the entropy."""
+    lines = accuracy_table(results, MAIN_ROWS, ("entropy", entropy))
+    return lines[:2] + [base_line(results, 6 + len(SPLITS))] + lines[2:]
 
 
 IMITATION_ROWS = [
@@ -203,20 +207,14 @@ IMITATION_ROWS = [
 ]
 
 
+def sft_loss(runs: list) -> str:
+    """The warm-up's loss per token at its last step, per seed."""
+    return " / ".join(f"{r['sft_loss_last']:.2g}" for r in runs if r["sft_loss_last"] is not None)
+
+
 def imitation(results: dict) -> list:
     """Full traces written otherwise than the student's way, SFT'd, against SGPO."""
-    lines = ["| run | unguided | guided | per seed | " + " | ".join(SPLITS)
-             + " | SFT loss, last step | seeds | commit |", "|---" * (7 + len(SPLITS)) + "|"]
-    for row, label in IMITATION_ROWS:
-        runs = seeds_of(results, row)
-        if runs:
-            loss = " / ".join(f"{r['sft_loss_last']:.2g}" for r in runs
-                              if r["sft_loss_last"] is not None)
-            lines.append(
-                f"| {label} | {pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
-                f"| {per_seed(runs)} | {splits_of(runs)} | {loss} | {seed_list(runs)} "
-                f"| {commits(runs)} |")
-    return lines
+    return accuracy_table(results, IMITATION_ROWS, ("SFT loss, last step", sft_loss))
 
 
 ABLATION_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1",
