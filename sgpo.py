@@ -71,7 +71,7 @@ class Config:
     """Training JSONL: problem, answer, strategy (str), optional id and solution."""
     eval_data: str = "toy/cups_data/test.jsonl"
     """Held-out JSONL (problem, answer, optional strategy): greedy accuracy, unguided and guided,
-    before RL, every eval_steps and at the end ('' = none). avg@k on benchmarks: evaluate.py."""
+    before RL, every eval_steps and at the end ('' = none)."""
     eval_steps: int = 10
     """Evaluate on eval_data every N RL steps (0 = only before and after)."""
     output_dir: str = "out/sgpo"
@@ -83,11 +83,10 @@ class Config:
     seed: int = 0
     """Seed of data order and sampling (offset by rank for sampling)."""
     dtype: str = "auto"
-    """Compute dtype (autocast): auto (bf16 on a GPU that has it, else fp32), bf16, fp32. Weights,
-    gradients and AdamW state are fp32 always (design choice 5)."""
+    """Compute dtype (autocast): auto (bf16 on a GPU that has it, else fp32), bf16, fp32; weights
+    stay fp32 (design choice 5)."""
     fsdp: bool = False
-    """Shard weights, gradients and AdamW state over ranks (FSDP2), not replicate them (DDP): 7B
-    on 80 GB (docs/memory_and_speed.md)."""
+    """Shard weights, gradients and AdamW state over ranks (FSDP2), not replicate them (DDP)."""
     ddp_timeout: int = 1800
     """Seconds a collective waits for the slowest rank before the run aborts."""
     # ---- prompts ----
@@ -142,12 +141,11 @@ class Config:
     """Epochs over each rollout batch (GRPO's mu): mu x steps_per_generation optimizer steps per
     batch."""
     steps_per_generation: int = 1
-    """k optimizer steps per rollout batch, each on 1/k of its problems (GRPO group and KD target
-    together); pi_old: the sampling policy. k > 1 lets the clip and trust region act
-    (docs/reference.md)."""
+    """k optimizer steps per rollout batch, each on 1/k of its problems; pi_old: the sampling
+    policy. k > 1 lets the clip and trust region act."""
     share_prompts: str = "auto"
-    """true: a prompt's rows in one sequence in the loss's forwards, the prompt once; false: a row
-    each; auto: whichever costs fewer multiply-adds (engine.Backbone.shares_prompts)."""
+    """true: a prompt's rows in one sequence in the loss's forwards; false: a row each; auto:
+    whichever costs fewer multiply-adds."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (off while generating)."""
     chunked_head: bool = True
@@ -170,12 +168,11 @@ class Config:
     """fkl (paper), rkl (reverse-KL ablation), sft (NLL of the selected target: 'direct SFT'
     ablation)."""
     kl_clip: float = math.inf
-    """delta: tokens with D_t > delta give no gradient (min(D_t, delta)); inf = none (paper: 1.0;
-    the toy's strategy effect sits on tokens with D_t >> 1: toy/README.md)."""
+    """delta: tokens with D_t > delta give no gradient (min(D_t, delta)); inf = none (paper: 1.0,
+    which blocks the toy's transfer: toy/README.md)."""
     teacher: str = "live"
-    """Whose weights teach (the strategy in the prompt): live (the policy, the paper's), base (the
-    policy as RL starts) or ema (a moving average of the policy, TRL SDPO's default): a teacher
-    that keeps its guided skill (toy/README.md, sizes)."""
+    """Whose weights teach: live (the policy, the paper's), base (the policy as RL starts) or ema
+    (a moving average of the policy, TRL SDPO's default)."""
     teacher_ema_rate: float = 0.05
     """--teacher ema: theta_T += rate (theta - theta_T) after every optimizer step (TRL's 0.05)."""
     teacher_samples_guided: bool = False
@@ -191,8 +188,8 @@ class Config:
     adaptive_alpha: bool = True
     """(R) Per-problem alpha updated from the pass gap; false = fixed alpha_0."""
     alpha_update: str = "before"
-    """(R) When a visit's pass gap moves alpha(q): before the step's KD weight reads it (this visit
-    acts on this visit) or after (the weight reads earlier visits' value, alpha_0 at first)."""
+    """(R) When a visit's pass gap moves alpha(q): before the step's KD weight reads it, or
+    after."""
     alpha_0: float = 0.5
     """Initial (or fixed) alpha."""
     alpha_gamma: float = 0.1
@@ -210,16 +207,14 @@ class Config:
     # ---- checkpoints and live metrics ----
     report_to: str = "none"
     """Live metrics beside metrics.jsonl (rank 0): none, tensorboard (<output_dir>/runs), wandb or
-    trackio (its package needed only then)."""
+    trackio."""
     log_completions: int = 0
-    """Every step, N of rank 0's problems as the model wrote them (an autonomous and a guided
-    sample, rewards, the KD target or why none, alpha) in <output_dir>/completions.jsonl, and as a
-    table with --report_to tensorboard/wandb. TRL's name; 0 = off."""
+    """Every step, N of rank 0's problems as the model wrote them (samples, rewards, the KD target
+    or why none, alpha) in <output_dir>/completions.jsonl and --report_to's table; 0 = off."""
     save_steps: int = 50
     """Checkpoint every N RL steps (and always at the end)."""
     save_total_limit: int = 0
-    """Keep the newest N checkpoints (and the one the run resumed from), removing older ones once
-    a new one is whole; 0 = keep all."""
+    """Keep the newest N checkpoints (and the one the run resumed from); 0 = keep all."""
 
 
 def parse_args(argv=None) -> Config:
@@ -400,9 +395,8 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats):
     sizes = [sum(len(r.response) for r in kind) for kind in (sft, grpo, kd)]
     h_sft, h_grpo, h_kd = hidden.split(sizes)
     y_sft, y_grpo, y_kd = targets.split(sizes)
-    # The teacher on guided prompt + target, no gradient, on every micro-batch of the RL update,
-    # KD rows or not (FSDP: every forward is a collective); none where the loss reads no teacher
-    # (warm-up, --kd_loss sft): decided from the flags, alike on every rank
+    # The teacher on guided prompt + target, no gradient, on every micro-batch, KD rows or not
+    # (FSDP: every forward is a collective); none where no loss reads it (warm-up, --kd_loss sft)
     teacher = None
     if cfg.use_kd and cfg.kd_loss != "sft":
         view = policy.teacher_view()
@@ -455,9 +449,8 @@ def grpo_term(policy, rows, student, cfg: Config, stats):
 def kd_term(policy, rows, views, cfg: Config, stats):
     """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
     guided teacher to the unguided student, no gradient where the unguided ratio left the trust
-    region; w_t = alpha(q) / (|target| x problems of the mini-batch). views: the student's ([M, H]
-    hidden states, [M] tokens) and the teacher's ([M, H] hidden states, its head; None under
-    --kd_loss sft, which reads no teacher)."""
+    region. views: the student's ([M, H] hidden states, [M] tokens) and the teacher's ([M, H]
+    hidden states, its head; None under --kd_loss sft)."""
     (hidden, targets), teacher = views
     logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, teacher)
     old_logp = torch.cat([r.old_logps for r in rows])
@@ -622,10 +615,9 @@ def make_kd_rows(policy, batch: Batch, alpha, cfg: Config) -> list:
 
 def split_by_problem(grpo_rows, kd_rows, k, device):
     """Per problem b: its GRPO rows grpo_rows[b] and KD row kd_rows[b] (or None) -> k mini-batches
-    of whole problems (a seeded random split; in order for k = 1), each its GRPO rows then its KD
-    rows, and every token's weight in its mini-batch's loss, over all ranks: [2] GRPO 1 /
-    (autonomous tokens of the mini-batch), DAPO-style; [7] KD alpha(q) / (|target| x problems of
-    the mini-batch), so that a target's tokens sum to alpha(q) L_KD(q) / problems: mean_q."""
+    of whole problems (a seeded random split; in order for k = 1), and every token's weight in its
+    mini-batch's loss, over all ranks: [2] GRPO 1 / (autonomous tokens), DAPO-style; [7] KD
+    alpha(q) / (|target| x problems): a target's tokens sum to alpha(q) L_KD(q) / problems."""
     n = len(grpo_rows)
     # a mini-batch's problems, over all ranks (--batch_size is a multiple of k)
     n_problems = n * world_size() // k
@@ -659,10 +651,9 @@ def take_pi_old(policy, rows, cfg: Config, stats):
 
 
 def update_policy(policy, opt, minibatches, cfg: Config, stats):
-    """[7] L minimised: one optimizer step per mini-batch (an extension: veRL's mini-batches, under
-    which [5]'s clip and trust region act), num_iterations epochs, from pi_old taken first.
-    Returns the statistics of the passes after the first optimizer step (ratios leave 1) and the
-    last grad norm."""
+    """[7] L minimised: one optimizer step per mini-batch (an extension: veRL's mini-batches),
+    num_iterations epochs, from pi_old taken first. Returns the statistics of the passes after the
+    first optimizer step (ratios leave 1) and the last grad norm."""
     policy.wrapped.train()
     take_pi_old(policy, list(itertools.chain.from_iterable(minibatches)), cfg, stats)
     after_first, grad_norm = Stats(), 0.0

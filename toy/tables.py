@@ -244,6 +244,8 @@ HEADLINE_ROWS = [
     ("sft_full", "SFT on the strong model's full worked solutions (250 steps)"),
     ("sft_full_80", "the same cut to SGPO's 80 steps and 1,280 problems"),
     ("sgpo_250", "SGPO for SFT's 250 steps and 4,000 problems"),
+    ("sft_arrangement_lr1e-3", "SFT on full worked solutions written otherwise than the student's "
+                               "way (the best of 5 variants: the whole row of cups, lr 1e-3)"),
 ]
 
 
