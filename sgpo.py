@@ -447,10 +447,10 @@ def grpo_term(policy, rows, student, cfg: Config, stats):
 
 
 def kd_term(policy, rows, views, cfg: Config, stats):
-    """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
-    guided teacher to the unguided student, no gradient where the unguided ratio left the trust
-    region. views: the student's ([M, H] hidden states, [M] tokens) and the teacher's ([M, H]
-    hidden states, its head; None under --kd_loss sft)."""
+    """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta) (w_t: split_by_problem), D_t the
+    divergence from the guided teacher to the unguided student, no gradient where the unguided
+    ratio left the trust region. views: the student's ([M, H] hidden states, [M] tokens) and the
+    teacher's ([M, H] hidden states, its head; None under --kd_loss sft)."""
     (hidden, targets), teacher = views
     logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, teacher)
     old_logp = torch.cat([r.old_logps for r in rows])
