@@ -355,16 +355,16 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
     train = committed_problems("train.jsonl")
     paths = {"small": os.path.join(output_dir, "train_128.jsonl")}
     write_once(paths["small"], train[:128])
+    solved = {}  # style -> the training problems with its solutions
     for style in SOLUTION_STYLES:
+        solved[style] = [{**q, "solution": strong_solution(q, style)} for q in train]
         paths[f"strong_{style}"] = os.path.join(output_dir, f"strong_{style}.jsonl")
-        write_once(
-            paths[f"strong_{style}"], [{**q, "solution": strong_solution(q, style)} for q in train]
-        )
+        write_once(paths[f"strong_{style}"], solved[style])
+    # the budget rows' SFT data: the first problems of the full worked solutions
     for steps in BUDGET_STEPS:
         name = f"strong_full_{16 * steps}"
         paths[name] = os.path.join(output_dir, f"{name}.jsonl")
-        first = train[:16 * steps]
-        write_once(paths[name], [{**q, "solution": strong_solution(q, "full")} for q in first])
+        write_once(paths[name], solved["full"][:16 * steps])
     paths["spread"] = spread = os.path.join(output_dir, "spread")
     if any(map(uses_spread, rows)) and not os.path.exists(f"{spread}/spread.json"):
         print(f"building the teacher with spread in {spread}", flush=True)

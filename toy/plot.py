@@ -17,10 +17,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size, final_eval  # noqa: E402
-from toy.tables import load_results, seeds_of  # noqa: E402
+from toy.tables import MAIN_ROWS, load_results, seeds_of  # noqa: E402
 
-# the main table's rows: SGPO, its proximal ablation, SFT on answers and on full worked solutions
-MAIN = ["sgpo", "no_proximal", "sft_solutions", "sft_grpo", "sft_sgpo", "sft_full", "sft_full_grpo"]
+# the main table's rows
+MAIN = [row for row, _ in MAIN_ROWS]
 
 
 def curves(result: dict) -> dict:

@@ -137,9 +137,8 @@ def budget_curve(results: dict) -> list:
     lines = ["| optimizer steps | SGPO (unguided) | SGPO (guided) | SFT on full worked "
              "solutions |", "|---|---|---|---|"]
     for step in steps:
-        sft = seeds_of(results, f"sft_full_{step}") if step else []
-        if step == 250:
-            sft = seeds_of(results, "sft_full")
+        # SFT cut to `step` steps; its 250 steps: the 2-epoch row
+        sft = seeds_of(results, "sft_full" if step == 250 else f"sft_full_{step}")
         row = [pct(at_step(r, step) for r in sgpo), pct(at_step(r, step, "guided") for r in sgpo),
                pct(map(final, sft)) if sft else ""]
         lines.append(f"| {step} | " + " | ".join(row) + " |")
@@ -217,16 +216,13 @@ def imitation(results: dict) -> list:
     return accuracy_table(results, IMITATION_ROWS, ("SFT loss, last step", sft_loss))
 
 
-ABLATION_ROWS = ["sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1",
-                 "no_grpo", "no_target_selection", "no_proximal"]
-
-
 def ablation_table(results: dict) -> list:
-    """The default ablation rows, each `python sgpo.py --seed S` plus its flags."""
-    from toy.ablation import ROWS
+    """toy/ablation.py's default rows and w/o all proximal constraints, each `python sgpo.py
+    --seed S` plus its flags."""
+    from toy.ablation import DEFAULT_ROWS, ROWS
     lines = ["| run | flags | unguided | guided | unguided per seed | seeds | commit |",
              "|---|---|---|---|---|---|---|"]
-    for row in ABLATION_ROWS:
+    for row in [*DEFAULT_ROWS, "no_proximal"]:
         runs = seeds_of(results, row)
         if runs:
             label, flags = ROWS[row]
