@@ -45,8 +45,8 @@ import engine  # noqa: E402
 import runtime  # noqa: E402
 import sgpo  # noqa: E402
 from toy.cups import (  # noqa: E402
-    COMMITTED, SOLUTION_STYLES, committed_problems, make_split, notation_spread, sized_warmup,
-    spread_warmup, strong_solution
+    COMMITTED, SOLUTION_STYLES, capability_warmup, committed_problems, make_split, notation_spread,
+    separators, sized_warmup, spread_warmup, strong_solution
 )
 from toy.tiny import write_jsonl  # noqa: E402
 
@@ -190,17 +190,44 @@ for k in STEPS_PER_GENERATION:
     for row, (label, flags) in PROXIMAL.items():
         ROWS[f"{row}_k{k}"] = (f"{label}, k = {k}", [*flags, "--steps_per_generation", str(k)])
 
+# The proximal constraints where the teacher has spread: k = 4 mini-batches per rollout batch and
+# 2 passes over it (8 optimizer steps a batch), so the ratios move far from 1, at learning rates up
+# to where SGPO still works; every problem's first unguided and guided sample logged each step
+# (--log_completions 16), whose separators give the notations' entropy over steps.
+SPREAD_LRS = ("1e-4", "2e-4", "3e-4")
+for lr in SPREAD_LRS:
+    for row, (label, flags) in PROXIMAL.items():
+        ROWS[f"{row}_spread_lr{lr}"] = (
+            f"{label}, teacher with spread, k = 4 x 2 passes, lr {lr}",
+            [*SPREAD, *flags, "--steps_per_generation", "4", "--num_iterations", "2",
+             "--learning_rate", lr, "--log_completions", "16"]
+        )
+
 # The budget matched: SGPO for the SFT row's 250 optimizer steps over 4,000 examples (2 epochs of
 # the 2,000 problems), evaluated every 20 steps, and SFT on full worked solutions cut to 20, 40, 60
 # and SGPO's 80 steps, one epoch of the first 16 x steps problems (80 steps: SGPO's 1,280)
 BUDGET_STEPS = (20, 40, 60, 80)
 ROWS["sgpo_250"] = ("SGPO, 250 steps", ["--max_steps", "250", "--eval_steps", "20"])
-for steps in BUDGET_STEPS:
-    ROWS[f"sft_full_{steps}"] = (
-        f"SFT on full worked solutions, {steps} steps",
-        ["--sft_epochs", "1", "--sft_data", f"{{strong_full_{16 * steps}}}",
+for style, steps in [("full", s) for s in BUDGET_STEPS] + [("answer", 80)]:
+    ROWS[f"sft_{style}_{steps}"] = (
+        f"{ROWS[f'sft_{style}' if style == 'full' else 'sft_solutions'][0]}, {steps} steps",
+        ["--sft_epochs", "1", "--sft_data", f"{{strong_{style}_{16 * steps}}}",
          "--sft_learning_rate", "1e-4", "--max_steps", "0"]
     )
+
+# Base capability at one size: the committed warm-up's recipe re-run and saved where its guided
+# accuracy first reaches 60 and 80 % (toy/cups.py capability_warmup, built once into
+# <output_dir>/capability); the committed checkpoint, the same warm-up's end, is the 100 % level.
+# At each level SGPO, GRPO only and both SFT baselines at SGPO's budget (80 steps, 1,280 problems).
+CAPABILITIES = (60, 80)
+CAPABILITY_ROWS = ("sgpo", "grpo_only", "sft_full_80", "sft_answer_80")
+for level in CAPABILITIES:
+    for row in CAPABILITY_ROWS:
+        label, flags = ROWS[row]
+        ROWS[f"{row}_g{level}"] = (
+            f"{label}, warm-up at guided {level} %",
+            ["--model", f"{{capability}}/guided-{level}", *flags]
+        )
 
 DEFAULT_ROWS = [
     "sgpo", "grpo_only", "direct_sft", "reverse_kl", "fixed_alpha", "kl_clip_1", "no_grpo",
@@ -214,6 +241,10 @@ GROUPS = {  # --rows names a group for its rows
 }
 GROUPS["budget"] = ["sgpo", "sgpo_250", *(f"sft_full_{s}" for s in BUDGET_STEPS), "sft_full"]
 GROUPS["proximal"] = [f"{row}_k{k}" for k in STEPS_PER_GENERATION for row in PROXIMAL]
+GROUPS["spread_proximal"] = [f"{row}_spread_lr{lr}" for lr in SPREAD_LRS for row in PROXIMAL]
+GROUPS["capability"] = [
+    f"{row}_g{level}" for level in CAPABILITIES for row in CAPABILITY_ROWS
+] + list(CAPABILITY_ROWS)
 GROUPS["sizes"] = []
 GROUPS["teachers"] = []
 for hidden in ALL_SIZES:
@@ -247,8 +278,11 @@ def result(out: str, splits: dict) -> dict:
     generalisation splits, SERIES step by step and the warm-up's last loss."""
     steps = records(out, "entropy")
     sft = records(out, "loss/sft")
+    made = json.load(open(os.path.join(out, "provenance.json")))
+    spread = made["row"] in ROWS and uses_spread(made["row"])
     return {
-        **json.load(open(os.path.join(out, "provenance.json"))),
+        **made,
+        **({"spread": spread_report(out)} if spread else {}),
         "evals": [
             {"step": e["step"], "unguided": e["eval/unguided_acc"], "guided": e["eval/guided_acc"]}
             for e in records(out, "eval/unguided_acc")
@@ -263,6 +297,40 @@ def records(out: str, key: str) -> list:
     """The lines of a run's metrics.jsonl that hold `key` (evaluations: "eval/unguided_acc"; RL
     steps: "entropy")."""
     return [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if key in m]
+
+
+def spread_report(out: str) -> dict:
+    """How a run on the teacher with spread writes its working (cached in out/spread.json): the
+    final weights' samples on 64 test problems (cups.py notation_spread), unguided and guided,
+    and, with --log_completions, the separator entropy (bits) of each step's logged samples, the
+    first unguided and the first guided one of each problem."""
+    path = os.path.join(out, "spread.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    ckpt = runtime.latest_checkpoint(out)
+    model, tok = engine.load_model(ckpt, torch.float32, "cpu")
+    data = json.load(open(os.path.join(ckpt, "sgpo_config.json")))["eval_data"]
+    test = [json.loads(line) for line in open(data)][:64]
+    report = {
+        mode: notation_spread(model, tok, test, guided=mode == "guided")
+        for mode in ("unguided", "guided")
+    }
+    logged = os.path.join(out, "completions.jsonl")
+    by_step = {}
+    for line in open(logged) if os.path.exists(logged) else []:
+        sample = json.loads(line)
+        by_step.setdefault(sample["step"], []).append(sample)
+    report["steps"] = {
+        mode: [
+            round(separators([s[f"{mode}_sample"] or "" for s in samples])
+                  ["separator_entropy_bits"], 4)
+            for samples in by_step.values()
+        ]
+        for mode in ("autonomous", "guided")
+    }
+    with open(path, "w") as f:
+        json.dump(report, f)
+    return report
 
 
 def uses_spread(row: str) -> bool:
@@ -360,11 +428,11 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         solved[style] = [{**q, "solution": strong_solution(q, style)} for q in train]
         paths[f"strong_{style}"] = os.path.join(output_dir, f"strong_{style}.jsonl")
         write_once(paths[f"strong_{style}"], solved[style])
-    # the budget rows' SFT data: the first problems of the full worked solutions
-    for steps in BUDGET_STEPS:
-        name = f"strong_full_{16 * steps}"
+    # the budget rows' SFT data: the first problems of the solutions
+    for style, steps in [("full", s) for s in BUDGET_STEPS] + [("answer", 80)]:
+        name = f"strong_{style}_{16 * steps}"
         paths[name] = os.path.join(output_dir, f"{name}.jsonl")
-        write_once(paths[name], solved["full"][:16 * steps])
+        write_once(paths[name], solved[style][:16 * steps])
     paths["spread"] = spread = os.path.join(output_dir, "spread")
     if any(map(uses_spread, rows)) and not os.path.exists(f"{spread}/spread.json"):
         print(f"building the teacher with spread in {spread}", flush=True)
@@ -372,6 +440,16 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
             found = spread_warmup(spread, log=lambda line: print(line, file=log, flush=True))
         with open(f"{spread}/spread.json", "w") as f:
             json.dump(found, f)
+    paths["capability"] = capability = os.path.join(output_dir, "capability")
+    needed = any("{capability}" in " ".join(ROWS[row][1]) for row in rows)
+    if needed and not os.path.exists(f"{capability}/levels.json"):
+        print(f"building the warm checkpoints of less guided skill in {capability}", flush=True)
+        with open(f"{capability}.log", "w") as log:
+            levels = capability_warmup(
+                capability, CAPABILITIES, log=lambda line: print(line, file=log, flush=True)
+            )
+        with open(f"{capability}/levels.json", "w") as f:
+            json.dump(levels, f)
     for hidden in SIZES:
         paths[f"size_{hidden}"] = size = os.path.join(output_dir, f"size-{hidden}")
         needed = any(size_of(row) == hidden for row in rows)
@@ -393,6 +471,8 @@ def start_of(row: str) -> str:
         return ""
     if uses_spread(row):
         return "the teacher with spread"
+    if "{capability}" in " ".join(flags):
+        return f"the warm-up at guided {row.rsplit('_g', 1)[1]} %"
     if size_of(row) != 64:
         return f"the warm checkpoint of hidden {size_of(row)}"
     return "the warm checkpoint"

@@ -109,13 +109,15 @@ def spread_working(solution: str, rng: random.Random) -> str:
 
 def warmup(
     train, test, steps=1200, batch=64, lr=3e-3, seed=0, log=print, model=None, tok=None,
-    working=None, hidden=64
+    working=None, hidden=64, watch=None
 ):
     """SFT: guided prompt -> working + answer; unguided prompt -> the answer alone (weak without
     working).
     model/tok: continue from these instead of a fresh model (else a fresh one of `hidden` units,
     3 layers); working(solution): the guided target, redrawn each time an example is picked
-    (default: the solution as written)."""
+    (default: the solution as written); watch: (every, f): f(step, model, tok, accuracy) after a
+    held-out evaluation every `every` steps, which ends the warm-up when it returns True (the
+    evaluations are greedy: they draw no random number, so watching does not change the run)."""
     torch.manual_seed(seed)
     if model is None:
         tok = build_tokenizer()
@@ -134,6 +136,7 @@ def warmup(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps)
     )
     policy, rng, t0 = sgpo.Policy.of(model, tok, "cpu"), random.Random(seed), time.time()
+    every, seen = watch or (100, None)
     for step in range(1, steps + 1):
         picked = [
             (p, (working or str)(q["solution"]) if guided else f"\\boxed{{{q['answer']}}}")
@@ -149,18 +152,27 @@ def warmup(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps:
+        if step % every == 0 or step == steps:
             model.eval()
-            log(
-                json.dumps(
-                    {
-                        "step": step, "loss": round(stats.sums["loss/sft"], 4),
-                        "time_s": round(time.time() - t0),
-                        **engine.greedy_accuracy(model, tok, test[:128], cfg, "cpu")
-                    }
-                )
-            )
+            accuracy = engine.greedy_accuracy(model, tok, test[:128], cfg, "cpu")
+            log(json.dumps({"step": step, "loss": round(stats.sums["loss/sft"], 4),
+                            "time_s": round(time.time() - t0), **accuracy}))
+            if seen and seen(step, model, tok, accuracy):
+                break
     return model, tok
+
+
+def separators(texts: list) -> dict:
+    """The separators of the working steps written in texts: the count of each, the entropy of their
+    shares (log2(3) = 1.58 bits when uniform) and the share of texts that mix notations."""
+    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]
+    counts = {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS}
+    shares = [n / max(1, sum(counts.values())) for n in counts.values()]
+    return {
+        "separators": counts,
+        "separator_entropy_bits": -sum(p * math.log2(p) for p in shares if p > 0),
+        "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
+    }
 
 
 def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
@@ -176,14 +188,8 @@ def notation_spread(model, tok, problems, guided: bool, seed: int = 0) -> dict:
         [tok.eos_token_id], "cpu", 1.0, cfg.max_completion_length
     )
     texts = [tok.decode(o["ids"], skip_special_tokens=True) for o in outs]
-    # each rollout's separators
-    steps = [re.findall(rf"\d\d([{re.escape(NOTATIONS)}])\d", t) for t in texts]
-    counts = {c: sum(seps.count(c) for seps in steps) for c in NOTATIONS}
-    shares = [n / max(1, sum(counts.values())) for n in counts.values()]
     return {
-        "separators": counts,
-        "separator_entropy_bits": -sum(p * math.log2(p) for p in shares if p > 0),
-        "rollouts_mixing_notations": sum(len(set(seps)) > 1 for seps in steps) / len(texts),
+        **separators(texts),
         "mean_token_nll": -float(sum(o["sampler_logps"].sum() for o in outs))
         / sum(len(o["ids"]) for o in outs),
     }
@@ -236,6 +242,26 @@ def sized_warmup(out: str, hidden: int, lr: float = 3e-3, steps: int = 1200, log
     train, test = committed_problems("train.jsonl"), committed_problems("test.jsonl")
     model, tok = warmup(train, test, steps=steps, lr=lr, log=log, hidden=hidden)
     save_testbed(out, model, tok, train, test)
+
+
+def capability_warmup(out: str, levels=(60, 80), log=print) -> dict:
+    """The committed warm-up (toy/cups_data's problems, recipe and seed) watched every 20 steps and
+    saved where its greedy guided accuracy on the held-out problems first reaches each level (in %):
+    out/guided-<level> (weights and tokenizer), warm models of less guided skill than the committed
+    one (its end: 100 %). Stops at the last level; returns {level: (step, accuracy)}."""
+    train, test = committed_problems("train.jsonl"), committed_problems("test.jsonl")
+    saved = {}
+
+    def save(step, model, tok, accuracy):
+        for level in levels:
+            if level not in saved and 100 * accuracy["eval/guided_acc"] >= level:
+                saved[level] = (step, accuracy)
+                model.save_pretrained(os.path.join(out, f"guided-{level}"))
+                tok.save_pretrained(os.path.join(out, f"guided-{level}"))
+        return len(saved) == len(levels)
+
+    warmup(train, test, log=log, watch=(20, save))
+    return saved
 
 
 if __name__ == "__main__":
