@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -73,22 +73,21 @@ class Config:
     """Held-out JSONL (problem, answer, optional strategy): greedy accuracy, unguided and guided,
     before RL, every eval_steps and at the end ('' = none)."""
     eval_steps: int = 10
-    """Evaluate on eval_data every N RL steps (0 = only before and after)."""
+    """Evaluate every N RL steps (0 = only before and after)."""
     output_dir: str = "out/sgpo"
     """Where checkpoints and metrics.jsonl go."""
     overwrite_output_dir: bool = False
-    """Allow a fresh run in an output_dir that already holds one (its files are replaced)."""
+    """Start afresh in an output_dir that holds a run (its files replaced)."""
     resume: str = ""
     """Checkpoint directory to resume from; `--resume` alone takes the latest one in output_dir."""
     seed: int = 0
     """Seed of data order and sampling (offset by rank for sampling)."""
     dtype: str = "auto"
-    """Compute dtype (autocast): auto (bf16 on a GPU that has it, else fp32), bf16, fp32; weights
-    stay fp32 (design choice 5)."""
+    """Compute dtype (autocast): auto (bf16 on a GPU that has it, else fp32), bf16, fp32."""
     fsdp: bool = False
     """Shard weights, gradients and AdamW state over ranks (FSDP2), not replicate them (DDP)."""
     ddp_timeout: int = 1800
-    """Seconds a collective waits for the slowest rank before the run aborts."""
+    """Seconds a collective waits for the slowest rank."""
     # ---- prompts ----
     system_prompt: str = ""
     """Optional system message for both prompts."""
@@ -106,8 +105,7 @@ class Config:
     max_completion_length: int = 48
     """Maximum new tokens per rollout; a rollout that hits it is truncated."""
     generation_batch_size: int = 0
-    """Sequences per generate call (rollouts, held-out evaluation): bounds the KV cache
-    (docs/memory_and_speed.md); 0 = all in one."""
+    """Sequences per generate call: bounds the KV cache; 0 = all in one."""
     generate_by_mode: str = "auto"
     """true: a generate call per mode; false: both modes in one call; auto: whichever reads less
     (engine.sample_in_one_call)."""
@@ -118,12 +116,11 @@ class Config:
     top_k: int = 0
     """Top-k sampling (0 = off)."""
     mask_truncated_completions: bool = False
-    """Exclude truncated autonomous rollouts from the loss (their reward still counts in the
-    group)."""
+    """Truncated autonomous rollouts out of the loss (their rewards still in the group)."""
     reward_timeout: int = 5
     """Seconds math-verify may spend parsing, and again verifying, one answer."""
     reward_workers: int = -1
-    """Processes grading rollouts; -1: this rank's share of the cores, at most 8; 0: inline."""
+    """Processes grading rollouts; -1: this rank's share of the cores (<= 8); 0: inline."""
     # ---- optimisation ----
     max_steps: int = 80
     """RL steps (one rollout batch each)."""
@@ -141,17 +138,17 @@ class Config:
     """Epochs over each rollout batch (GRPO's mu): mu x steps_per_generation optimizer steps per
     batch."""
     steps_per_generation: int = 1
-    """k optimizer steps per rollout batch, each on 1/k of its problems; pi_old: the sampling
-    policy. k > 1 lets the clip and trust region act."""
+    """k optimizer steps per rollout batch, each on 1/k of its problems (k > 1: the clip and the
+    trust region act)."""
     share_prompts: str = "auto"
     """true: a prompt's rows in one sequence in the loss's forwards; false: a row each; auto:
     whichever costs fewer multiply-adds."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward (off while generating)."""
+    """Recompute activations in backward."""
     chunked_head: bool = True
     """The loss's LM head in chunks (chunked_head.py); false: on full [tokens, V] logits."""
     kd_chunk_size: int = 256
-    """Positions per chunk of the LM head in the loss: memory O(chunk x vocab), flat in length."""
+    """Positions per chunk of the loss's LM head: memory O(chunk x vocab)."""
     # ---- GRPO (docs/method.md step 2) ----
     use_grpo: bool = True
     """Autonomous GRPO term; false = the 'w/o autonomous GRPO' ablation."""
@@ -168,13 +165,13 @@ class Config:
     """fkl (paper), rkl (reverse-KL ablation), sft (NLL of the selected target: 'direct SFT'
     ablation)."""
     kl_clip: float = math.inf
-    """delta: tokens with D_t > delta give no gradient (min(D_t, delta)); inf = none (paper: 1.0,
-    which blocks the toy's transfer: toy/README.md)."""
+    """delta: tokens with D_t > delta give no gradient; inf = none (paper: 1.0, which blocks the
+    toy's transfer)."""
     teacher: str = "live"
     """Whose weights teach: live (the policy, the paper's), base (the policy as RL starts) or ema
     (a moving average of the policy, TRL SDPO's default)."""
     teacher_ema_rate: float = 0.05
-    """--teacher ema: theta_T += rate (theta - theta_T) after every optimizer step (TRL's 0.05)."""
+    """--teacher ema: theta_T += rate (theta - theta_T) after every optimizer step."""
     teacher_samples_guided: bool = False
     """--teacher base/ema: the G2 guided rollouts sampled by the teacher, not the policy."""
     target_selection: bool = True
@@ -198,8 +195,7 @@ class Config:
     """Alpha ceiling."""
     # ---- SFT warm-up ----
     sft_epochs: int = 0
-    """Epochs of NLL on the `solution` field before RL (paper: warm-up; with max_steps 0: the SFT
-    baseline)."""
+    """Epochs of NLL on the `solution` field before RL (with max_steps 0: the SFT baseline)."""
     sft_data: str = ""
     """JSONL for the warm-up (default: --data); every row needs a solution."""
     sft_learning_rate: float = 1e-5
@@ -209,12 +205,12 @@ class Config:
     """Live metrics beside metrics.jsonl (rank 0): none, tensorboard (<output_dir>/runs), wandb or
     trackio."""
     log_completions: int = 0
-    """Every step, N of rank 0's problems as the model wrote them (samples, rewards, the KD target
-    or why none, alpha) in <output_dir>/completions.jsonl and --report_to's table; 0 = off."""
+    """Every step, N of rank 0's problems as written (samples, rewards, KD target, alpha) in
+    <output_dir>/completions.jsonl and --report_to's table; 0 = off."""
     save_steps: int = 50
     """Checkpoint every N RL steps (and always at the end)."""
     save_total_limit: int = 0
-    """Keep the newest N checkpoints (and the one the run resumed from); 0 = keep all."""
+    """Keep the newest N checkpoints (and the one resumed from); 0 = all."""
 
 
 def parse_args(argv=None) -> Config:
@@ -228,10 +224,7 @@ def parse_args(argv=None) -> Config:
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """[N, G] rewards -> [N, G] group-normalised advantages (r - mean) / (std + eps)."""
     mean = rewards.mean(dim=1, keepdim=True)
-    if rewards.shape[1] > 1:
-        std = rewards.std(dim=1, keepdim=True)
-    else:
-        std = torch.zeros_like(mean)
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
     return (rewards - mean) / (std + eps)
 
 
@@ -263,13 +256,9 @@ def per_token_kl(student_logits, teacher_logits, kind: str = "fkl"):
 
 def kd_token_loss(div, logp, old_logp, kind="fkl", kl_clip=1.0, trust_region=True, epsilon=0.2,
                   epsilon_high=0.28):
-    """Per-token distillation loss with the proximal constraints.
-    All [M]; returns (loss, kl_clipped, ratio_out).
-
-    fkl/rkl: min(D_t, kl_clip) (step 5b: tokens over the threshold give no gradient);
-    sft: -log p(y_t). Trust region (step 5c, R): tokens whose unguided ratio p/p_old left
-    [1-eps, 1+eps_high] give no gradient.
-    """
+    """Per-token distillation loss with the proximal constraints; all [M], returns (loss,
+    kl_clipped, ratio_out). fkl/rkl: min(D_t, kl_clip) (5b); sft: -log p(y_t). Trust region (5c,
+    R): no gradient where the unguided ratio p/p_old left [1-eps, 1+eps_high]."""
     if kind == "sft":
         loss, kl_clipped = -logp, torch.zeros_like(div, dtype=torch.bool)
     else:
@@ -283,9 +272,9 @@ def kd_token_loss(div, logp, old_logp, kind="fkl", kl_clip=1.0, trust_region=Tru
 
 def select_target(correct: torch.Tensor, score: torch.Tensor, by_likelihood: bool = True,
                   generator=None) -> int:
-    """[G2] correctness and [G2] likelihood under the unguided prompt (target_scores: the mean
-    token log-prob, or the sum) -> index of the KD target, -1 if none. by_likelihood=False (the
-    'w/o target selection' ablation, R): a uniformly random correct rollout."""
+    """[G2] correctness and [G2] score under the unguided prompt (target_scores) -> index of the
+    KD target, -1 if none. by_likelihood=False ('w/o target selection', R): a random correct
+    one."""
     idx = torch.nonzero(correct > 0).flatten()
     if idx.numel() == 0:
         return -1
@@ -312,9 +301,8 @@ def k3_kl(logp, ref_logp):
 
 def head_outputs(head, hidden, targets, cfg: Config, teacher=None):
     """[M, H] student hidden states predicting [M] tokens -> [M] log p(y), [M] D_t, [M] entropy (no
-    gradient), at temperature T, fp32. teacher: None (D_t zeros), or the teacher's [M, H] hidden
-    states and its head (D_t by kd_loss, fkl or rkl). Plain formulas on [M, V] logits, or the same
-    in chunks."""
+    gradient), at temperature T, fp32. teacher: None (D_t zeros), or its [M, H] hidden states and
+    head (D_t: kd_loss). On [M, V] logits, or the same in chunks."""
     t_hidden, t_head = teacher or (None, head)
     kind = cfg.kd_loss if t_hidden is not None and cfg.kd_loss != "sft" else "logp"
     if cfg.chunked_head:
@@ -384,10 +372,10 @@ def per_token(rows, values):
 
 
 # ==== The objective on one micro-batch: warm-up NLL, GRPO and KD, one function each.
-def micro_batch_loss(policy: Policy, rows, cfg: Config, stats):
-    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's on its KD
-    rows, each row kind's term; weights are global, so summed over micro-batches and ranks this
-    is the mini-batch's L."""
+def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, teacher):
+    """Loss of one micro-batch: ONE student forward for all its rows, the teacher's (a Policy or
+    None) on its KD rows, each row kind's term; summed over micro-batches and ranks: the
+    mini-batch's L (the weights are global)."""
     sft, grpo, kd = ([r for r in rows if type(r) is kind] for kind in (Row, GRPORow, KDRow))
     # the rows by kind: each term reads its kind's slice of the M positions
     pairs = [(r.prompt, r.response) for r in sft + grpo + kd]
@@ -395,15 +383,12 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats):
     sizes = [sum(len(r.response) for r in kind) for kind in (sft, grpo, kd)]
     h_sft, h_grpo, h_kd = hidden.split(sizes)
     y_sft, y_grpo, y_kd = targets.split(sizes)
-    # The teacher on guided prompt + target, no gradient, on every micro-batch, KD rows or not
-    # (FSDP: every forward is a collective); none where no loss reads it (warm-up, --kd_loss sft)
-    teacher = None
-    if cfg.use_kd and cfg.kd_loss != "sft":
-        view = policy.teacher_view()
+    if teacher is not None:
+        # on guided prompt + target, no gradient
         with torch.no_grad():
             t_pairs = [(r.teacher_prompt, r.response) for r in kd]
-            t_hidden, _ = view.response_hidden(t_pairs, sync_grads=False)
-        teacher = (t_hidden, view.head)
+            t_hidden, _ = teacher.response_hidden(t_pairs, sync_grads=False)
+        teacher = (t_hidden, teacher.head)
     loss = hidden.new_zeros((), dtype=torch.float32)
     if sft:
         loss = loss + sft_term(policy, sft, (h_sft, y_sft), cfg, stats)
@@ -447,10 +432,10 @@ def grpo_term(policy, rows, student, cfg: Config, stats):
 
 
 def kd_term(policy, rows, views, cfg: Config, stats):
-    """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta) (w_t: split_by_problem), D_t the
-    divergence from the guided teacher to the unguided student, no gradient where the unguided
-    ratio left the trust region. views: the student's ([M, H] hidden states, [M] tokens) and the
-    teacher's ([M, H] hidden states, its head; None under --kd_loss sft)."""
+    """[4-5] Strategy distillation: sum_t w_t * min(D_t, delta), D_t the divergence from the
+    guided teacher to the unguided student, no gradient where the unguided ratio left the trust
+    region. views: the student's ([M, H] hidden states, [M] tokens), the teacher's
+    (head_outputs)."""
     (hidden, targets), teacher = views
     logp, div, _ = head_outputs(policy.head, hidden, targets, cfg, teacher)
     old_logp = torch.cat([r.old_logps for r in rows])
@@ -477,10 +462,15 @@ def accumulate_gradients(policy, rows, cfg: Config, stats):
     pad = policy.tokenizer.pad_token_id
     filler = [Row([pad], [pad], weight=0.0)]
     passes = lockstep(micro_batches, filler, policy.wrapped, policy.device)
+    # the teacher on every micro-batch where some rank's rows need it (FSDP: every forward is a
+    # collective); on none in the warm-up, under --kd_loss sft or with no KD row on any rank
+    kd = any(type(r) is KDRow for r in rows) and cfg.kd_loss != "sft"
+    kd = all_reduce(torch.tensor(float(kd), device=policy.device)) > 0
+    teacher = policy.teacher_view() if kd else None
     n = 0
     for n, (batch, own) in enumerate(passes, 1):
         with autocast(cfg.dtype, policy.device):
-            loss = micro_batch_loss(policy, batch, cfg, stats if own else Stats())
+            loss = micro_batch_loss(policy, batch, cfg, stats if own else Stats(), teacher)
         # (loss x world size).backward(): DDP and FSDP average over ranks, and the weights
         # already sum over all of them
         backward(loss)
@@ -725,8 +715,6 @@ def sft_warmup(problems, policy, cfg: Config, log):
     per_epoch = len(rank_batches(len(examples), cfg.batch_size, cfg.seed, 0))
     bar = tqdm(total=cfg.sft_epochs * per_epoch, disable=get_rank() != 0, desc="warm-up")
     step = 0
-    # no KD in the warm-up: no teacher forward (micro_batch_loss decides from the flags)
-    warm_cfg = replace(cfg, use_kd=False)
     with bar:  # (closed on Ctrl-C)
         for epoch in range(cfg.sft_epochs):
             for batch in rank_batches(len(examples), cfg.batch_size, cfg.seed, epoch):
@@ -735,7 +723,7 @@ def sft_warmup(problems, policy, cfg: Config, log):
                 n_tokens = all_reduce(torch.tensor(float(local), device=policy.device))
                 rows = [Row(*examples[i], weight=1.0 / float(n_tokens)) for i in batch]
                 policy.wrapped.train()
-                accumulate_gradients(policy, rows, warm_cfg, stats)
+                accumulate_gradients(policy, rows, cfg, stats)
                 grad_norm = optimizer_step(policy.lm, opt, cfg)
                 step += 1
                 record = {"phase": "sft", "sft_step": step, "epoch": epoch,

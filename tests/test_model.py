@@ -105,7 +105,8 @@ def test_prompt_and_padding_positions_get_no_gradient():
             captured["h"] = out
 
     handle = policy.backbone.register_forward_hook(keep)
-    loss = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
+    loss = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats(),
+                                 policy.teacher_view())
     loss.backward()
     handle.remove()
     grad = captured["h"].grad.abs().sum(-1)  # [B, L]

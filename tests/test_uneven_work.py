@@ -8,7 +8,7 @@ import torch
 from tests import uneven_work
 from tests.conftest import run_sgpo
 
-CASES = ("generate", "eval", "auto", "nokd", "truncated", "k2", "ema")
+CASES = ("generate", "eval", "auto", "nokd", "nokd_all", "truncated", "k2", "ema")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
@@ -41,7 +41,8 @@ def test_uneven_work_finishes_and_equals_one_process(launches, case, parallel):
     from the longest prompt over ranks. RL cases: each optimizer step's gradient within 1e-6 (float
     sums in another order), alpha and metrics equal; the weights after the step (lr 1e-3) and the
     teacher's EMA within 1e-4: AdamW's first step moves a weight by ~lr g / |g|, so a gradient near
-    0 that differs by 1e-9 moves it by a fraction of lr."""
+    0 that differs by 1e-9 moves it by a fraction of lr. The teacher runs on every micro-batch of
+    every rank where some rank has a KD row (nokd: not rank 0), on none where no rank has one."""
     world, one, ranks = launches
     mine = ranks[case if parallel == "ddp" else f"{case} fsdp"]
     ref = one[case]
@@ -66,6 +67,11 @@ def test_uneven_work_finishes_and_equals_one_process(launches, case, parallel):
                 assert mine["metrics"][key] == pytest.approx(value, abs=1e-6), key
         # the case's point holds: some problems without a KD target, or masked rollouts
         frac = ref["metrics"]["kd/target_frac"]
-        assert frac == pytest.approx(1 - 1 / world if case == "nokd" else 1.0)
+        expected = {"nokd": 1 - 1 / world, "nokd_all": 0.0}.get(case, 1.0)
+        assert frac == pytest.approx(expected)
+        runs = mine["teacher_runs"]
+        assert set(runs) == set(range(world)) and len({len(f) for f in runs.values()}) == 1
+        assert set().union(*runs.values()) == {case != "nokd_all"}
+        assert set(ref["teacher_runs"][0]) == {case != "nokd_all"}
         clipped = ref["metrics"]["completions/clipped_ratio"]
         assert clipped == pytest.approx(1 / world if case == "truncated" else 0.0)

@@ -16,12 +16,14 @@ A case: a name and optionally `fsdp` (else DDP; one process: neither). OUT: a to
   numbers of rows and of generate calls. Result: the accuracies and every graded text.
 - auto: --generate_by_mode auto where rank 0's prompts alone would take one generate call and
   rank 1's a call per mode. Result: each rank's number of sample() calls.
-- nokd, truncated, k2, ema: one scripted RL step (tests/scripted_step.py's Script) of 2 problems
-  per rank, rank r's responses 5r tokens longer (uneven tokens), trained: nokd, rank 0 has no
-  correct guided rollout (no KD target, no scoring forward) while the others have; truncated,
+- nokd, nokd_all, truncated, k2, ema: one scripted RL step (tests/scripted_step.py's Script) of 2
+  problems per rank, rank r's responses 5r tokens longer (uneven tokens), trained: nokd, rank 0
+  has no correct guided rollout (no KD target, no scoring forward) while the others have;
+  nokd_all, no rank has one; truncated,
   --mask_truncated_completions with every autonomous rollout of rank 1 truncated (no GRPO row);
   k2, --steps_per_generation 2; ema, --teacher ema (rate 0.5). Result: metrics, alpha, the
-  gradient of each optimizer step, the weights after (and the teacher's).
+  gradient of each optimizer step, the weights after (and the teacher's), and each rank's
+  micro-batches: whether the teacher ran on each.
 """
 
 import copy
@@ -43,7 +45,7 @@ from tests.conftest import eval_rows, tiny_rows, tiny_setup  # noqa: E402
 from tests.scripted_step import (Script, full, recorded_gradients,  # noqa: E402
                                  script_problem, scripted)
 
-RL_CASES = ("nokd", "truncated", "k2", "ema")
+RL_CASES = ("nokd", "nokd_all", "truncated", "k2", "ema")
 
 
 def make_policy(tok, model, cfg, teacher=False):
@@ -145,7 +147,7 @@ def rank_problems(tok, cfg, script, name, r):
     problems = tiny_rows(100)[2 * r:2 * r + 2]
     rng = random.Random(r)
     patterns = [([1, 0, 0, 0], [1, 1]), ([1, 1, 1, 0], [0, 1])]
-    if name == "nokd" and r == 0:
+    if name == "nokd_all" or name == "nokd" and r == 0:
         patterns = [(auto, [0, 0]) for auto, _ in patterns]
     for q, (auto_correct, guided_correct) in zip(problems, patterns):
         script_problem(script, cfg, q, auto_correct, guided_correct, rng)
@@ -172,14 +174,17 @@ def case_rl(name, tok, model, cfg, rank, world):
         problems = [per_rank[r][j] for j in range(2) for r in range(world)]
     policy = make_policy(tok, model, cfg, teacher=name == "ema")
     opt = sgpo.make_optimizer(model, 1e-3, cfg)
-    alpha = {}
+    alpha, taught, real = {}, [], sgpo.micro_batch_loss
     with scripted(script, train=True), recorded_gradients() as grads, \
-            mock.patch.object(torch, "randperm", lambda n: torch.arange(n)):
+            mock.patch.object(torch, "randperm", lambda n: torch.arange(n)), \
+            mock.patch.object(sgpo, "micro_batch_loss",
+                              lambda *a: taught.append(a[4] is not None) or real(*a)):
         step, _ = sgpo.rl_step(problems, policy, opt, alpha, cfg, script.grade)
     teacher = policy.teacher.lm.named_parameters() if policy.teacher else []
     return {"metrics": step, "alpha": alpha, "grads": grads,
             "weights": {n: full(p).detach().clone() for n, p in model.named_parameters()},
-            "teacher": {n: full(p).detach().clone() for n, p in teacher}}
+            "teacher": {n: full(p).detach().clone() for n, p in teacher},
+            "teacher_runs": gathered({rank: taught})}
 
 
 def run_case(case, world):

@@ -244,7 +244,7 @@ def sized_warmup(out: str, hidden: int, lr: float = 3e-3, steps: int = 1200, log
     save_testbed(out, model, tok, train, test)
 
 
-def capability_warmup(out: str, levels=(60, 80), log=print) -> dict:
+def capability_warmup(out: str, levels=(60, 80), log=print, every: int = 20) -> dict:
     """The committed warm-up (toy/cups_data's problems, recipe and seed) watched every 20 steps and
     saved where its greedy guided accuracy on the held-out problems first reaches each level (in %):
     out/guided-<level> (weights and tokenizer), warm models of less guided skill than the committed
@@ -260,7 +260,7 @@ def capability_warmup(out: str, levels=(60, 80), log=print) -> dict:
                 tok.save_pretrained(os.path.join(out, f"guided-{level}"))
         return len(saved) == len(levels)
 
-    warmup(train, test, log=log, watch=(20, save))
+    warmup(train, test, log=log, watch=(every, save))
     return saved
 
 

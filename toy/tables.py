@@ -257,9 +257,111 @@ def headline(results: dict) -> list:
     return lines
 
 
+def spread_proximal(results: dict) -> list:
+    """The proximal constraints on the teacher with spread (k = 4 x 2 passes), at each learning rate
+    tried: accuracy, the separator entropy of the unguided samples (the training rollouts logged at
+    the first and last 10 steps; the final weights' 64 samples) and the constraints' fractions."""
+    from toy.ablation import PROXIMAL, SPREAD_LRS
+    lines = ["| row | lr | unguided | per seed | guided | separator entropy, rollouts: steps 1-10 "
+             "-> 71-80 | final samples: unguided / guided | trust region out / GRPO clipped / "
+             "KL clipped (late) | seeds | commit |", "|---" * 10 + "|"]
+    for lr in SPREAD_LRS:
+        for row, (label, _) in PROXIMAL.items():
+            runs = seeds_of(results, f"{row}_spread_lr{lr}")
+            if not runs:
+                continue
+            fractions = " / ".join(late(runs, n) for n in ("kd/ratio_out_frac", "clip_ratio",
+                                                             "kd/kl_clip_frac"))
+            lines.append(
+                f"| {label} | {lr} | {pct(map(final, runs))} | {per_seed(runs)} "
+                f"| {pct(final(r, 'guided') for r in runs)} | {separator_drift(runs)} "
+                f"| {final_separators(runs)} | {fractions} | {seed_list(runs)} "
+                f"| {commits(runs)} |")
+    return lines
+
+
+def bits(values) -> str:
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
+def separator_drift(runs: list) -> str:
+    """Separator entropy (bits) of the logged unguided rollouts, steps 1-10 -> the last 10 steps,
+    mean +- sd over seeds of each run's mean."""
+    series = [r["spread"]["steps"]["autonomous"] for r in runs]
+    return (f"{bits(statistics.mean(s[:10]) for s in series)} -> "
+            f"{bits(statistics.mean(s[-10:]) for s in series)}")
+
+
+def final_separators(runs: list) -> str:
+    return " / ".join(bits(r["spread"][mode]["separator_entropy_bits"] for r in runs)
+                      for mode in ("unguided", "guided"))
+
+
+def spread_curve(results: dict) -> list:
+    """The chosen learning rate's rows every 10 steps: unguided / guided accuracy (mean over
+    seeds, %) and the separator entropy of the logged unguided rollouts (bits, mean of the 10
+    steps up to it)."""
+    from toy.ablation import PROXIMAL
+    rows = [(f"{row}_spread_lr{SPREAD_LR}", label) for row, (label, _) in PROXIMAL.items()]
+    rows = [(row, label) for row, label in rows if seeds_of(results, row)]
+    lines = ["| step | " + " | ".join(label for _, label in rows) + " |",
+             "|---" * (1 + len(rows)) + "|"]
+    for step in range(0, 81, 10):
+        cells = []
+        for row, _ in rows:
+            runs = seeds_of(results, row)
+            accuracy = "%.0f / %.0f" % tuple(
+                100 * statistics.mean(at_step(r, step, mode) for r in runs)
+                for mode in ("unguided", "guided"))
+            window = [r["spread"]["steps"]["autonomous"][max(0, step - 10):step] for r in runs]
+            entropy = statistics.mean(map(statistics.mean, window)) if step else None
+            cells.append(accuracy + (f", {entropy:.2f} bits" if entropy is not None else ""))
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# the learning rate of the spread testbed's constraint rows with 5 seeds (toy/README.md)
+SPREAD_LR = "2e-4"
+CAPABILITY_COLUMNS = [("sgpo", "SGPO"), ("grpo_only", "GRPO only"),
+                      ("sft_full_80", "SFT on full worked solutions"),
+                      ("sft_answer_80", "SFT on the answers")]
+
+
+def capability(results: dict) -> list:
+    """SGPO and its baselines at 80 steps from warm checkpoints of less guided skill (the warm-up
+    saved where it first reaches guided 60 / 80 %; the committed one, its end)."""
+    from toy.ablation import CAPABILITIES
+    lines = ["| warm checkpoint: guided / unguided before RL | "
+             + " | ".join(label for _, label in CAPABILITY_COLUMNS)
+             + " | SGPO minus best baseline, per seed | SGPO minus GRPO only | commit |",
+             "|---" * (4 + len(CAPABILITY_COLUMNS)) + "|"]
+    for suffix in [f"_g{level}" for level in CAPABILITIES] + [""]:
+        runs = {row: seeds_of(results, row + suffix) for row, _ in CAPABILITY_COLUMNS}
+        if not all(runs.values()):
+            continue
+        start = runs["sgpo"][0]["evals"][0]
+        name = "the committed one (the end)" if not suffix else f"saved at {suffix[2:]} %"
+        cells = [f"{pct(map(final, r))} ({per_seed(r)})" for r in runs.values()]
+        seeds = sorted(set.intersection(*({r["seed"] for r in v} for v in runs.values())))
+        accuracy = {row: {r["seed"]: 100 * final(r) for r in v} for row, v in runs.items()}
+        best = max(list(accuracy)[1:], key=lambda row: statistics.mean(accuracy[row].values()))
+        gains = [accuracy["sgpo"][s] - accuracy[best][s] for s in seeds]
+        over_grpo = [accuracy["sgpo"][s] - accuracy["grpo_only"][s] for s in seeds]
+        lines.append(
+            f"| {name}: {100 * start['guided']:.1f} / {100 * start['unguided']:.1f} | "
+            + " | ".join(cells)
+            + f" | {statistics.mean(gains):+.1f} ({' / '.join(f'{g:+.1f}' for g in gains)})"
+            + f" | {statistics.mean(over_grpo):+.1f} "
+            + f"| {commits(sum(runs.values(), []))} |")
+    return lines
+
+
 TABLES = {"proximal": proximal, "budget": budget, "budget_curve": budget_curve,
           "main": main_table, "imitation": imitation, "ablation": ablation_table,
-          "headline": headline}
+          "headline": headline, "spread_proximal": spread_proximal,
+          "spread_curve": spread_curve, "capability": capability}
 
 
 def render(name: str, results: dict) -> str:
