@@ -280,10 +280,11 @@ def spread_proximal(results: dict) -> list:
     return lines
 
 
-def bits(values) -> str:
+def bits(values, digits: int = 2) -> str:
+    """Mean +- standard deviation, `digits` decimals."""
     values = list(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+    return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
 def separator_drift(runs: list) -> str:
@@ -319,6 +320,32 @@ def spread_curve(results: dict) -> list:
             entropy = statistics.mean(map(statistics.mean, window)) if step else None
             cells.append(accuracy + (f", {entropy:.2f} bits" if entropy is not None else ""))
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
+SPREAD_ROWS = [("sgpo_spread", "SGPO (forward KL)"),
+               ("direct_sft_spread", "direct SFT on the selected targets")]
+
+
+def spread(results: dict) -> list:
+    """Forward KL vs direct SFT on the teacher with spread: accuracy and how the final policy's
+    unguided samples (temperature 1, 64 test problems) write their working."""
+    lines = ["| run | unguided | guided | per seed | separator entropy (bits), per seed | "
+             "rollouts mixing notations | -log p per token | start written out | seeds | commit |",
+             "|---" * 10 + "|"]
+    for row, label in SPREAD_ROWS:
+        runs = seeds_of(results, row)
+        if not runs:
+            continue
+        samples = [r["spread"]["unguided"] for r in runs]
+        entropies = [s["separator_entropy_bits"] for s in samples]
+        lines.append(
+            f"| {label} | {pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
+            f"| {per_seed(runs)} | {bits(entropies)} ({' / '.join(f'{e:.2f}' for e in entropies)}) "
+            f"| {pct(s['rollouts_mixing_notations'] for s in samples)} "
+            f"| {bits((s['mean_token_nll'] for s in samples), 3)} "
+            f"| {pct(r['generalisation']['start written out'] for r in runs)} "
+            f"| {seed_list(runs)} | {commits(runs)} |")
     return lines
 
 
@@ -358,10 +385,68 @@ def capability(results: dict) -> list:
     return lines
 
 
+# The paper's claims, each "a row with X beats the row without": (what X is, the paper's average
+# with and without, the toy's row with and without). KL clipping: the paper's full method clips
+# (delta = 1), the toy's default does not, so "with" is the toy's clipping row.
+CLAIMS = [
+    ("strategy distillation (without: GRPO only)", (52.1, 49.9), ("sgpo", "grpo_only")),
+    ("autonomous GRPO", (52.1, 48.6), ("sgpo", "no_grpo")),
+    ("forward KL, not reverse KL", (52.1, 50.9), ("sgpo", "reverse_kl")),
+    ("forward KL, not direct SFT on the selected targets", (52.1, 49.3), ("sgpo", "direct_sft")),
+    ("KL clipping at delta = 1", (52.1, 48.7), ("kl_clip_1", "sgpo")),
+    ("target selection", (52.1, 48.1), ("sgpo", "no_target_selection")),
+    ("adaptive alpha, not fixed", (52.1, 50.9), ("sgpo", "fixed_alpha")),
+    ("all proximal constraints (1 optimizer step a batch)", (52.1, 45.3), ("sgpo", "no_proximal")),
+    ("all proximal constraints (k = 2)", (52.1, 45.3), ("sgpo_k2", "no_proximal_k2")),
+    ("all proximal constraints (k = 4)", (52.1, 45.3), ("sgpo_k4", "no_proximal_k4")),
+    ("all proximal constraints (teacher with spread, k = 4 x 2 passes)", (52.1, 45.3),
+     ("sgpo_spread_lr{lr}", "no_proximal_spread_lr{lr}")),
+    ("SGPO, not SFT on the answers then GRPO", (52.1, 49.9), ("sgpo", "sft_grpo")),
+    ("SGPO, not SFT on full worked solutions (80 steps each)", (52.1, 42.7),
+     ("sgpo", "sft_full_80")),
+    ("SGPO, not SFT on full worked solutions (250 steps each)", (52.1, 42.7),
+     ("sgpo_250", "sft_full")),
+    ("SGPO, not SFT on full traces written otherwise (the best variant)", (52.1, 42.7),
+     ("sgpo", "sft_arrangement_lr1e-3")),
+]
+
+
+def verdict(difference: float, spread: float, paper: float) -> str:
+    """reproduced / contradicted: the toy's means differ by more than the two rows' standard
+    deviations together, in the paper's direction / the other; else not separated."""
+    if abs(difference) <= spread:
+        return "not separated"
+    return "reproduced" if (difference > 0) == (paper > 0) else "**contradicted**"
+
+
+def claims(results: dict) -> list:
+    """Each claim of the paper against the toy's rows, on the seeds both rows ran; the verdict by
+    the rule of `verdict`."""
+    lines = ["| the paper's claim: the method is better with | paper: with / without | toy: with "
+             "| toy: without | seeds | difference | verdict |", "|---|---|---|---|---|---|---|"]
+    for claim, paper, rows in CLAIMS:
+        with_row, without_row = (row.format(lr=SPREAD_LR) for row in rows)
+        by_seed = [{r["seed"]: 100 * final(r) for r in seeds_of(results, row)}
+                   for row in (with_row, without_row)]
+        seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+        if not seeds:
+            continue
+        cells = [[side[s] for s in seeds] for side in by_seed]
+        sds = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cells]
+        difference = statistics.mean(cells[0]) - statistics.mean(cells[1])
+        lines.append(
+            f"| {claim} | {paper[0]} / {paper[1]} "
+            + " ".join(f"| {statistics.mean(c):.1f} +- {sd:.1f}" for c, sd in zip(cells, sds))
+            + f" | {', '.join(map(str, seeds))} | {difference:+.1f} "
+            f"| {verdict(difference, sum(sds), paper[0] - paper[1])} |")
+    return lines
+
+
 TABLES = {"proximal": proximal, "budget": budget, "budget_curve": budget_curve,
           "main": main_table, "imitation": imitation, "ablation": ablation_table,
           "headline": headline, "spread_proximal": spread_proximal,
-          "spread_curve": spread_curve, "capability": capability}
+          "spread_curve": spread_curve, "capability": capability, "spread": spread,
+          "claims": claims}
 
 
 def render(name: str, results: dict) -> str:
