@@ -57,6 +57,44 @@ def test_a_row_by_hand():
                     "| 2.0 % / 0.4 % / - | 0000000, 1111111 |")
 
 
+def test_claims_by_hand():
+    """The verdict: the means differ by more than the two standard deviations together. GRPO only
+    (seeds 0-2: 30, 40, 35) against SGPO (seeds 0-3: 90, 100, 95, 0; seed 3 unshared, left out):
+    95.0 +- 5.0 vs 35.0 +- 5.0, +60.0 > 10: reproduced; reverse KL at 90 / 100 / 100: -3.3,
+    within 5.0 + 5.8: not separated; KL clipping (the toy's "with" row) at 35 / 30 / 40 below
+    SGPO: the paper's direction reversed."""
+    finals = {"sgpo": (0.9, 1.0, 0.95, 0.0), "grpo_only": (0.3, 0.4, 0.35),
+              "reverse_kl": (0.9, 1.0, 1.0), "kl_clip_1": (0.35, 0.3, 0.4)}
+    results = {}
+    for row, values in finals.items():
+        for seed, value in enumerate(values):
+            results[row, seed] = _result(row, seed, value)
+    lines = tables.claims(results)[2:]
+    assert lines == [
+        "| strategy distillation (without: GRPO only) | 52.1 / 49.9 | 95.0 +- 5.0 | 35.0 +- 5.0 "
+        "| 0, 1, 2 | +60.0 | reproduced |",
+        "| forward KL, not reverse KL | 52.1 / 50.9 | 95.0 +- 5.0 | 96.7 +- 5.8 | 0, 1, 2 | -1.7 "
+        "| not separated |",
+        "| KL clipping at delta = 1 | 52.1 / 48.7 | 35.0 +- 5.0 | 95.0 +- 5.0 | 0, 1, 2 | -60.0 "
+        "| **contradicted** |"]
+
+
+def test_capability_by_hand():
+    """One level (guided 60 %): SGPO 90 / 100, GRPO only 30 / 40, SFT full 95 / 95, SFT answers
+    20 / 20; the best baseline by mean is SFT full: gains -5.0 / +5.0; over GRPO only +60."""
+    finals = {"sgpo": (0.9, 1.0), "grpo_only": (0.3, 0.4), "sft_full_80": (0.95, 0.95),
+              "sft_answer_80": (0.2, 0.2)}
+    results = {}
+    for row, values in finals.items():
+        for seed, value in enumerate(values):
+            results[f"{row}_g60", seed] = _result(f"{row}_g60", seed, value)
+            results[f"{row}_g60", seed]["evals"][0]["guided"] = 0.6
+    (line,) = tables.capability(results)[2:]
+    assert line == ("| saved at 60 %: 60.0 / 30.0 | 95.0 +- 7.1 (90.0 / 100.0) | 35.0 +- 7.1 "
+                    "(30.0 / 40.0) | 95.0 +- 0.0 (95.0 / 95.0) | 20.0 +- 0.0 (20.0 / 20.0) "
+                    "| +0.0 (-5.0 / +5.0) | +60.0 | 0000000, 1111111 |")
+
+
 def test_check_mode_finds_a_stale_table(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     page.write_text("x\n<!-- table budget -->\n| old |\n<!-- end table -->\ny\n")
