@@ -191,10 +191,10 @@ for k in STEPS_PER_GENERATION:
         ROWS[f"{row}_k{k}"] = (f"{label}, k = {k}", [*flags, "--steps_per_generation", str(k)])
 
 # The proximal constraints where the teacher has spread: k = 4 mini-batches per rollout batch and
-# 2 passes over it (8 optimizer steps a batch), so the ratios move far from 1, at learning rates up
-# to where SGPO still works; every problem's first unguided and guided sample logged each step
+# 2 passes over it (8 optimizer steps a batch), so the ratios move far from 1, at each learning rate
+# tried (toy/README.md); every problem's first unguided and guided sample logged each step
 # (--log_completions 16), whose separators give the notations' entropy over steps.
-SPREAD_LRS = ("1e-4", "2e-4", "3e-4")
+SPREAD_LRS = ("3e-5", "5e-5", "1e-4")
 for lr in SPREAD_LRS:
     for row, (label, flags) in PROXIMAL.items():
         ROWS[f"{row}_spread_lr{lr}"] = (
