@@ -230,28 +230,31 @@ def test_sized_warmup_builds_the_testbed_at_another_model_size(tmp_path):
 
 def test_watching_the_warmup_changes_nothing_and_saves_where_a_level_is_first_reached(
         tmp_path, monkeypatch):
-    """warmup's watch evaluates greedily (no random draw): 4 steps watched every 2 give the
-    unwatched weights bit for bit; capability_warmup saves a checkpoint at the first evaluation
-    that reaches each level (here level 0 at the first, step 2, then it stops) and returns where."""
+    """warmup's watch is called after every step and changes nothing (4 steps watched give the
+    unwatched weights bit for bit); capability_warmup evaluates every `every` steps and, where a
+    level is newly reached, each step since the last evaluation from its kept weights, and saves
+    the first step that reaches the level (here level 0: reached at the evaluation of step 2,
+    first at step 1; the saved weights are step 1's)."""
     from toy import cups
 
     train, test = make_split(32, 1, "a"), make_split(4, 2, "b")
-    seen = []
-    watched, _ = cups.warmup(train, test, steps=4, batch=4, log=lambda line: None,
-                             watch=(2, lambda step, *_: seen.append(step)))
-    plain, _ = cups.warmup(train, test, steps=4, batch=4, log=lambda line: None)
-    assert seen == [2, 4]
+    seen, quiet = [], (lambda line: None)
+    watched, _ = cups.warmup(train, test, steps=4, batch=4, log=quiet,
+                             watch=lambda step, *_: seen.append(step))
+    plain, _ = cups.warmup(train, test, steps=4, batch=4, log=quiet)
+    assert seen == [1, 2, 3, 4]
     weights = plain.state_dict()
     assert all(torch.equal(weights[k], w) for k, w in watched.state_dict().items())
+    step_1, _ = cups.warmup(train, test, steps=1, batch=64, log=quiet)
     # the committed recipe on 32 problems (64 examples: one batch) and 4 held-out ones
     monkeypatch.setattr(cups, "committed_problems", lambda name: train if "train" in name else test)
     lines = []
     saved = cups.capability_warmup(str(tmp_path), levels=(0,), log=lines.append, every=2)
-    assert [json.loads(line)["step"] for line in lines] == [2]
-    assert saved == {0: (2, {k: v for k, v in json.loads(lines[0]).items()
-                              if k.startswith("eval/")})}
+    assert [json.loads(line)["step"] for line in lines] == [2, 1]
+    assert saved == {0: (1, {k: v for k, v in json.loads(lines[1]).items() if k != "step"})}
     model = engine.load_model(str(tmp_path / "guided-0"), torch.float32, "cpu")[0]
-    assert model.config.hidden_size == 64
+    weights = step_1.state_dict()
+    assert all(torch.equal(weights[k], w) for k, w in model.state_dict().items())
 
 
 def test_plot_names_matplotlib_where_it_is_missing(tmp_path):
