@@ -29,10 +29,10 @@ Design choices:
 6. Where it costs fewer multiply-adds, a prompt's rows share one sequence in the loss's forwards,
    the prompt computed once (engine.collate_shared; --share_prompts).
 
-Reading order: Config; the pure loss functions; `micro_batch_loss` and its three terms; one RL
-step's pieces ([n]: docs/method.md's step n) and `rl_step`; `train`. Plumbing: engine.py (model,
-generation), runtime.py (ranks, optimizer, checkpoints), metrics.py, inputs.py (flags, data),
-reward.py, chunked_head.py.
+Reading order: Config; the pure loss functions; `micro_batch_loss` and its terms; one RL step's
+pieces ([n]: docs/method.md's step n) and `rl_step`; `train`. Plumbing: engine.py (model,
+generation), runtime.py (ranks, checkpoints), metrics.py, inputs.py (flags, data), reward.py,
+chunked_head.py.
 """
 import itertools
 import math
@@ -354,8 +354,8 @@ class KDRow(Row):
 
 
 def check_sampler(rows, stats):
-    """rollout_probs_diff_max: the largest |sampler log-prob - pi_old| over the GRPO rows' tokens
-    (the same distribution twice: they must agree)."""
+    """rollout_probs_diff_max: max |sampler log-prob - pi_old| over the GRPO rows' tokens (the
+    same distribution twice)."""
     rows = [r for r in rows if isinstance(r, GRPORow)]
     if rows:
         old = torch.cat([r.old_logps for r in rows])
@@ -452,8 +452,7 @@ def kd_term(policy, rows, views, cfg: Config, stats):
 
 def accumulate_gradients(policy, rows, cfg: Config, stats):
     """Forward/backward over micro-batches of rows, sorted by length (less padding; the weights
-    are global, so the gradient is the same), in lockstep with the other ranks (runtime.lockstep).
-    Returns the number of micro-batches."""
+    are global), in lockstep with the other ranks. Returns the number of micro-batches."""
     rows = sorted(rows, key=lambda r: len(r.prompt) + len(r.response))
     size = cfg.micro_batch_size
     micro_batches = [rows[i:i + size] for i in range(0, len(rows), size)]
@@ -504,8 +503,7 @@ def sample_rollouts(policy, auto_prompts, guided_prompts, cfg: Config):
 
 
 def guided_sampler(policy, cfg: Config):
-    """Who samples the G2 guided rollouts: the teacher under --teacher_samples_guided, else the
-    policy."""
+    """Who samples the G2 guided rollouts (--teacher_samples_guided)."""
     return policy.teacher if policy.teacher and cfg.teacher_samples_guided else policy
 
 
@@ -535,7 +533,7 @@ def make_grpo_rows(batch: Batch, cfg: Config) -> list:
 
 
 def pass_rates(batch: Batch, cfg: Config):
-    """[B] p_guided and [B] p_auto: the success rates of each problem's G2 and G1 groups."""
+    """[B] p_guided and [B] p_auto: each problem's G2 and G1 success rates."""
     g1 = cfg.num_generations
     r_auto, r_guided = batch.rewards[:, :g1], batch.rewards[:, g1:]  # [B, G1], [B, G2]
     p_auto = r_auto.mean(1)
@@ -607,7 +605,7 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
     """Per problem b: its GRPO rows grpo_rows[b] and KD row kd_rows[b] (or None) -> k mini-batches
     of whole problems (a seeded random split; in order for k = 1), and every token's weight in its
     mini-batch's loss, over all ranks: [2] GRPO 1 / (autonomous tokens), DAPO-style; [7] KD
-    alpha(q) / (|target| x problems): a target's tokens sum to alpha(q) L_KD(q) / problems."""
+    alpha(q) / (|target| x problems)."""
     n = len(grpo_rows)
     # a mini-batch's problems, over all ranks (--batch_size is a multiple of k)
     n_problems = n * world_size() // k
@@ -629,9 +627,8 @@ def split_by_problem(grpo_rows, kd_rows, k, device):
 
 
 def take_pi_old(policy, rows, cfg: Config, stats):
-    """[2, 5] pi_old, the policy that sampled the batch: every row's response log-probs, in one
-    no-grad pass before the update's first optimizer step, kept on the rows for every mini-batch
-    and epoch; the sampler's log-probs checked against them."""
+    """[2, 5] pi_old, the policy that sampled the batch: every row's response log-probs in one
+    no-grad pass before the first optimizer step, kept on the rows; the sampler's checked."""
     # (on every rank alike: FSDP's gathering is a collective)
     with full_weights(policy.wrapped), autocast(cfg.dtype, policy.device):
         logps = response_logps(policy, [(r.prompt, r.response) for r in rows], cfg)
@@ -641,9 +638,9 @@ def take_pi_old(policy, rows, cfg: Config, stats):
 
 
 def update_policy(policy, opt, minibatches, cfg: Config, stats):
-    """[7] L minimised: one optimizer step per mini-batch (an extension: veRL's mini-batches),
-    num_iterations epochs, from pi_old taken first. Returns the statistics of the passes after the
-    first optimizer step (ratios leave 1) and the last grad norm."""
+    """[7] L minimised: an optimizer step per mini-batch (an extension: veRL's mini-batches),
+    num_iterations epochs. Returns the statistics of the passes after the first optimizer step
+    (ratios leave 1) and the last grad norm."""
     policy.wrapped.train()
     take_pi_old(policy, list(itertools.chain.from_iterable(minibatches)), cfg, stats)
     after_first, grad_norm = Stats(), 0.0
@@ -699,8 +696,8 @@ def rl_step(problems, policy: Policy, opt, alpha, cfg: Config, grade):
 
 
 def sft_warmup(problems, policy, cfg: Config, log):
-    """Warm-up: NLL of the reference `solution` + the end of turn (what the chat template closes an
-    assistant turn with, engine.turn_end_ids) under the autonomous prompt."""
+    """Warm-up: NLL of the reference `solution` + the chat template's end of turn
+    (engine.turn_end_ids) under the autonomous prompt."""
     tok = policy.tokenizer
     opt = make_optimizer(policy.lm, cfg.sft_learning_rate, cfg)
     turn_end = turn_end_ids(tok)
@@ -734,8 +731,8 @@ def sft_warmup(problems, policy, cfg: Config, log):
 
 
 def setup(argv):
-    """Checks, in this order: flags, data, output folder, the checkpoint to resume, the process
-    group, the model (UsageError: one line, exit 2). Returns cfg, the data, resume, the policy."""
+    """Checks flags, data, output folder, the checkpoint to resume, the process group, the model,
+    in this order (UsageError: one line, exit 2). Returns cfg, the data, resume, the policy."""
     cfg = parse_args(argv)
     problems, sft_problems, eval_problems, check_data = load_train_data(
         cfg, lambda tokenizer, q, guided: len(prompt_ids(tokenizer, cfg, q, guided)),
@@ -762,7 +759,7 @@ def train(cfg: Config, data, resume, policy):
     state = dict(step=0, epoch=0, position=0, alpha={}, sft_done=not cfg.sft_epochs,
                  eval_start={})
     if resume:
-        # optimizer, scheduler, RNG of every rank; the loop's state (step, data position, alpha)
+        # optimizer, scheduler, every rank's RNG, the loop's state
         state = restore_checkpoint(*resume, policy.wrapped, opt, state, cfg.seed)
     else:
         # different samples on each rank
@@ -821,7 +818,7 @@ def main(argv=None) -> int:
         print(warning, file=sys.stderr)
     train(cfg, data, resume, policy)
     if dist.is_initialized():
-        # the model and DDP hold the process group: freed first, so that no gloo thread stays
+        # the model and DDP hold the process group: freed first (no gloo thread stays)
         del policy
         dist.destroy_process_group()
     return 0
@@ -831,7 +828,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        # Ctrl-C: one line, not a traceback, on what is on disk (a checkpoint being written was
-        # removed)
+        # Ctrl-C: one line on what is on disk (a checkpoint being written was removed)
         print(f"\ninterrupted: {interrupted_advice(parse_args().output_dir)}", file=sys.stderr)
         sys.exit(130)

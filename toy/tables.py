@@ -350,7 +350,7 @@ def spread(results: dict) -> list:
 
 
 # the learning rate of the spread testbed's constraint rows with 5 seeds (toy/README.md)
-SPREAD_LR = "2e-4"
+SPREAD_LR = "3e-5"
 CAPABILITY_COLUMNS = [("sgpo", "SGPO"), ("grpo_only", "GRPO only"),
                       ("sft_full_80", "SFT on full worked solutions"),
                       ("sft_answer_80", "SFT on the answers")]
