@@ -218,9 +218,10 @@ for style, steps in [("full", s) for s in BUDGET_STEPS] + [("answer", 80)]:
 # Base capability at one size: the committed warm-up's recipe re-run and saved where its guided
 # accuracy first reaches 60 and 80 % (toy/cups.py capability_warmup, built once into
 # <output_dir>/capability); the committed checkpoint, the same warm-up's end, is the 100 % level.
-# At each level SGPO, GRPO only and both SFT baselines at SGPO's budget (80 steps, 1,280 problems).
+# At each level SGPO (live and base teacher), GRPO only and both SFT baselines at SGPO's budget (80
+# steps, 1,280 problems).
 CAPABILITIES = (60, 80)
-CAPABILITY_ROWS = ("sgpo", "grpo_only", "sft_full_80", "sft_answer_80")
+CAPABILITY_ROWS = ("sgpo", "sgpo_base", "grpo_only", "sft_full_80", "sft_answer_80")
 for level in CAPABILITIES:
     for row in CAPABILITY_ROWS:
         label, flags = ROWS[row]

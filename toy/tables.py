@@ -351,38 +351,49 @@ def spread(results: dict) -> list:
 
 # the learning rate of the spread testbed's constraint rows with 5 seeds (toy/README.md)
 SPREAD_LR = "3e-5"
-CAPABILITY_COLUMNS = [("sgpo", "SGPO"), ("grpo_only", "GRPO only"),
-                      ("sft_full_80", "SFT on full worked solutions"),
+CAPABILITY_COLUMNS = [("sgpo", "SGPO"), ("sgpo_base", "SGPO, base teacher"),
+                      ("grpo_only", "GRPO only"), ("sft_full_80", "SFT on full worked solutions"),
                       ("sft_answer_80", "SFT on the answers")]
+BASELINES = ("grpo_only", "sft_full_80", "sft_answer_80")
 
 
 def capability(results: dict) -> list:
     """SGPO and its baselines at 80 steps from warm checkpoints of less guided skill (the warm-up
-    saved where it first reaches guided 60 / 80 %; the committed one, its end)."""
+    saved where it first reaches guided 60 / 80 %; the committed one, its end); SGPO's gain over the
+    best baseline (by mean) and over GRPO only, seed by seed."""
     from toy.ablation import CAPABILITIES
     lines = ["| warm checkpoint: guided / unguided before RL | "
              + " | ".join(label for _, label in CAPABILITY_COLUMNS)
-             + " | SGPO minus best baseline, per seed | SGPO minus GRPO only | commit |",
-             "|---" * (4 + len(CAPABILITY_COLUMNS)) + "|"]
+             + " | SGPO minus best baseline, per seed | the same, base teacher "
+             "| SGPO minus GRPO only | commit |", "|---" * (5 + len(CAPABILITY_COLUMNS)) + "|"]
     for suffix in [f"_g{level}" for level in CAPABILITIES] + [""]:
         runs = {row: seeds_of(results, row + suffix) for row, _ in CAPABILITY_COLUMNS}
-        if not all(runs.values()):
+        if not all(runs[row] for row in ("sgpo", *BASELINES)):
             continue
         start = runs["sgpo"][0]["evals"][0]
         name = "the committed one (the end)" if not suffix else f"saved at {suffix[2:]} %"
-        cells = [f"{pct(map(final, r))} ({per_seed(r)})" for r in runs.values()]
-        seeds = sorted(set.intersection(*({r["seed"] for r in v} for v in runs.values())))
+        cells = [f"{pct(map(final, r))} ({per_seed(r)})" if r else "" for r in runs.values()]
         accuracy = {row: {r["seed"]: 100 * final(r) for r in v} for row, v in runs.items()}
-        best = max(list(accuracy)[1:], key=lambda row: statistics.mean(accuracy[row].values()))
-        gains = [accuracy["sgpo"][s] - accuracy[best][s] for s in seeds]
-        over_grpo = [accuracy["sgpo"][s] - accuracy["grpo_only"][s] for s in seeds]
+        best = max(BASELINES, key=lambda row: statistics.mean(accuracy[row].values()))
+        gains = [gain(accuracy[row], accuracy[best]) for row in ("sgpo", "sgpo_base")]
+        over_grpo = gain(accuracy["sgpo"], accuracy["grpo_only"])
         lines.append(
             f"| {name}: {100 * start['guided']:.1f} / {100 * start['unguided']:.1f} | "
-            + " | ".join(cells)
-            + f" | {statistics.mean(gains):+.1f} ({' / '.join(f'{g:+.1f}' for g in gains)})"
-            + f" | {statistics.mean(over_grpo):+.1f} "
+            + " | ".join(cells + gains)
+            + f" | {over_grpo.split(' ')[0] if over_grpo else ''} "
             + f"| {commits(sum(runs.values(), []))} |")
     return lines
+
+
+def gain(mine: dict, other: dict) -> str:
+    """Mean of the per-seed differences (on the seeds both ran) and each: '+1.0 (+2.0 / +0.0)';
+    '' without a common seed."""
+    seeds = sorted(set(mine) & set(other))
+    if not seeds:
+        return ""
+    differences = [mine[s] - other[s] for s in seeds]
+    return (f"{statistics.mean(differences):+.1f} "
+            f"({' / '.join(f'{d:+.1f}' for d in differences)})")
 
 
 # The paper's claims, each "a row with X beats the row without": (what X is, the paper's average
