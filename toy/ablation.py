@@ -12,6 +12,11 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
                                             # steps per rollout batch
     # SGPO for SFT's 250 steps, SFT on full worked solutions cut to 20-80 steps
     python toy/ablation.py --rows budget --seeds 0 1 2 3 4
+    # the proximal constraints on the teacher with spread, k = 4 x 2 passes, lr 3e-5
+    python toy/ablation.py --rows sgpo_spread_lr3e-5 no_trust_region_spread_lr3e-5 \
+        no_proximal_spread_lr3e-5 kl_clip_10_spread_lr3e-5 --seeds 0 1 2 3 4
+    # SGPO and its baselines from warm checkpoints of guided 71 / 80 / 100 % (built once, ~10 min)
+    python toy/ablation.py --rows capability
     python toy/ablation.py --rows sizes # SGPO and its baselines at hidden 32, 64 and 128 (each
                                         # warm checkpoint built once, 25-50 min)
     python toy/ablation.py --rows teachers  # SGPO with a base and an EMA teacher at each size
