@@ -121,14 +121,15 @@ def test_reference_kl_term():
     tok, model, cfg = tiny_setup()
     rows = [r for r in training_rows(tok, model, cfg) if isinstance(r, sgpo.GRPORow)]
     policy = sgpo.Policy.of(model, tok, "cpu")
-    base = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
+    # GRPO rows only: no teacher
+    base = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats(), None)
     cfg.beta = 0.5
     policy.reference = sgpo.Policy.of(model, tok, "cpu")
-    same = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats())
+    same = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, runtime.Stats(), None)
     assert torch.allclose(base, same)  # reference == policy: k3 = 0
     policy.reference = sgpo.Policy.of(tiny_setup(seed=1)[1], tok, "cpu")
     stats = runtime.Stats()
-    far = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, stats)
+    far = sgpo.micro_batch_loss(policy, fresh(rows, policy, cfg), cfg, stats, None)
     kl = stats.reduce("cpu")["kl"]
     assert kl > 0
     n_tok = sum(len(r.response) for r in rows)
@@ -138,13 +139,17 @@ def test_reference_kl_term():
 def test_toy_ablation_rows_are_valid_sgpo_flags():
     """Every row of toy/ablation.py parses as sgpo.py flags; the SFT rows warm up on a strong
     model's solutions in their style; each size runs SGPO and its baselines from its own
-    checkpoint; the two ablation rows of the paper the toy added switch what they name."""
-    from toy.ablation import BUDGET_STEPS, GROUPS, ROWS, SIZE_ROWS, SIZES, start_of
+    checkpoint, and each capability level from its own; the spread testbed's constraint rows are
+    the proximal rows at k = 4 x 2 passes and their learning rate; the two ablation rows of the
+    paper the toy added switch what they name."""
+    from toy.ablation import (BUDGET_STEPS, CAPABILITIES, CAPABILITY_ROWS, GROUPS, PROXIMAL,
+                              ROWS, SIZE_ROWS, SIZES, SPREAD_LRS, start_of)
     from toy.cups import SOLUTION_STYLES
 
     paths = dict(small="small.jsonl", spread="spread", size_32="s32", size_128="s128")
     paths.update({f"strong_{style}": f"strong_{style}.jsonl" for style in SOLUTION_STYLES})
     paths.update({f"strong_full_{16 * s}": f"strong_full_{16 * s}.jsonl" for s in BUDGET_STEPS})
+    paths.update(strong_answer_1280="strong_answer_1280.jsonl", capability="c")
     for label, flags in ROWS.values():
         cfg = sgpo.parse_args([f.format(**paths) for f in flags])
         assert (cfg.sft_epochs > 0) == (cfg.sft_data.startswith("strong_")), label
@@ -172,6 +177,22 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
             assert vars(sized) == {**vars(same), "model": f"s{hidden}/model"}
         assert start_of(f"sgpo_h{hidden}") == f"the warm checkpoint of hidden {hidden}"
     assert start_of("sgpo") == "the warm checkpoint" and start_of("sft_full_h32") == ""
+    answers = sgpo.parse_args([f.format(**paths) for f in ROWS["sft_answer_80"][1]])
+    assert vars(answers) == {**vars(full), "sft_epochs": 1, "sft_data": "strong_answer_1280.jsonl"}
+    for level in CAPABILITIES:
+        for row in CAPABILITY_ROWS:
+            weaker = sgpo.parse_args([f.format(**paths) for f in ROWS[f"{row}_g{level}"][1]])
+            same = sgpo.parse_args([f.format(**paths) for f in ROWS[row][1]])
+            assert vars(weaker) == {**vars(same), "model": f"c/guided-{level}"}
+    assert start_of("sgpo_g60") == "the warm-up at guided 60 %"
+    for lr in SPREAD_LRS:
+        for row in PROXIMAL:
+            spread = sgpo.parse_args([f.format(**paths) for f in ROWS[f"{row}_spread_lr{lr}"][1]])
+            same = sgpo.parse_args([f.format(**paths) for f in ROWS[f"{row}_k4"][1]])
+            assert vars(spread) == {
+                **vars(same), "model": "spread/model", "data": "spread/train.jsonl",
+                "eval_data": "spread/test.jsonl", "num_iterations": 2,
+                "learning_rate": float(lr), "log_completions": 16}
     for group in GROUPS.values():
         assert set(group) <= set(ROWS)
     assert len(GROUPS["sizes"]) == len(SIZE_ROWS) * (1 + len(SIZES))
