@@ -396,6 +396,20 @@ def gain(mine: dict, other: dict) -> str:
             f"({' / '.join(f'{d:+.1f}' for d in differences)})")
 
 
+def adaptive_alpha(results: dict) -> list:
+    """Adaptive vs fixed alpha on 128 problems x 10 epochs (alpha updated on every visit)."""
+    lines = ["| run | unguided | guided | per seed (unguided) | seeds | commit |",
+             "|---|---|---|---|---|---|"]
+    for row, label in (("sgpo_128", "adaptive alpha (defaults)"),
+                       ("fixed_alpha_128", "fixed alpha (`--adaptive_alpha false`)")):
+        runs = seeds_of(results, row)
+        if runs:
+            lines.append(f"| {label} | {pct(map(final, runs))} "
+                         f"| {pct(final(r, 'guided') for r in runs)} | {per_seed(runs)} "
+                         f"| {seed_list(runs)} | {commits(runs)} |")
+    return lines
+
+
 # The paper's claims, each "a row with X beats the row without": (what X is, the paper's average
 # with and without, the toy's row with and without). KL clipping: the paper's full method clips
 # (delta = 1), the toy's default does not, so "with" is the toy's clipping row.
@@ -457,7 +471,7 @@ TABLES = {"proximal": proximal, "budget": budget, "budget_curve": budget_curve,
           "main": main_table, "imitation": imitation, "ablation": ablation_table,
           "headline": headline, "spread_proximal": spread_proximal,
           "spread_curve": spread_curve, "capability": capability, "spread": spread,
-          "claims": claims}
+          "claims": claims, "adaptive_alpha": adaptive_alpha}
 
 
 def render(name: str, results: dict) -> str:
