@@ -91,7 +91,7 @@ def test_capability_by_hand():
             results[f"{row}_g60", seed] = _result(f"{row}_g60", seed, value)
             results[f"{row}_g60", seed]["evals"][0]["guided"] = 0.6
     (line,) = tables.capability(results)[2:]
-    assert line == ("| saved at 60 %: 60.0 / 30.0 | 95.0 +- 7.1 (90.0 / 100.0) |  | 35.0 +- 7.1 "
+    assert line == ("| first at >= 60 %: 60.0 / 30.0 | 95.0 +- 7.1 (90.0 / 100.0) |  | 35.0 +- 7.1 "
                     "(30.0 / 40.0) | 95.0 +- 0.0 (95.0 / 95.0) | 20.0 +- 0.0 (20.0 / 20.0) "
                     "| +0.0 (-5.0 / +5.0) |  | +60.0 | 0000000, 1111111 |")
 
