@@ -424,7 +424,7 @@ CLAIMS = [
     ("all proximal constraints (1 optimizer step a batch)", (52.1, 45.3), ("sgpo", "no_proximal")),
     ("all proximal constraints (k = 2)", (52.1, 45.3), ("sgpo_k2", "no_proximal_k2")),
     ("all proximal constraints (k = 4)", (52.1, 45.3), ("sgpo_k4", "no_proximal_k4")),
-    ("all proximal constraints (teacher with spread, k = 4 x 2 passes)", (52.1, 45.3),
+    ("all proximal constraints (teacher with spread, k = 4 x 2 passes, lr {lr})", (52.1, 45.3),
      ("sgpo_spread_lr{lr}", "no_proximal_spread_lr{lr}")),
     ("SGPO, not SFT on the answers then GRPO", (52.1, 49.9), ("sgpo", "sft_grpo")),
     ("SGPO, not SFT on full worked solutions (80 steps each)", (52.1, 42.7),
@@ -460,7 +460,7 @@ def claims(results: dict) -> list:
         sds = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cells]
         difference = statistics.mean(cells[0]) - statistics.mean(cells[1])
         lines.append(
-            f"| {claim} | {paper[0]} / {paper[1]} "
+            f"| {claim.format(lr=SPREAD_LR)} | {paper[0]} / {paper[1]} "
             + " ".join(f"| {statistics.mean(c):.1f} +- {sd:.1f}" for c, sd in zip(cells, sds))
             + f" | {', '.join(map(str, seeds))} | {difference:+.1f} "
             f"| {verdict(difference, sum(sds), paper[0] - paper[1])} |")
