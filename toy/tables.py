@@ -99,13 +99,21 @@ def proximal(results: dict) -> list:
         runs = seeds_of(results, row)
         if not runs:
             continue
-        fractions = " / ".join(late(runs, n) for n in ("kd/ratio_out_frac", "clip_ratio",
-                                                         "kd/kl_clip_frac"))
         lines.append(
-            f"| {label} | {k} | {pct(map(final, runs))} | {per_seed(runs)} "
-            f"| {pct(final(r, 'guided') for r in runs)} | {entropy(runs)} "
-            f"| {fractions if k > 1 else '- (ratio 1)'} | {commits(runs)} |")
+            f"| {label} | {k} | {final_cells(runs)} | {entropy(runs)} "
+            f"| {constraint_fractions(runs) if k > 1 else '- (ratio 1)'} | {commits(runs)} |")
     return lines
+
+
+def final_cells(runs: list) -> str:
+    """Cells: unguided, unguided per seed, guided."""
+    return (f"{pct(map(final, runs))} | {per_seed(runs)} "
+            f"| {pct(final(r, 'guided') for r in runs)}")
+
+
+def constraint_fractions(runs: list) -> str:
+    """The trust region's, GRPO's clip's and KL clipping's late fractions."""
+    return " / ".join(late(runs, n) for n in ("kd/ratio_out_frac", "clip_ratio", "kd/kl_clip_frac"))
 
 
 BUDGET_ROWS = [
@@ -270,12 +278,9 @@ def spread_proximal(results: dict) -> list:
             runs = seeds_of(results, f"{row}_spread_lr{lr}")
             if not runs:
                 continue
-            fractions = " / ".join(late(runs, n) for n in ("kd/ratio_out_frac", "clip_ratio",
-                                                             "kd/kl_clip_frac"))
             lines.append(
-                f"| {label} | {lr} | {pct(map(final, runs))} | {per_seed(runs)} "
-                f"| {pct(final(r, 'guided') for r in runs)} | {separator_drift(runs)} "
-                f"| {final_separators(runs)} | {fractions} | {seed_list(runs)} "
+                f"| {label} | {lr} | {final_cells(runs)} | {separator_drift(runs)} "
+                f"| {final_separators(runs)} | {constraint_fractions(runs)} | {seed_list(runs)} "
                 f"| {commits(runs)} |")
     return lines
 
