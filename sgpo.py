@@ -383,19 +383,20 @@ def micro_batch_loss(policy: Policy, rows, cfg: Config, stats, teacher):
     sizes = [sum(len(r.response) for r in kind) for kind in (sft, grpo, kd)]
     h_sft, h_grpo, h_kd = hidden.split(sizes)
     y_sft, y_grpo, y_kd = targets.split(sizes)
+    t_view = None
     if teacher is not None:
         # on guided prompt + target, no gradient
         with torch.no_grad():
             t_pairs = [(r.teacher_prompt, r.response) for r in kd]
             t_hidden, _ = teacher.response_hidden(t_pairs, sync_grads=False)
-        teacher = (t_hidden, teacher.head)
+        t_view = (t_hidden, teacher.head)
     loss = hidden.new_zeros((), dtype=torch.float32)
     if sft:
         loss = loss + sft_term(policy, sft, (h_sft, y_sft), cfg, stats)
     if grpo:
         loss = loss + grpo_term(policy, grpo, (h_grpo, y_grpo), cfg, stats)
     if kd:
-        loss = loss + kd_term(policy, kd, ((h_kd, y_kd), teacher), cfg, stats)
+        loss = loss + kd_term(policy, kd, ((h_kd, y_kd), t_view), cfg, stats)
     return loss
 
 
@@ -463,9 +464,9 @@ def accumulate_gradients(policy, rows, cfg: Config, stats):
     passes = lockstep(micro_batches, filler, policy.wrapped, policy.device)
     # the teacher on every micro-batch where some rank's rows need it (FSDP: every forward is a
     # collective); on none in the warm-up, under --kd_loss sft or with no KD row on any rank
-    kd = any(type(r) is KDRow for r in rows) and cfg.kd_loss != "sft"
-    kd = all_reduce(torch.tensor(float(kd), device=policy.device)) > 0
-    teacher = policy.teacher_view() if kd else None
+    mine = any(type(r) is KDRow for r in rows) and cfg.kd_loss != "sft"
+    anywhere = all_reduce(torch.tensor(float(mine), device=policy.device)) > 0
+    teacher = policy.teacher_view() if anywhere else None
     n = 0
     for n, (batch, own) in enumerate(passes, 1):
         with autocast(cfg.dtype, policy.device):

@@ -212,10 +212,13 @@ for lr in SPREAD_LRS:
 # the 2,000 problems), evaluated every 20 steps, and SFT on full worked solutions cut to 20, 40, 60
 # and SGPO's 80 steps, one epoch of the first 16 x steps problems (80 steps: SGPO's 1,280)
 BUDGET_STEPS = (20, 40, 60, 80)
+# (style, steps): the cut SFT rows, full worked solutions at each budget and the answers at 80
+SFT_CUTS = [("full", steps) for steps in BUDGET_STEPS] + [("answer", 80)]
+SFT_ROW = {"full": "sft_full", "answer": "sft_solutions"}  # each style's 2-epoch row
 ROWS["sgpo_250"] = ("SGPO, 250 steps", ["--max_steps", "250", "--eval_steps", "20"])
-for style, steps in [("full", s) for s in BUDGET_STEPS] + [("answer", 80)]:
+for style, steps in SFT_CUTS:
     ROWS[f"sft_{style}_{steps}"] = (
-        f"{ROWS[f'sft_{style}' if style == 'full' else 'sft_solutions'][0]}, {steps} steps",
+        f"{ROWS[SFT_ROW[style]][0]}, {steps} steps",
         ["--sft_epochs", "1", "--sft_data", f"{{strong_{style}_{16 * steps}}}",
          "--sft_learning_rate", "1e-4", "--max_steps", "0"]
     )
@@ -339,6 +342,11 @@ def spread_report(out: str) -> dict:
     return report
 
 
+def uses_capability(row: str) -> bool:
+    """Whether a row starts from a warm checkpoint of less guided skill (capability_warmup)."""
+    return "{capability}" in " ".join(ROWS[row][1])
+
+
 def uses_spread(row: str) -> bool:
     """Whether a row runs on the teacher with spread (its model and data)."""
     return ROWS[row][1][: len(SPREAD)] == SPREAD
@@ -435,7 +443,7 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         paths[f"strong_{style}"] = os.path.join(output_dir, f"strong_{style}.jsonl")
         write_once(paths[f"strong_{style}"], solved[style])
     # the budget rows' SFT data: the first problems of the solutions
-    for style, steps in [("full", s) for s in BUDGET_STEPS] + [("answer", 80)]:
+    for style, steps in SFT_CUTS:
         name = f"strong_{style}_{16 * steps}"
         paths[name] = os.path.join(output_dir, f"{name}.jsonl")
         write_once(paths[name], solved[style][:16 * steps])
@@ -447,8 +455,7 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         with open(f"{spread}/spread.json", "w") as f:
             json.dump(found, f)
     paths["capability"] = capability = os.path.join(output_dir, "capability")
-    needed = any("{capability}" in " ".join(ROWS[row][1]) for row in rows)
-    if needed and not os.path.exists(f"{capability}/levels.json"):
+    if any(map(uses_capability, rows)) and not os.path.exists(f"{capability}/levels.json"):
         print(f"building the warm checkpoints of less guided skill in {capability}", flush=True)
         with open(f"{capability}.log", "w") as log:
             levels = capability_warmup(
@@ -477,7 +484,7 @@ def start_of(row: str) -> str:
         return ""
     if uses_spread(row):
         return "the teacher with spread"
-    if "{capability}" in " ".join(flags):
+    if uses_capability(row):
         return f"the warm-up at guided {row.rsplit('_g', 1)[1]} %"
     if size_of(row) != 64:
         return f"the warm checkpoint of hidden {size_of(row)}"

@@ -41,9 +41,7 @@ def seeds_of(results: dict, row: str) -> list:
 
 def pct(values) -> str:
     """Mean +- standard deviation in %, one decimal."""
-    values = [100 * v for v in values]
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} +- {sd:.1f}"
+    return bits((100 * v for v in values), 1)
 
 
 def final(result: dict, mode: str = "unguided") -> float:
@@ -380,25 +378,26 @@ def capability(results: dict) -> list:
         cells = [f"{pct(map(final, r))} ({per_seed(r)})" if r else "" for r in runs.values()]
         accuracy = {row: {r["seed"]: 100 * final(r) for r in v} for row, v in runs.items()}
         best = max(BASELINES, key=lambda row: statistics.mean(accuracy[row].values()))
-        gains = [gain(accuracy[row], accuracy[best]) for row in ("sgpo", "sgpo_base")]
-        over_grpo = gain(accuracy["sgpo"], accuracy["grpo_only"])
+        gains = [paired(accuracy[row], accuracy[best]) for row in ("sgpo", "sgpo_base")]
+        over_grpo = paired(accuracy["sgpo"], accuracy["grpo_only"])
         lines.append(
             f"| {name}: {100 * start['guided']:.1f} / {100 * start['unguided']:.1f} | "
-            + " | ".join(cells + gains)
-            + f" | {over_grpo.split(' ')[0] if over_grpo else ''} "
-            + f"| {commits(sum(runs.values(), []))} |")
+            + " | ".join(cells + [gain(g, each=True) for g in gains])
+            + f" | {gain(over_grpo)} | {commits(sum(runs.values(), []))} |")
     return lines
 
 
-def gain(mine: dict, other: dict) -> str:
-    """Mean of the per-seed differences (on the seeds both ran) and each: '+1.0 (+2.0 / +0.0)';
-    '' without a common seed."""
-    seeds = sorted(set(mine) & set(other))
-    if not seeds:
+def paired(mine: dict, other: dict) -> list:
+    """{seed: value} x2 -> the differences on the seeds both ran, by seed."""
+    return [mine[s] - other[s] for s in sorted(set(mine) & set(other))]
+
+
+def gain(differences: list, each: bool = False) -> str:
+    """Their mean, and with each, every one: '+1.0 (+2.0 / +0.0)'; '' without any."""
+    if not differences:
         return ""
-    differences = [mine[s] - other[s] for s in seeds]
-    return (f"{statistics.mean(differences):+.1f} "
-            f"({' / '.join(f'{d:+.1f}' for d in differences)})")
+    mean = f"{statistics.mean(differences):+.1f}"
+    return f"{mean} ({' / '.join(f'{d:+.1f}' for d in differences)})" if each else mean
 
 
 def adaptive_alpha(results: dict) -> list:
