@@ -96,6 +96,48 @@ def test_capability_by_hand():
                     "| +0.0 (-5.0 / +5.0) |  | +60.0 | 0000000, 1111111 |")
 
 
+def _curve(row, seed, guided, teacher=None, targets=(1.0,) * 80):
+    """A run evaluated every 10 steps: unguided 30 % before RL, then 10 x its seed + 40; guided as
+    given (9 values); the teacher's guided accuracy where it has its own weights."""
+    result = _result(row, seed, 0.1 * seed + 0.4, {"kd/target_frac": list(targets)})
+    result["evals"] = [
+        {"step": 10 * i, "unguided": 0.3 if i == 0 else 0.1 * seed + 0.4, "guided": g,
+         **({"teacher_guided": teacher[i]} if teacher else {})} for i, g in enumerate(guided)]
+    return result
+
+
+def test_sizes_and_teachers_by_hand():
+    """Hidden 32, seeds 0-2 (seed 3 left out): SGPO 40 / 50 / 60 (guided 20), GRPO only 30, SFT
+    on full worked solutions 100: the best baseline is SFT, gains -60 / -50 / -40; over GRPO
+    only +20. The base teacher at 100 throughout, the policy's guided 100 -> 20; targets 1.0 over
+    steps 1-70, 0.5 over 71-80; the EMA teacher's own row only where it ran."""
+    down = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    results = {}
+    for seed in (0, 1, 2, 3):
+        results["sgpo_h32", seed] = _curve("sgpo_h32", seed, down)
+        results["sgpo_base_h32", seed] = _curve(
+            "sgpo_base_h32", seed, down, [1.0] * 9, (1.0,) * 70 + (0.5,) * 10)
+        for row, value in (("grpo_only_h32", 0.3), ("sft_full_h32", 1.0)):
+            results[row, seed] = _result(row, seed, value)
+    results["sgpo_lr3e-5_h32", 0] = _curve("sgpo_lr3e-5_h32", 0, down)
+    commit = "0000000, 1111111, 2222222"
+    assert tables.sizes(results)[2:] == [
+        f"| 32 | 30.0 / 100.0 | 50.0 +- 10.0 (40.0 / 50.0 / 60.0), guided 20.0 +- 0.0 "
+        f"| 30.0 +- 0.0 (30.0 / 30.0 / 30.0) | 100.0 +- 0.0 (100.0 / 100.0 / 100.0) "
+        f"| -50.0 (-60.0 / -50.0 / -40.0) | +20.0 | {commit} |",
+        "| 32, SGPO at lr 3e-5 (seeds 0) | | 40.0 +- 0.0 (40.0), guided 20.0 +- 0.0 | | | | "
+        "| 0000000 |"]
+    curve = "100, 90, 80, 70, 60, 50, 40, 30, 20"
+    assert tables.teachers(results)[2:] == [
+        f"| 32 | live | 50.0 +- 10.0 (40.0 / 50.0 / 60.0) | 20.0 +- 0.0 | {curve} "
+        f"| (the policy) | 1.00 | -50.0 | {commit} |",
+        f"| 32 | base | 50.0 +- 10.0 (40.0 / 50.0 / 60.0) | 20.0 +- 0.0 | {curve} "
+        f"| 100, 100, 100, 100, 100, 100, 100, 100, 100 | 0.50 | -50.0 | {commit} |"]
+    assert tables.who_samples(results)[2:] == [
+        f"| base | the policy (default) | 50.0 +- 10.0 (40.0 / 50.0 / 60.0) | 20.0 +- 0.0 "
+        f"| 100.0 +- 0.0 | 1.00 / 0.50 | 0, 1, 2 | {commit} |"]
+
+
 def test_check_mode_finds_a_stale_table(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     page.write_text("x\n<!-- table budget -->\n| old |\n<!-- end table -->\ny\n")

@@ -17,10 +17,11 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
         no_proximal_spread_lr3e-5 kl_clip_10_spread_lr3e-5 --seeds 0 1 2 3 4
     # SGPO and its baselines from warm checkpoints of guided 71 / 80 / 100 % (built once, ~10 min)
     python toy/ablation.py --rows capability
-    python toy/ablation.py --rows sizes # SGPO and its baselines at hidden 32, 64 and 128 (each
-                                        # warm checkpoint built once, 25-50 min)
+    python toy/ablation.py --rows sizes # SGPO and its baselines at hidden 32, 64 and 128 (their
+                                        # warm checkpoints committed in toy/cups_data)
     python toy/ablation.py --rows teachers  # SGPO with a base and an EMA teacher at each size
-    python toy/ablation.py --rows sgpo_ema_g2_h32  # ... whose guided rollouts the teacher samples
+    # ... whose guided rollouts the teacher samples, at hidden 32
+    python toy/ablation.py --rows sgpo_base_g2_h32 sgpo_ema_g2_h32
     # forward KL vs direct SFT, teacher with spread
     python toy/ablation.py --rows sgpo_spread direct_sft_spread
     # a subset; extra sgpo.py flags after --
@@ -127,7 +128,9 @@ ROWS = {  # name -> (label, sgpo.py flags)
     ),
 }
 # Base capability: the testbed at other model sizes (hidden units; toy/cups.py sized_warmup, the
-# committed checkpoint's data and warm-up recipe, built once into <output_dir>/size-<hidden>).
+# committed checkpoint's data and warm-up recipe). The warm models the results start from are
+# committed (toy/cups_data/size-<hidden>/model, at one thread); a size without one is built once
+# into <output_dir>/size-<hidden>.
 # Each size runs SGPO and its baselines from its own warm checkpoint. Warm-up learning rate per
 # size: hidden 128 stalled at 3e-3 (loss 0.149 at step 800 of 1200, guided 32 %; toy/README.md).
 SIZES = {32: 3e-3, 128: 1e-3}
@@ -293,7 +296,10 @@ def result(out: str, splits: dict) -> dict:
         **made,
         **({"spread": spread_report(out)} if spread else {}),
         "evals": [
-            {"step": e["step"], "unguided": e["eval/unguided_acc"], "guided": e["eval/guided_acc"]}
+            {"step": e["step"], "unguided": e["eval/unguided_acc"], "guided": e["eval/guided_acc"],
+             # a teacher of its own weights (--teacher base / ema): its guided accuracy
+             **({"teacher_guided": e["eval/teacher_guided_acc"]}
+                if "eval/teacher_guided_acc" in e else {})}
             for e in records(out, "eval/unguided_acc")
         ],
         "generalisation": generalisation(out, splits),
@@ -465,6 +471,9 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
             json.dump(levels, f)
     for hidden in SIZES:
         paths[f"size_{hidden}"] = size = os.path.join(output_dir, f"size-{hidden}")
+        if os.path.exists(f"{COMMITTED}/size-{hidden}/model"):
+            paths[f"size_{hidden}"] = f"{COMMITTED}/size-{hidden}"
+            continue
         needed = any(size_of(row) == hidden for row in rows)
         # test.jsonl is written last
         if needed and not os.path.exists(f"{size}/test.jsonl"):

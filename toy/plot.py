@@ -5,18 +5,17 @@ dependency of the project: `pip install matplotlib`).
 
     python toy/plot.py                              # the main table's rows
     python toy/plot.py --rows sgpo grpo_only sft_grpo --out toy/main_table.png
-    python toy/plot.py --sizes   # final accuracy against model size, per teacher (toy/sizes.json
-                                 # keeps the numbers when out/ablation no longer has the runs)
+    python toy/plot.py --sizes   # final accuracy against model size, per teacher: toy/sizes.png
 """
 
 import argparse
-import json
 import os
 import sys
+from statistics import mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size, final_eval  # noqa: E402
+from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size  # noqa: E402
 from toy.tables import MAIN_ROWS, load_results, seeds_of  # noqa: E402
 
 # the main table's rows
@@ -32,64 +31,55 @@ def curves(result: dict) -> dict:
     }
 
 
-# The size runs' final accuracies, kept for the figure when out/ablation no longer holds the runs:
-# written by --sizes from the runs it finds (the live-teacher rows and baselines at hidden 32 and
-# 128 were entered from toy/README.md's table, whose runs are gone).
-RECORDED = os.path.join(ROOT, "toy", "sizes.json")
 TEACHER_ROWS = {"sgpo": "live teacher", "sgpo_base": "base teacher", "sgpo_ema": "EMA teacher"}
 BASELINES = SIZE_ROWS[1:]
 
 
-def final_accuracies(output_dir: str, row: str, hidden: int, recorded: dict):
-    """{'unguided': [3 seeds], 'guided': [3 seeds], 'teacher_guided' (a teacher of its own): [3
-    seeds]} final accuracies (%) of a row's seeds 0-2 at one model size, from its runs (then kept
-    in recorded) or from recorded; None if neither."""
-    name = at_size(row, hidden)
-    ends = [final_eval(os.path.join(output_dir, f"{name}-seed{seed}")) for seed in (0, 1, 2)]
-    if None not in ends:
-        modes = [m for m in ("unguided", "guided", "teacher_guided")
-                 if f"eval/{m}_acc" in ends[0][1]]
-        recorded[name] = {mode: [100 * end[1][f"eval/{mode}_acc"] for end in ends]
-                          for mode in modes}
-    return recorded.get(name)
+def final_accuracies(results: dict, row: str, hidden: int):
+    """{'unguided': [per seed], 'guided': [...], 'teacher_guided' (a teacher of its own): [...]}
+    final accuracies (%) of a row's kept runs at one model size; None if it has none."""
+    runs = seeds_of(results, at_size(row, hidden))
+    if not runs:
+        return None
+    modes = [m for m in ("unguided", "guided", "teacher_guided") if m in runs[0]["evals"][-1]]
+    return {mode: [100 * r["evals"][-1][mode] for r in runs] for mode in modes}
 
 
-def plot_sizes(plt, output_dir: str, out: str) -> None:
+def plot_sizes(plt, out: str) -> None:
     """Against the warm checkpoint's size: the final unguided accuracy of SGPO with each teacher
     and of its baselines (a point per seed, a line through the means), the final guided accuracy
     (the policy's own skill, with the strategy; dashed: the base/EMA teacher's), and SGPO's gain
     over its best baseline per teacher."""
-    recorded = json.load(open(RECORDED)) if os.path.exists(RECORDED) else {}
+    results = load_results()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     sizes, means = ALL_SIZES, {}  # row -> {hidden: mean unguided over seeds}
     for row in (*TEACHER_ROWS, *BASELINES):
-        found = {h: final_accuracies(output_dir, row, h, recorded) for h in sizes}
+        found = {h: final_accuracies(results, row, h) for h in sizes}
         found = {h: ends for h, ends in found.items() if ends}
         if not found:
             continue
-        means[row] = {h: sum(e["unguided"]) / 3 for h, e in found.items()}
+        means[row] = {h: mean(e["unguided"]) for h, e in found.items()}
         label = f"SGPO, {TEACHER_ROWS[row]}" if row in TEACHER_ROWS else ROWS[row][0]
         (line,) = axes[0].plot(list(means[row]), list(means[row].values()), marker="o",
                                ls="-" if row in TEACHER_ROWS else ":", label=label)
         for h, ends in found.items():
-            axes[0].scatter([h] * 3, ends["unguided"], s=12, alpha=0.5, color=line.get_color())
+            axes[0].scatter([h] * len(ends["unguided"]), ends["unguided"], s=12, alpha=0.5,
+                            color=line.get_color())
         if row in TEACHER_ROWS:
-            guided = {h: sum(e["guided"]) / len(e["guided"]) for h, e in found.items()}
+            guided = {h: mean(e["guided"]) for h, e in found.items()}
             axes[1].plot(list(guided), list(guided.values()), marker="o", label=label,
                          color=line.get_color())
-            teacher = {h: sum(e["teacher_guided"]) / 3 for h, e in found.items()
+            teacher = {h: mean(e["teacher_guided"]) for h, e in found.items()
                        if "teacher_guided" in e}
             if teacher:
                 axes[1].plot(list(teacher), list(teacher.values()), marker="x", ls="--",
                              color=line.get_color(), label=f"{TEACHER_ROWS[row]} itself")
     teachers = [row for row in TEACHER_ROWS if row in means]
     for k, row in enumerate(teachers):
-        gains = {h: mean - max(means[b][h] for b in BASELINES if h in means.get(b, {}))
-                 for h, mean in means[row].items()}
+        gains = {h: sgpo - max(means[b][h] for b in BASELINES if h in means.get(b, {}))
+                 for h, sgpo in means[row].items()}
         axes[2].bar([sizes.index(h) + 0.25 * k for h in gains], list(gains.values()), width=0.25,
                     label=TEACHER_ROWS[row])
-    with open(RECORDED, "w") as f:
-        json.dump(recorded, f, indent=1, sort_keys=True)
     titles = ("unguided greedy accuracy after training", "guided greedy accuracy after training")
     for ax, title in zip(axes[:2], titles):
         ax.set(title=title, xlabel="hidden units (3 layers)", ylabel="accuracy (%)",
@@ -154,12 +144,11 @@ def main():
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--rows", nargs="+", default=MAIN, choices=list(ROWS))
-    parser.add_argument("--output_dir", default="out/ablation")
     parser.add_argument("--out", default=os.path.join(ROOT, "toy", "ablation.png"))
     parser.add_argument("--sizes", action="store_true", help="plot_sizes into toy/sizes.png")
     args = parser.parse_args()
     if args.sizes:
-        return plot_sizes(plt, args.output_dir, os.path.join(ROOT, "toy", "sizes.png"))
+        return plot_sizes(plt, os.path.join(ROOT, "toy", "sizes.png"))
     plot_rows(plt, args.rows, args.out)
 
 

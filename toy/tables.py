@@ -2,7 +2,7 @@
 The toy's tables in toy/README.md and README.md, written from the results files that
 toy/ablation.py keeps (toy/results/<row>-seed<k>.json: each run's commit, flags, seed and numbers).
 
-    python toy/tables.py            # rewrite every table between its markers, and toy/ablation.png
+    python toy/tables.py            # rewrite every table between its markers, and the figures
     python toy/tables.py --check    # exit 1 if a table differs from what the results give
 
 A table sits between `<!-- table NAME -->` and `<!-- end table -->`; tests/test_toy_tables.py
@@ -375,8 +375,8 @@ def capability(results: dict) -> list:
             continue
         start = runs["sgpo"][0]["evals"][0]
         name = "the committed one (the end)" if not suffix else f"first at >= {suffix[2:]} %"
-        cells = [f"{pct(map(final, r))} ({per_seed(r)})" if r else "" for r in runs.values()]
-        accuracy = {row: {r["seed"]: 100 * final(r) for r in v} for row, v in runs.items()}
+        cells = [with_seeds(r) if r else "" for r in runs.values()]
+        accuracy = {row: by_seed(v) for row, v in runs.items()}
         best = max(BASELINES, key=lambda row: statistics.mean(accuracy[row].values()))
         gains = [paired(accuracy[row], accuracy[best]) for row in ("sgpo", "sgpo_base")]
         over_grpo = paired(accuracy["sgpo"], accuracy["grpo_only"])
@@ -411,6 +411,123 @@ def adaptive_alpha(results: dict) -> list:
             lines.append(f"| {label} | {pct(map(final, runs))} "
                          f"| {pct(final(r, 'guided') for r in runs)} | {per_seed(runs)} "
                          f"| {seed_list(runs)} | {commits(runs)} |")
+    return lines
+
+
+# the seeds of the size and teacher rows (the default rows' seeds 3 and 4 left out there)
+SIZE_SEEDS = (0, 1, 2)
+
+
+def sized(results: dict, row: str, hidden: int) -> list:
+    """A row's runs at one model size (toy/ablation.py at_size), seeds SIZE_SEEDS."""
+    from toy.ablation import at_size
+    return [r for r in seeds_of(results, at_size(row, hidden)) if r["seed"] in SIZE_SEEDS]
+
+
+def with_seeds(runs: list) -> str:
+    """'mean +- sd (per seed)' of the final unguided accuracy."""
+    return f"{pct(map(final, runs))} ({per_seed(runs)})"
+
+
+def by_seed(runs: list) -> dict:
+    """{seed: final unguided accuracy in %}."""
+    return {r["seed"]: 100 * final(r) for r in runs}
+
+
+def best_baseline(results: dict, hidden: int) -> dict:
+    """by_seed of the best baseline (by mean) of SGPO at one size (GRPO only, SFT on full worked
+    solutions); {} if one has not run."""
+    from toy.ablation import SIZE_ROWS
+    runs = [by_seed(sized(results, row, hidden)) for row in SIZE_ROWS[1:]]
+    if not all(runs):
+        return {}
+    return max(runs, key=lambda accuracy: statistics.mean(accuracy.values()))
+
+
+def sizes(results: dict) -> list:
+    """SGPO (live teacher) and its baselines from each size's warm checkpoint; SGPO's gain over the
+    best baseline, seed by seed, and over GRPO only; SGPO at lr 3e-5 where it ran."""
+    from toy.ablation import ALL_SIZES, SIZES
+    lines = ["| hidden | warm: unguided / guided | SGPO | GRPO only | SFT on full worked solutions "
+             "| SGPO minus best baseline, per seed | SGPO minus GRPO only | commit |",
+             "|---" * 8 + "|"]
+    for hidden in ALL_SIZES:
+        runs = {row: sized(results, row, hidden) for row in ("sgpo", "grpo_only", "sft_full")}
+        if not all(runs.values()):
+            continue
+        start = runs["sgpo"][0]["evals"][0]
+        sgpo = by_seed(runs["sgpo"])
+        over = [paired(sgpo, best_baseline(results, hidden)),
+                paired(sgpo, by_seed(runs["grpo_only"]))]
+        lines.append(
+            f"| {hidden} | {100 * start['unguided']:.1f} / {100 * start['guided']:.1f} "
+            f"| {with_seeds(runs['sgpo'])}, guided {pct(final(r, 'guided') for r in runs['sgpo'])} "
+            f"| {with_seeds(runs['grpo_only'])} | {with_seeds(runs['sft_full'])} "
+            f"| {gain(over[0], each=True)} | {gain(over[1])} "
+            f"| {commits(sum(runs.values(), []))} |")
+    for hidden in SIZES:
+        runs = sized(results, "sgpo_lr3e-5", hidden)
+        if runs:
+            lines.append(
+                f"| {hidden}, SGPO at lr 3e-5 (seeds {seed_list(runs)}) | | {with_seeds(runs)}, "
+                f"guided {pct(final(r, 'guided') for r in runs)} | | | | | {commits(runs)} |")
+    return lines
+
+
+TEACHER_LABELS = {"sgpo": "live", "sgpo_base": "base", "sgpo_ema": "EMA"}
+
+
+def every_10(runs: list, mode: str) -> str:
+    """An accuracy at steps 0, 10, ..., 80, mean over seeds, in %."""
+    return ", ".join(
+        "%.0f" % (100 * statistics.mean(at_step(r, step, mode) for r in runs))
+        for step in range(0, 81, 10))
+
+
+def targets(runs: list, first: int, last: int) -> str:
+    """kd/target_frac (problems with a KD target) over steps first..last, mean over seeds."""
+    return "%.2f" % statistics.mean(
+        statistics.mean(r["series"]["kd/target_frac"][first - 1:last]) for r in runs)
+
+
+def teachers(results: dict) -> list:
+    """SGPO with the live, base and EMA teacher at each size: final accuracy, the policy's and the
+    teacher's guided accuracy every 10 steps, the problems with a KD target late, and the gap to
+    the best baseline."""
+    from toy.ablation import ALL_SIZES
+    lines = ["| hidden | teacher | unguided (per seed) | guided, policy | policy's guided every "
+             "10 steps | teacher's guided every 10 steps | targets, steps 71-80 | minus best "
+             "baseline | commit |", "|---" * 9 + "|"]
+    for hidden in ALL_SIZES:
+        for row, teacher in TEACHER_LABELS.items():
+            runs = sized(results, row, hidden)
+            if not runs:
+                continue
+            own = every_10(runs, "teacher_guided") if row != "sgpo" else "(the policy)"
+            lines.append(
+                f"| {hidden} | {teacher} | {with_seeds(runs)} "
+                f"| {pct(final(r, 'guided') for r in runs)} | {every_10(runs, 'guided')} "
+                f"| {own} | {targets(runs, 71, 80)} "
+                f"| {gain(paired(by_seed(runs), best_baseline(results, hidden)))} "
+                f"| {commits(runs)} |")
+    return lines
+
+
+def who_samples(results: dict) -> list:
+    """At hidden 32, base and EMA teacher: the guided rollouts sampled by the policy (the default)
+    or by the teacher (--teacher_samples_guided true)."""
+    lines = ["| teacher | G2 sampled by | unguided (per seed) | guided, policy | teacher's guided "
+             "at 80 | targets, steps 1-10 / 71-80 | seeds | commit |", "|---" * 8 + "|"]
+    for teacher in ("base", "ema"):
+        for suffix, sampler in (("", "the policy (default)"), ("_g2", "the teacher")):
+            runs = sized(results, f"sgpo_{teacher}{suffix}", 32)
+            if runs:
+                lines.append(
+                    f"| {TEACHER_LABELS[f'sgpo_{teacher}']} | {sampler} | {with_seeds(runs)} "
+                    f"| {pct(final(r, 'guided') for r in runs)} "
+                    f"| {pct(final(r, 'teacher_guided') for r in runs)} "
+                    f"| {targets(runs, 1, 10)} / {targets(runs, 71, 80)} | {seed_list(runs)} "
+                    f"| {commits(runs)} |")
     return lines
 
 
@@ -477,7 +594,8 @@ TABLES = {"proximal": proximal, "budget": budget, "budget_curve": budget_curve,
           "spread_curve": lambda results: spread_curve(results, SPREAD_LR),
           "spread_curve_fast": lambda results: spread_curve(results, "1e-4"),
           "capability": capability, "spread": spread,
-          "claims": claims, "adaptive_alpha": adaptive_alpha}
+          "claims": claims, "adaptive_alpha": adaptive_alpha, "sizes": sizes,
+          "teachers": teachers, "who_samples": who_samples}
 
 
 def render(name: str, results: dict) -> str:
@@ -490,18 +608,20 @@ def rewrite(text: str, results: dict) -> str:
 
 
 def figure() -> None:
-    """toy/ablation.png from the results (toy/plot.py; matplotlib is not a dependency: skipped
-    without it)."""
+    """toy/ablation.png and toy/sizes.png from the results (toy/plot.py; matplotlib is not a
+    dependency: skipped without it)."""
     try:
         import matplotlib
     except ImportError:
-        print("toy/ablation.png not redrawn: pip install matplotlib", file=sys.stderr)
+        print("toy/ablation.png, toy/sizes.png not redrawn: pip install matplotlib",
+              file=sys.stderr)
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from toy import plot
     plot.plot_rows(plt, plot.MAIN, os.path.join(ROOT, "toy", "ablation.png"))
+    plot.plot_sizes(plt, os.path.join(ROOT, "toy", "sizes.png"))
 
 
 def main() -> int:
