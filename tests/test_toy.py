@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import reward
@@ -226,6 +227,32 @@ def test_sized_warmup_builds_the_testbed_at_another_model_size(tmp_path):
     again = engine.load_model(str(tmp_path / "again" / "model"), torch.float32, "cpu")[0]
     weights = model.state_dict()
     assert all(torch.equal(weights[k], w) for k, w in again.state_dict().items())
+
+
+@pytest.mark.parametrize("hidden", [32, 128])
+def test_committed_size_checkpoints_are_the_ones_the_results_start_from(hidden):
+    """toy/cups_data/size-<hidden>/model (toy/cups.py sized_warmup at one thread): a model of that
+    width, whose greedy held-out accuracy before RL is every kept size run's step 0."""
+    from transformers import AutoConfig
+
+    from toy import ablation, tables
+
+    folder = CUPS / f"size-{hidden}" / "model"
+    assert AutoConfig.from_pretrained(folder).hidden_size == hidden
+    starts = [r["evals"][0] for (row, _), r in tables.load_results().items()
+              if ablation.size_of(row) == hidden]
+    assert len(starts) >= 3
+    model, tok = engine.load_model(str(folder), torch.float32, "cpu")
+    test = [json.loads(line) for line in open(CUPS / "test.jsonl")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (the results' thread count)
+    try:
+        accuracy = engine.greedy_accuracy(model, tok, test, sgpo.Config(), "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for start in starts:
+        assert (start["unguided"], start["guided"]) == (
+            accuracy["eval/unguided_acc"], accuracy["eval/guided_acc"])
 
 
 def test_watching_the_warmup_changes_nothing_and_saves_where_a_level_is_first_reached(

@@ -48,6 +48,11 @@ def final(result: dict, mode: str = "unguided") -> float:
     return result["evals"][-1][mode]
 
 
+def finals(runs: list, mode: str = "unguided") -> str:
+    """Mean +- sd of the runs' final accuracy in %."""
+    return pct(final(r, mode) for r in runs)
+
+
 def per_seed(runs: list) -> str:
     return " / ".join(f"{100 * final(r):.1f}" for r in runs)
 
@@ -105,8 +110,8 @@ def proximal(results: dict) -> list:
 
 def final_cells(runs: list) -> str:
     """Cells: unguided, unguided per seed, guided."""
-    return (f"{pct(map(final, runs))} | {per_seed(runs)} "
-            f"| {pct(final(r, 'guided') for r in runs)}")
+    return (f"{finals(runs)} | {per_seed(runs)} "
+            f"| {finals(runs, 'guided')}")
 
 
 def constraint_fractions(runs: list) -> str:
@@ -146,7 +151,7 @@ def budget_curve(results: dict) -> list:
         # SFT cut to `step` steps; its 250 steps: the 2-epoch row
         sft = seeds_of(results, "sft_full" if step == 250 else f"sft_full_{step}")
         row = [pct(at_step(r, step) for r in sgpo), pct(at_step(r, step, "guided") for r in sgpo),
-               pct(map(final, sft)) if sft else ""]
+               finals(sft) if sft else ""]
         lines.append(f"| {step} | " + " | ".join(row) + " |")
     return lines
 
@@ -154,7 +159,7 @@ def budget_curve(results: dict) -> list:
 def accuracies(runs: list) -> str:
     """Cells: unguided, guided, unguided per seed, the generalisation splits (unguided)."""
     splits = " | ".join(pct(r["generalisation"][s] for r in runs) for s in SPLITS)
-    return (f"{pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
+    return (f"{finals(runs)} | {finals(runs, 'guided')} "
             f"| {per_seed(runs)} | {splits}")
 
 
@@ -233,8 +238,8 @@ def ablation_table(results: dict) -> list:
         if runs:
             label, flags = ROWS[row]
             lines.append(
-                f"| {label} | `{' '.join(flags) or '-'}` | {pct(map(final, runs))} "
-                f"| {pct(final(r, 'guided') for r in runs)} | {per_seed(runs)} "
+                f"| {label} | `{' '.join(flags) or '-'}` | {finals(runs)} "
+                f"| {finals(runs, 'guided')} | {per_seed(runs)} "
                 f"| {seed_list(runs)} | {commits(runs)} |")
     return lines
 
@@ -258,8 +263,8 @@ def headline(results: dict) -> list:
     for row, label in HEADLINE_ROWS:
         runs = seeds_of(results, row)
         if runs:
-            lines.append(f"| {label} | {pct(map(final, runs))} "
-                         f"| {pct(final(r, 'guided') for r in runs)} | {seed_list(runs)} |")
+            lines.append(f"| {label} | {finals(runs)} "
+                         f"| {finals(runs, 'guided')} | {seed_list(runs)} |")
     return lines
 
 
@@ -343,7 +348,7 @@ def spread(results: dict) -> list:
         samples = [r["spread"]["unguided"] for r in runs]
         entropies = [s["separator_entropy_bits"] for s in samples]
         lines.append(
-            f"| {label} | {pct(map(final, runs))} | {pct(final(r, 'guided') for r in runs)} "
+            f"| {label} | {finals(runs)} | {finals(runs, 'guided')} "
             f"| {per_seed(runs)} | {bits(entropies)} ({' / '.join(f'{e:.2f}' for e in entropies)}) "
             f"| {pct(s['rollouts_mixing_notations'] for s in samples)} "
             f"| {bits((s['mean_token_nll'] for s in samples), 3)} "
@@ -408,8 +413,8 @@ def adaptive_alpha(results: dict) -> list:
                        ("fixed_alpha_128", "fixed alpha (`--adaptive_alpha false`)")):
         runs = seeds_of(results, row)
         if runs:
-            lines.append(f"| {label} | {pct(map(final, runs))} "
-                         f"| {pct(final(r, 'guided') for r in runs)} | {per_seed(runs)} "
+            lines.append(f"| {label} | {finals(runs)} "
+                         f"| {finals(runs, 'guided')} | {per_seed(runs)} "
                          f"| {seed_list(runs)} | {commits(runs)} |")
     return lines
 
@@ -426,7 +431,7 @@ def sized(results: dict, row: str, hidden: int) -> list:
 
 def with_seeds(runs: list) -> str:
     """'mean +- sd (per seed)' of the final unguided accuracy."""
-    return f"{pct(map(final, runs))} ({per_seed(runs)})"
+    return f"{finals(runs)} ({per_seed(runs)})"
 
 
 def by_seed(runs: list) -> dict:
@@ -461,7 +466,7 @@ def sizes(results: dict) -> list:
                 paired(sgpo, by_seed(runs["grpo_only"]))]
         lines.append(
             f"| {hidden} | {100 * start['unguided']:.1f} / {100 * start['guided']:.1f} "
-            f"| {with_seeds(runs['sgpo'])}, guided {pct(final(r, 'guided') for r in runs['sgpo'])} "
+            f"| {with_seeds(runs['sgpo'])}, guided {finals(runs['sgpo'], 'guided')} "
             f"| {with_seeds(runs['grpo_only'])} | {with_seeds(runs['sft_full'])} "
             f"| {gain(over[0], each=True)} | {gain(over[1])} "
             f"| {commits(sum(runs.values(), []))} |")
@@ -470,7 +475,7 @@ def sizes(results: dict) -> list:
         if runs:
             lines.append(
                 f"| {hidden}, SGPO at lr 3e-5 (seeds {seed_list(runs)}) | | {with_seeds(runs)}, "
-                f"guided {pct(final(r, 'guided') for r in runs)} | | | | | {commits(runs)} |")
+                f"guided {finals(runs, 'guided')} | | | | | {commits(runs)} |")
     return lines
 
 
@@ -506,7 +511,7 @@ def teachers(results: dict) -> list:
             own = every_10(runs, "teacher_guided") if row != "sgpo" else "(the policy)"
             lines.append(
                 f"| {hidden} | {teacher} | {with_seeds(runs)} "
-                f"| {pct(final(r, 'guided') for r in runs)} | {every_10(runs, 'guided')} "
+                f"| {finals(runs, 'guided')} | {every_10(runs, 'guided')} "
                 f"| {own} | {targets(runs, 71, 80)} "
                 f"| {gain(paired(by_seed(runs), best_baseline(results, hidden)))} "
                 f"| {commits(runs)} |")
@@ -524,8 +529,8 @@ def who_samples(results: dict) -> list:
             if runs:
                 lines.append(
                     f"| {TEACHER_LABELS[f'sgpo_{teacher}']} | {sampler} | {with_seeds(runs)} "
-                    f"| {pct(final(r, 'guided') for r in runs)} "
-                    f"| {pct(final(r, 'teacher_guided') for r in runs)} "
+                    f"| {finals(runs, 'guided')} "
+                    f"| {finals(runs, 'teacher_guided')} "
                     f"| {targets(runs, 1, 10)} / {targets(runs, 71, 80)} | {seed_list(runs)} "
                     f"| {commits(runs)} |")
     return lines
