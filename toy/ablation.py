@@ -143,7 +143,8 @@ def at_size(row: str, hidden: int) -> str:
     return row if hidden == 64 else f"{row}_h{hidden}"
 
 
-# the RL learning rate was chosen at hidden 64: does SGPO at another size need another one?
+# the RL learning rate was chosen at hidden 64: does SGPO at another size need another one? (with
+# the live teacher, and with a base one: rows defined with the teachers below)
 ROWS["sgpo_lr3e-5"] = ("SGPO, lr 3e-5", ["--learning_rate", "3e-5"])
 for hidden in SIZES:
     for row in (*SIZE_ROWS, "sgpo_lr3e-5"):
@@ -162,8 +163,11 @@ for teacher in TEACHERS:
         f"SGPO, {teacher} teacher sampling the guided rollouts",
         ["--teacher", teacher, "--teacher_samples_guided", "true"]
     )
+    ROWS[f"sgpo_{teacher}_lr3e-5"] = (
+        f"SGPO, {teacher} teacher, lr 3e-5", ["--teacher", teacher, "--learning_rate", "3e-5"]
+    )
     for hidden in SIZES:
-        for row in (f"sgpo_{teacher}", f"sgpo_{teacher}_g2"):
+        for row in (f"sgpo_{teacher}", f"sgpo_{teacher}_g2", f"sgpo_{teacher}_lr3e-5"):
             label, flags = ROWS[row]
             ROWS[at_size(row, hidden)] = (
                 f"{label}, hidden {hidden}", ["--model", f"{{size_{hidden}}}/model", *flags]

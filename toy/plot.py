@@ -15,8 +15,8 @@ from statistics import mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS, at_size  # noqa: E402
-from toy.tables import MAIN_ROWS, load_results, seeds_of  # noqa: E402
+from toy.ablation import ALL_SIZES, ROWS, SIZE_ROWS  # noqa: E402
+from toy.tables import MAIN_ROWS, load_results, seeds_of, sized  # noqa: E402
 
 # the main table's rows
 MAIN = [row for row, _ in MAIN_ROWS]
@@ -37,8 +37,9 @@ BASELINES = SIZE_ROWS[1:]
 
 def final_accuracies(results: dict, row: str, hidden: int):
     """{'unguided': [per seed], 'guided': [...], 'teacher_guided' (a teacher of its own): [...]}
-    final accuracies (%) of a row's kept runs at one model size; None if it has none."""
-    runs = seeds_of(results, at_size(row, hidden))
+    final accuracies (%) of a row's kept runs at one model size, the size tables' seeds; None if
+    it has none."""
+    runs = sized(results, row, hidden)
     if not runs:
         return None
     modes = [m for m in ("unguided", "guided", "teacher_guided") if m in runs[0]["evals"][-1]]

@@ -451,7 +451,8 @@ def best_baseline(results: dict, hidden: int) -> dict:
 
 def sizes(results: dict) -> list:
     """SGPO (live teacher) and its baselines from each size's warm checkpoint; SGPO's gain over the
-    best baseline, seed by seed, and over GRPO only; SGPO at lr 3e-5 where it ran."""
+    best baseline, seed by seed, and over GRPO only; SGPO (live and base teacher) at lr 3e-5
+    where it ran."""
     from toy.ablation import ALL_SIZES, SIZES
     lines = ["| hidden | warm: unguided / guided | SGPO | GRPO only | SFT on full worked solutions "
              "| SGPO minus best baseline, per seed | SGPO minus GRPO only | commit |",
@@ -470,12 +471,14 @@ def sizes(results: dict) -> list:
             f"| {with_seeds(runs['grpo_only'])} | {with_seeds(runs['sft_full'])} "
             f"| {gain(over[0], each=True)} | {gain(over[1])} "
             f"| {commits(sum(runs.values(), []))} |")
-    for hidden in SIZES:
-        runs = sized(results, "sgpo_lr3e-5", hidden)
-        if runs:
-            lines.append(
-                f"| {hidden}, SGPO at lr 3e-5 (seeds {seed_list(runs)}) | | {with_seeds(runs)}, "
-                f"guided {finals(runs, 'guided')} | | | | | {commits(runs)} |")
+    for row, label in (("sgpo_lr3e-5", "SGPO"), ("sgpo_base_lr3e-5", "SGPO, base teacher,")):
+        for hidden in SIZES:
+            runs = sized(results, row, hidden)
+            if runs:
+                lines.append(
+                    f"| {hidden}, {label} at lr 3e-5 (seed{'s' * (len(runs) > 1)} "
+                    f"{seed_list(runs)}) | | {with_seeds(runs)}, guided {finals(runs, 'guided')} "
+                    f"| | | | | {commits(runs)} |")
     return lines
 
 
