@@ -258,3 +258,21 @@ def test_budget_rows_train_on_the_first_problems_full_worked(tmp_path):
     for steps in BUDGET_STEPS:
         rows = [json.loads(line) for line in open(paths[f"strong_full_{16 * steps}"])]
         assert rows == [{**q, "solution": strong_solution(q, "full")} for q in train[:16 * steps]]
+
+
+def test_size_rows_start_from_the_committed_warm_models(tmp_path, monkeypatch):
+    """A size with a committed warm model (toy/cups_data/size-<hidden>) is not built again; its
+    rows' --model names the committed folder."""
+    from toy import ablation
+    from toy.ablation import COMMITTED, ROWS, SIZES, prepare_inputs
+
+    def build(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(ablation, "sized_warmup", build)
+    paths = prepare_inputs(str(tmp_path), [f"sgpo_h{hidden}" for hidden in SIZES])
+    for hidden in SIZES:
+        assert paths[f"size_{hidden}"] == f"{COMMITTED}/size-{hidden}"
+        flags = [f.format(**paths) for f in ROWS[f"sgpo_h{hidden}"][1]]
+        assert flags == ["--model", f"{COMMITTED}/size-{hidden}/model"]
+    assert not list(tmp_path.glob("size-*"))
