@@ -146,7 +146,8 @@ def test_toy_ablation_rows_are_valid_sgpo_flags():
                               ROWS, SIZE_ROWS, SIZES, SPREAD_LRS, start_of)
     from toy.cups import SOLUTION_STYLES
 
-    paths = dict(small="small.jsonl", spread="spread", size_32="s32", size_128="s128")
+    paths = dict(small="small.jsonl", spread="spread", spread_short="short", size_32="s32",
+                 size_128="s128")
     paths.update({f"strong_{style}": f"strong_{style}.jsonl" for style in SOLUTION_STYLES})
     paths.update({f"strong_full_{16 * s}": f"strong_full_{16 * s}.jsonl" for s in BUDGET_STEPS})
     paths.update(strong_answer_1280="strong_answer_1280.jsonl", capability="c")

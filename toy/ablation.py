@@ -75,6 +75,12 @@ SPREAD = [
     "--model", "{spread}/model", "--data", "{spread}/train.jsonl", "--eval_data",
     "{spread}/test.jsonl"
 ]
+# the teachers with spread built: name in the flags -> (spread_warmup's arguments, what it is); the
+# short one is why the teacher is trained to 100 % guided first (toy/README.md)
+SPREAD_TEACHERS = {
+    "spread": ({}, "the teacher with spread"),
+    "spread_short": ({"steps": 300, "lr": 1e-3}, "the teacher with spread trained 300 steps"),
+}
 ROWS = {  # name -> (label, sgpo.py flags)
     "sgpo": ("SGPO (defaults)", []),
     "grpo_only": ("GRPO only", ["--use_kd", "false"]),
@@ -125,6 +131,10 @@ ROWS = {  # name -> (label, sgpo.py flags)
     "direct_sft_spread": (
         "direct SFT on the selected guided targets, teacher with spread",
         SPREAD + ["--kd_loss", "sft"]
+    ),
+    "sgpo_spread_short": (
+        "SGPO, teacher with spread trained 300 steps at lr 1e-3",
+        [f.replace("{spread}", "{spread_short}") for f in SPREAD]
     ),
 }
 # Base capability: the testbed at other model sizes (hidden units; toy/cups.py sized_warmup, the
@@ -358,8 +368,8 @@ def uses_capability(row: str) -> bool:
 
 
 def uses_spread(row: str) -> bool:
-    """Whether a row runs on the teacher with spread (its model and data)."""
-    return ROWS[row][1][: len(SPREAD)] == SPREAD
+    """Whether a row runs on a teacher with spread (its model and data; SPREAD_TEACHERS)."""
+    return ROWS[row][1][:2] in (["--model", f"{{{name}}}/model"] for name in SPREAD_TEACHERS)
 
 
 def final_eval(out: str):
@@ -457,13 +467,17 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         name = f"strong_{style}_{16 * steps}"
         paths[name] = os.path.join(output_dir, f"{name}.jsonl")
         write_once(paths[name], solved[style][:16 * steps])
-    paths["spread"] = spread = os.path.join(output_dir, "spread")
-    if any(map(uses_spread, rows)) and not os.path.exists(f"{spread}/spread.json"):
-        print(f"building the teacher with spread in {spread}", flush=True)
-        with open(f"{spread}.log", "w") as log:
-            found = spread_warmup(spread, log=lambda line: print(line, file=log, flush=True))
-        with open(f"{spread}/spread.json", "w") as f:
-            json.dump(found, f)
+    for name, (recipe, what) in SPREAD_TEACHERS.items():
+        paths[name] = spread = os.path.join(output_dir, name)
+        needed = any(ROWS[row][1][1] == f"{{{name}}}/model" for row in rows if uses_spread(row))
+        if needed and not os.path.exists(f"{spread}/spread.json"):
+            print(f"building {what} in {spread}", flush=True)
+            with open(f"{spread}.log", "w") as log:
+                found = spread_warmup(
+                    spread, **recipe, log=lambda line: print(line, file=log, flush=True)
+                )
+            with open(f"{spread}/spread.json", "w") as f:
+                json.dump(found, f)
     paths["capability"] = capability = os.path.join(output_dir, "capability")
     if any(map(uses_capability, rows)) and not os.path.exists(f"{capability}/levels.json"):
         print(f"building the warm checkpoints of less guided skill in {capability}", flush=True)
@@ -496,7 +510,8 @@ def start_of(row: str) -> str:
     if "--sft_data" in flags:
         return ""
     if uses_spread(row):
-        return "the teacher with spread"
+        return next(what for name, (_, what) in SPREAD_TEACHERS.items()
+                    if ROWS[row][1][1] == f"{{{name}}}/model")
     if uses_capability(row):
         return f"the warm-up at guided {row.rsplit('_g', 1)[1]} %"
     if size_of(row) != 64:
