@@ -22,8 +22,8 @@ over seeds, and the unguided accuracy on generalisation splits the training neve
     python toy/ablation.py --rows teachers  # SGPO with a base and an EMA teacher at each size
     # ... whose guided rollouts the teacher samples, at hidden 32
     python toy/ablation.py --rows sgpo_base_g2_h32 sgpo_ema_g2_h32
-    # forward KL vs direct SFT, teacher with spread
-    python toy/ablation.py --rows sgpo_spread direct_sft_spread
+    # forward KL vs direct SFT, teacher with spread; SGPO from that teacher trained 300 steps only
+    python toy/ablation.py --rows sgpo_spread direct_sft_spread sgpo_spread_short
     # a subset; extra sgpo.py flags after --
     python toy/ablation.py --seeds 0 --rows sgpo grpo_only -- --max_steps 40
 

@@ -332,7 +332,8 @@ def spread_curve(results: dict, lr: str) -> list:
 
 
 SPREAD_ROWS = [("sgpo_spread", "SGPO (forward KL)"),
-               ("direct_sft_spread", "direct SFT on the selected targets")]
+               ("direct_sft_spread", "direct SFT on the selected targets"),
+               ("sgpo_spread_short", "SGPO, the teacher trained 300 steps at lr 1e-3")]
 
 
 def spread(results: dict) -> list:
