@@ -1,6 +1,7 @@
 """Each ablation row of the method sheet is one flag away, and the flag does what its row says."""
 
 import json
+import os
 from types import SimpleNamespace
 from unittest import mock
 
@@ -277,3 +278,25 @@ def test_size_rows_start_from_the_committed_warm_models(tmp_path, monkeypatch):
         flags = [f.format(**paths) for f in ROWS[f"sgpo_h{hidden}"][1]]
         assert flags == ["--model", f"{COMMITTED}/size-{hidden}/model"]
     assert not list(tmp_path.glob("size-*"))
+
+
+def test_each_teacher_with_spread_is_built_by_its_recipe_where_a_row_needs_it(
+        tmp_path, monkeypatch):
+    """sgpo_spread_short needs the teacher trained 300 steps at lr 1e-3 and only it."""
+    from toy import ablation
+
+    built = []
+
+    def build(out, log, **recipe):
+        built.append((out, recipe))
+        os.makedirs(out)
+        return {}
+
+    monkeypatch.setattr(ablation, "spread_warmup", build)
+    paths = ablation.prepare_inputs(str(tmp_path), ["sgpo", "sgpo_spread_short"])
+    assert built == [(str(tmp_path / "spread_short"), {"steps": 300, "lr": 1e-3})]
+    assert paths["spread_short"] == str(tmp_path / "spread_short")
+    assert ablation.start_of("sgpo_spread_short") == "the teacher with spread trained 300 steps"
+    assert ablation.start_of("sgpo_spread_lr3e-5") == "the teacher with spread"
+    ablation.prepare_inputs(str(tmp_path), ["sgpo_spread_short"])  # built once
+    assert len(built) == 1

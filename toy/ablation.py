@@ -367,9 +367,16 @@ def uses_capability(row: str) -> bool:
     return "{capability}" in " ".join(ROWS[row][1])
 
 
+def spread_teacher(row: str):
+    """The teacher with spread a row runs on (its model and data: a name in SPREAD_TEACHERS), or
+    None."""
+    flags = ROWS[row][1]
+    return next((name for name in SPREAD_TEACHERS if flags[:2] == ["--model", f"{{{name}}}/model"]),
+                None)
+
+
 def uses_spread(row: str) -> bool:
-    """Whether a row runs on a teacher with spread (its model and data; SPREAD_TEACHERS)."""
-    return ROWS[row][1][:2] in (["--model", f"{{{name}}}/model"] for name in SPREAD_TEACHERS)
+    return spread_teacher(row) is not None
 
 
 def final_eval(out: str):
@@ -469,7 +476,7 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         write_once(paths[name], solved[style][:16 * steps])
     for name, (recipe, what) in SPREAD_TEACHERS.items():
         paths[name] = spread = os.path.join(output_dir, name)
-        needed = any(ROWS[row][1][1] == f"{{{name}}}/model" for row in rows if uses_spread(row))
+        needed = any(spread_teacher(row) == name for row in rows)
         if needed and not os.path.exists(f"{spread}/spread.json"):
             print(f"building {what} in {spread}", flush=True)
             with open(f"{spread}.log", "w") as log:
@@ -510,8 +517,7 @@ def start_of(row: str) -> str:
     if "--sft_data" in flags:
         return ""
     if uses_spread(row):
-        return next(what for name, (_, what) in SPREAD_TEACHERS.items()
-                    if ROWS[row][1][1] == f"{{{name}}}/model")
+        return SPREAD_TEACHERS[spread_teacher(row)][1]
     if uses_capability(row):
         return f"the warm-up at guided {row.rsplit('_g', 1)[1]} %"
     if size_of(row) != 64:
