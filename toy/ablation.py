@@ -376,6 +376,7 @@ def spread_teacher(row: str):
 
 
 def uses_spread(row: str) -> bool:
+    """Whether a row runs on a teacher with spread."""
     return spread_teacher(row) is not None
 
 
@@ -495,10 +496,10 @@ def prepare_inputs(output_dir: str, rows: list) -> dict:
         with open(f"{capability}/levels.json", "w") as f:
             json.dump(levels, f)
     for hidden in SIZES:
-        paths[f"size_{hidden}"] = size = os.path.join(output_dir, f"size-{hidden}")
         if os.path.exists(f"{COMMITTED}/size-{hidden}/model"):
             paths[f"size_{hidden}"] = f"{COMMITTED}/size-{hidden}"
             continue
+        paths[f"size_{hidden}"] = size = os.path.join(output_dir, f"size-{hidden}")
         needed = any(size_of(row) == hidden for row in rows)
         # test.jsonl is written last
         if needed and not os.path.exists(f"{size}/test.jsonl"):
@@ -544,7 +545,7 @@ def main():
     args.rows = list(dict.fromkeys(sum((GROUPS.get(row, [row]) for row in args.rows), [])))
     os.makedirs(args.output_dir, exist_ok=True)
     paths = prepare_inputs(args.output_dir, args.rows)
-    spread, spread_rows = paths["spread"], [r for r in args.rows if uses_spread(r)]
+    spread_rows = [r for r in args.rows if uses_spread(r)]
     splits = generalisation_splits()
     results = {}
     for row in args.rows:
@@ -582,10 +583,10 @@ def main():
                 f"{mean_sd([b['eval/unguided_acc'] for b in evals])}, "
                 f"guided {mean_sd([b['eval/guided_acc'] for b in evals])}"
             )
-    if os.path.exists(f"{spread}/spread.json"):
+    for name in dict.fromkeys(map(spread_teacher, spread_rows)):
         print(
-            f"the teacher with spread samples (guided, temperature 1): "
-            f"{open(f'{spread}/spread.json').read()}"
+            f"{SPREAD_TEACHERS[name][1]} samples (guided, temperature 1): "
+            f"{open(os.path.join(paths[name], 'spread.json')).read()}"
         )
     print(
         "\n| run | flags | unguided | guided | unguided per seed | "
@@ -610,17 +611,10 @@ def main():
     for hidden in ALL_SIZES:
         model = paths[f"size_{hidden}"] if hidden in SIZES else COMMITTED
         print_gain(hidden, os.path.join(model, "model"), results, args.seeds)
-    test = [json.loads(line) for line in open(f"{spread}/test.jsonl")][:64] if spread_rows else []
     for row in spread_rows:  # does the student keep the teacher's spread?
         for seed in args.seeds:
-            model, tok = engine.load_model(
-                runtime.latest_checkpoint(os.path.join(args.output_dir, f"{row}-seed{seed}")),
-                torch.float32, "cpu"
-            )
-            print(
-                f"{row} seed {seed}: unguided samples at the end: "
-                f"{notation_spread(model, tok, test, guided=False)}"
-            )
+            report = spread_report(os.path.join(args.output_dir, f"{row}-seed{seed}"))
+            print(f"{row} seed {seed}: unguided samples at the end: {report['unguided']}")
     small = [json.loads(line) for line in open(paths["small"])]
     for row in [r for r in args.rows if "{small}" in ROWS[r][1]]:  # 128 problems x 10 epochs
         for seed in args.seeds:

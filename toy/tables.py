@@ -110,8 +110,7 @@ def proximal(results: dict) -> list:
 
 def final_cells(runs: list) -> str:
     """Cells: unguided, unguided per seed, guided."""
-    return (f"{finals(runs)} | {per_seed(runs)} "
-            f"| {finals(runs, 'guided')}")
+    return f"{finals(runs)} | {per_seed(runs)} | {finals(runs, 'guided')}"
 
 
 def constraint_fractions(runs: list) -> str:
@@ -383,8 +382,8 @@ def capability(results: dict) -> list:
         name = "the committed one (the end)" if not suffix else f"first at >= {suffix[2:]} %"
         cells = [with_seeds(r) if r else "" for r in runs.values()]
         accuracy = {row: by_seed(v) for row, v in runs.items()}
-        best = max(BASELINES, key=lambda row: statistics.mean(accuracy[row].values()))
-        gains = [paired(accuracy[row], accuracy[best]) for row in ("sgpo", "sgpo_base")]
+        best = best_of([accuracy[row] for row in BASELINES])
+        gains = [paired(accuracy[row], best) for row in ("sgpo", "sgpo_base")]
         over_grpo = paired(accuracy["sgpo"], accuracy["grpo_only"])
         lines.append(
             f"| {name}: {100 * start['guided']:.1f} / {100 * start['unguided']:.1f} | "
@@ -440,26 +439,29 @@ def by_seed(runs: list) -> dict:
     return {r["seed"]: 100 * final(r) for r in runs}
 
 
+def best_of(accuracies: list) -> dict:
+    """The by_seed with the best mean."""
+    return max(accuracies, key=lambda accuracy: statistics.mean(accuracy.values()))
+
+
 def best_baseline(results: dict, hidden: int) -> dict:
     """by_seed of the best baseline (by mean) of SGPO at one size (GRPO only, SFT on full worked
     solutions); {} if one has not run."""
     from toy.ablation import SIZE_ROWS
     runs = [by_seed(sized(results, row, hidden)) for row in SIZE_ROWS[1:]]
-    if not all(runs):
-        return {}
-    return max(runs, key=lambda accuracy: statistics.mean(accuracy.values()))
+    return best_of(runs) if all(runs) else {}
 
 
 def sizes(results: dict) -> list:
     """SGPO (live teacher) and its baselines from each size's warm checkpoint; SGPO's gain over the
     best baseline, seed by seed, and over GRPO only; SGPO (live and base teacher) at lr 3e-5
     where it ran."""
-    from toy.ablation import ALL_SIZES, SIZES
+    from toy.ablation import ALL_SIZES, SIZE_ROWS, SIZES
     lines = ["| hidden | warm: unguided / guided | SGPO | GRPO only | SFT on full worked solutions "
              "| SGPO minus best baseline, per seed | SGPO minus GRPO only | commit |",
              "|---" * 8 + "|"]
     for hidden in ALL_SIZES:
-        runs = {row: sized(results, row, hidden) for row in ("sgpo", "grpo_only", "sft_full")}
+        runs = {row: sized(results, row, hidden) for row in SIZE_ROWS}
         if not all(runs.values()):
             continue
         start = runs["sgpo"][0]["evals"][0]
@@ -508,6 +510,7 @@ def teachers(results: dict) -> list:
              "10 steps | teacher's guided every 10 steps | targets, steps 71-80 | minus best "
              "baseline | commit |", "|---" * 9 + "|"]
     for hidden in ALL_SIZES:
+        best = best_baseline(results, hidden)
         for row, teacher in TEACHER_LABELS.items():
             runs = sized(results, row, hidden)
             if not runs:
@@ -517,7 +520,7 @@ def teachers(results: dict) -> list:
                 f"| {hidden} | {teacher} | {with_seeds(runs)} "
                 f"| {finals(runs, 'guided')} | {every_10(runs, 'guided')} "
                 f"| {own} | {targets(runs, 71, 80)} "
-                f"| {gain(paired(by_seed(runs), best_baseline(results, hidden)))} "
+                f"| {gain(paired(by_seed(runs), best))} "
                 f"| {commits(runs)} |")
     return lines
 
